@@ -1,0 +1,169 @@
+package loopdev
+
+import (
+	"errors"
+	"fmt"
+	"io/fs"
+	"os"
+	"path/filepath"
+	"strconv"
+	"strings"
+
+	"golang.org/x/sys/unix"
+)
+
+// sysBlock is where the kernel publishes loop state; a variable so that a
+// test could point it elsewhere.
+var sysBlock = "/sys/block"
+
+// FindByBacking returns the loop devices currently bound to backingFile, by
+// scanning /sys/block/loop*/loop/backing_file. The driver uses it after a
+// restart to find the devices it attached before.
+func FindByBacking(backingFile string) ([]*Device, error) {
+	abs, err := filepath.Abs(backingFile)
+	if err != nil {
+		return nil, fmt.Errorf("loopdev: %w", err)
+	}
+	entries, err := os.ReadDir(sysBlock)
+	if err != nil {
+		return nil, fmt.Errorf("loopdev: %w", err)
+	}
+	var out []*Device
+	for _, e := range entries {
+		n, ok := loopNumber(e.Name())
+		if !ok {
+			continue
+		}
+		cur, err := backingFileOf(n)
+		if err != nil || cur != abs {
+			// Unbound devices have no loop/ directory; a device that
+			// went away mid-scan is simply not a match.
+			continue
+		}
+		d, err := open(n)
+		if err != nil {
+			if errors.Is(err, unix.ENXIO) || errors.Is(err, fs.ErrNotExist) {
+				continue // detached meanwhile
+			}
+			return nil, err
+		}
+		out = append(out, d)
+	}
+	return out, nil
+}
+
+// Open returns the attached loop device at path (/dev/loopN). It fails
+// wrapping unix.ENXIO if the device is not bound to a file.
+func Open(path string) (*Device, error) {
+	var st unix.Stat_t
+	if err := unix.Stat(path, &st); err != nil {
+		return nil, fmt.Errorf("loopdev: stat %s: %w", path, err)
+	}
+	if st.Mode&unix.S_IFMT != unix.S_IFBLK {
+		return nil, fmt.Errorf("loopdev: %s is not a block device: %w", path, unix.ENOTBLK)
+	}
+	// The number comes from sysfs rather than the minor: with max_part
+	// set, minors are N << part_shift.
+	n, err := numberOfDev(unix.Major(st.Rdev), unix.Minor(st.Rdev))
+	if err != nil {
+		return nil, err
+	}
+	d, err := open(n)
+	if err != nil {
+		return nil, err
+	}
+	d.Path = path
+	return d, nil
+}
+
+// open reads the state of bound loop device n.
+func open(n int) (*Device, error) {
+	d := &Device{Path: devPath(n), Number: n}
+	fd, err := unix.Open(d.Path, unix.O_RDONLY|unix.O_CLOEXEC, 0)
+	if err != nil {
+		return nil, fmt.Errorf("loopdev: open %s: %w", d.Path, err)
+	}
+	defer unix.Close(fd)
+	info, err := unix.IoctlLoopGetStatus64(fd)
+	if err != nil {
+		return nil, fmt.Errorf("loopdev: LOOP_GET_STATUS64 %s: %w", d.Path, err)
+	}
+	d.directIO = info.Flags&unix.LO_FLAGS_DIRECT_IO != 0
+	d.ReadOnly = info.Flags&unix.LO_FLAGS_READ_ONLY != 0
+	if bf, err := backingFileOf(n); err == nil {
+		d.BackingFile = bf
+	}
+	return d, nil
+}
+
+// numberOfDev finds the loop device whose sysfs dev file is major:minor.
+func numberOfDev(major, minor uint32) (int, error) {
+	want := fmt.Sprintf("%d:%d", major, minor)
+	entries, err := os.ReadDir(sysBlock)
+	if err != nil {
+		return 0, fmt.Errorf("loopdev: %w", err)
+	}
+	for _, e := range entries {
+		n, ok := loopNumber(e.Name())
+		if !ok {
+			continue
+		}
+		if dev, err := readSysfs(n, "dev"); err == nil && dev == want {
+			return n, nil
+		}
+	}
+	return 0, fmt.Errorf("loopdev: no loop device %s: %w", want, unix.ENODEV)
+}
+
+// stillBound reports whether d's device is still bound to d's backing file
+// (or to anything, when the backing file is unknown). Comparing the file
+// keeps a concurrent re-use of the number by someone else from looking like
+// our device.
+func (d *Device) stillBound() (bool, error) {
+	cur, err := backingFileOf(d.Number)
+	if errors.Is(err, fs.ErrNotExist) {
+		return false, nil
+	}
+	if err != nil {
+		return false, err
+	}
+	return d.BackingFile == "" || cur == d.BackingFile, nil
+}
+
+// backingFileOf returns the backing file of bound loop device n, or an error
+// wrapping fs.ErrNotExist when it is not bound. A deleted backing file is
+// reported by the kernel with a " (deleted)" suffix, which is stripped.
+func backingFileOf(n int) (string, error) {
+	s, err := readSysfs(n, "loop/backing_file")
+	if err != nil {
+		return "", err
+	}
+	return strings.TrimSuffix(s, " (deleted)"), nil
+}
+
+func readSysfs(n int, rel string) (string, error) {
+	b, err := os.ReadFile(filepath.Join(sysBlock, "loop"+strconv.Itoa(n), rel))
+	if err != nil {
+		return "", err
+	}
+	return strings.TrimRight(string(b), "\n"), nil
+}
+
+func loopNumber(name string) (int, bool) {
+	rest, ok := strings.CutPrefix(name, "loop")
+	if !ok {
+		return 0, false
+	}
+	n, err := strconv.Atoi(rest)
+	return n, err == nil && n >= 0
+}
+
+func parseMajorMinor(s string) (uint32, uint32, bool) {
+	a, b, ok := strings.Cut(s, ":")
+	if !ok {
+		return 0, 0, false
+	}
+	ma, err1 := strconv.ParseUint(a, 10, 32)
+	mi, err2 := strconv.ParseUint(b, 10, 32)
+	return uint32(ma), uint32(mi), err1 == nil && err2 == nil
+}
