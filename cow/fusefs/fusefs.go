@@ -1,0 +1,274 @@
+// Package fusefs serves a flat FUSE filesystem in which every attached
+// volume is one regular file. The node plugin attaches a loop device to that
+// file (cow/loopdev), so the kernel reads and writes the volume through the
+// engine without nbd, ublk or device-mapper.
+//
+// The filesystem is deliberately small: one directory, files that the kernel
+// can read, write, fsync and punch holes in, and nothing else. Files appear
+// and disappear only through Server.Add and Server.Remove; sizes change only
+// through the engine (Server.Resized tells the kernel).
+package fusefs
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io/fs"
+	"os"
+	"path/filepath"
+	"strings"
+	"sync"
+	"syscall"
+	"time"
+
+	"github.com/hanwen/go-fuse/v2/fuse"
+	"golang.org/x/sys/unix"
+)
+
+// BlockFile is one volume as the engine exposes it.
+type BlockFile interface {
+	// ReadAt has io.ReaderAt semantics: io.EOF at the end of the file.
+	ReadAt(p []byte, off int64) (int, error)
+	WriteAt(p []byte, off int64) (int, error)
+	// Flush makes every completed write durable before it returns.
+	Flush() error
+	// Discard makes the range read back as zeros.
+	Discard(off, length int64) error
+	// Size is the current size in bytes; it may grow (online expansion).
+	Size() int64
+}
+
+// ErrBusy is wrapped by Server.Remove when the file is still open, for
+// instance by a loop device.
+var ErrBusy = errors.New("file is busy")
+
+// Options configures Mount. The zero value is usable.
+type Options struct {
+	// FsName is the source shown in /proc/mounts; default "cowcsi".
+	FsName string
+	// Errno maps an error returned by a BlockFile to the errno the kernel
+	// passes on; returning 0 selects the default mapping (the wrapped
+	// syscall.Errno if any, else EIO). The engine uses it for its own
+	// sentinels, e.g. out of space → ENOSPC.
+	Errno func(error) syscall.Errno
+	// PageCache opens files without FOPEN_DIRECT_IO, so I/O through the
+	// FUSE file (other than the loop device's own direct I/O) goes through
+	// the page cache. Off by default: see the measurements in rawfs.go.
+	PageCache bool
+	// Debug logs every FUSE request (go-fuse's debug output).
+	Debug bool
+}
+
+const (
+	rootIno = fuse.FUSE_ROOT_ID
+	// attrTimeout bounds how long the kernel trusts a file's size without
+	// asking again. Size changes are pushed with Resized, so this is only
+	// a safety net; short enough that a missed Resized heals quickly, long
+	// enough that buffered reads do not send a GETATTR each.
+	attrTimeout = time.Second
+	// releaseWait bounds how long Remove waits for the kernel's RELEASE
+	// of the last handle: the kernel sends RELEASE asynchronously, after
+	// close(2) (or a loop detach) has already returned.
+	releaseWait = 2 * time.Second
+)
+
+// Server is a mounted filesystem.
+type Server struct {
+	dir   string
+	opts  Options
+	srv   *fuse.Server
+	fs    *rawFS
+	start time.Time
+	// releaseWait is the releaseWait constant; a field so tests can
+	// shorten it.
+	releaseWait time.Duration
+
+	served chan struct{} // closed when the serve loop returns
+
+	mu       sync.RWMutex
+	byName   map[string]*node
+	byIno    map[uint64]*node
+	nextIno  uint64
+	released chan struct{} // closed and replaced whenever a handle is released
+
+	unmountOnce sync.Once
+	unmountErr  error
+}
+
+// node is one served file.
+type node struct {
+	ino      uint64
+	name     string
+	f        BlockFile
+	readOnly bool
+	added    time.Time
+	opens    int // open handles; guarded by Server.mu
+}
+
+// Mount mounts an empty filesystem at dir (creating dir if needed) and serves
+// it until Unmount. A stale mount left at dir by a crashed process (its
+// connection aborted: ENOTCONN) is lazily unmounted first; a live mount is an
+// error. ctx bounds the mount itself, not the server's lifetime.
+func Mount(ctx context.Context, dir string, opts Options) (*Server, error) {
+	dir, err := filepath.Abs(dir)
+	if err != nil {
+		return nil, fmt.Errorf("fusefs: %w", err)
+	}
+	if err := prepareMountpoint(ctx, dir); err != nil {
+		return nil, err
+	}
+	if opts.FsName == "" {
+		opts.FsName = "cowcsi"
+	}
+	s := &Server{
+		dir:         dir,
+		opts:        opts,
+		start:       time.Now(),
+		releaseWait: releaseWait,
+		served:      make(chan struct{}),
+		byName:      map[string]*node{},
+		byIno:       map[uint64]*node{},
+		nextIno:     rootIno + 1,
+		released:    make(chan struct{}),
+	}
+	s.fs = &rawFS{RawFileSystem: fuse.NewDefaultRawFileSystem(), s: s}
+	srv, err := fuse.NewServer(s.fs, dir, mountOptions(opts))
+	if err != nil {
+		return nil, fmt.Errorf("fusefs: mount %s: %w", dir, err)
+	}
+	s.srv = srv
+	go func() {
+		defer close(s.served)
+		srv.Serve()
+	}()
+	if err := srv.WaitMount(); err != nil {
+		_ = s.Unmount()
+		return nil, fmt.Errorf("fusefs: mount %s: %w", dir, err)
+	}
+	return s, nil
+}
+
+// Dir returns the mount point.
+func (s *Server) Dir() string { return s.dir }
+
+// Path returns the path at which the file called name appears.
+func (s *Server) Path(name string) string { return filepath.Join(s.dir, name) }
+
+// Add serves f as the regular file dir/name (mode 0600, or 0400 when
+// readOnly; size f.Size()). It fails wrapping fs.ErrExist if name is taken.
+func (s *Server) Add(name string, f BlockFile, readOnly bool) error {
+	if name == "" || name == "." || name == ".." || strings.ContainsAny(name, "/\x00") {
+		return fmt.Errorf("fusefs: invalid file name %q: %w", name, fs.ErrInvalid)
+	}
+	s.mu.Lock()
+	if _, ok := s.byName[name]; ok {
+		s.mu.Unlock()
+		return fmt.Errorf("fusefs: %s: %w", name, fs.ErrExist)
+	}
+	// Inode numbers are never reused within a mount, so a kernel that
+	// still holds an old inode of a removed name cannot reach the new
+	// file through it.
+	n := &node{ino: s.nextIno, name: name, f: f, readOnly: readOnly, added: time.Now()}
+	s.nextIno++
+	s.byName[name] = n
+	s.byIno[n.ino] = n
+	s.mu.Unlock()
+	// Drop any dentry the kernel may still have for this name (e.g. a
+	// removed file whose entry has not expired). ENOENT means there was
+	// none.
+	s.srv.EntryNotify(rootIno, name)
+	return nil
+}
+
+// Remove stops serving dir/name. It fails wrapping ErrBusy if the file is
+// still open (after waiting briefly for releases the kernel has not yet
+// delivered), and wrapping fs.ErrNotExist if there is no such file.
+func (s *Server) Remove(name string) error {
+	deadline := time.NewTimer(s.releaseWait)
+	defer deadline.Stop()
+	for {
+		s.mu.Lock()
+		n, ok := s.byName[name]
+		if !ok {
+			s.mu.Unlock()
+			return fmt.Errorf("fusefs: %s: %w", name, fs.ErrNotExist)
+		}
+		if n.opens == 0 {
+			delete(s.byName, name)
+			delete(s.byIno, n.ino)
+			s.mu.Unlock()
+			// Tell the kernel the entry is gone, so that the name does
+			// not resolve to the old inode from the dentry cache. ENOENT
+			// means the kernel had not looked it up.
+			s.srv.DeleteNotify(rootIno, n.ino, name)
+			return nil
+		}
+		opens, released := n.opens, s.released
+		s.mu.Unlock()
+		select {
+		case <-released:
+		case <-deadline.C:
+			return fmt.Errorf("fusefs: remove %s: %d open handle(s): %w", name, opens, ErrBusy)
+		}
+	}
+}
+
+// Resized tells the kernel that the file's size changed (f.Size() grew):
+// it drops the cached attributes and fetches them again, so the new size is
+// in the kernel's inode when Resized returns and a loop device's
+// LOOP_SET_CAPACITY sees it. It must not be called from within a BlockFile
+// method (it issues a stat on the mount).
+func (s *Server) Resized(name string) error {
+	s.mu.RLock()
+	n, ok := s.byName[name]
+	s.mu.RUnlock()
+	if !ok {
+		return fmt.Errorf("fusefs: %s: %w", name, fs.ErrNotExist)
+	}
+	want := n.f.Size()
+	// A GETATTR reply that races with another attribute change is
+	// discarded by the kernel, so check and retry a few times.
+	var got int64
+	for range 5 {
+		if st := s.srv.InodeNotify(n.ino, -1, 0); !st.Ok() && st != fuse.ENOENT {
+			return fmt.Errorf("fusefs: invalidate %s: %w", name, syscall.Errno(st))
+		}
+		fi, err := os.Stat(s.Path(name))
+		if err != nil {
+			return fmt.Errorf("fusefs: %w", err)
+		}
+		if got = fi.Size(); got == want {
+			return nil
+		}
+	}
+	return fmt.Errorf("fusefs: %s: kernel reports size %d, file has %d", name, got, want)
+}
+
+// Unmount unmounts the filesystem and stops the server. If the mount is
+// busy (a loop device still holds a file), it is detached lazily: the mount
+// point is freed at once, and the server keeps serving the remaining users
+// until the kernel releases the last of them.
+func (s *Server) Unmount() error {
+	s.unmountOnce.Do(func() { s.unmountErr = s.unmount() })
+	return s.unmountErr
+}
+
+func (s *Server) unmount() error {
+	err := unix.Unmount(s.dir, 0)
+	if errors.Is(err, unix.EBUSY) {
+		err = unix.Unmount(s.dir, unix.MNT_DETACH)
+		if err == nil {
+			return nil // the server exits when the last user is gone
+		}
+	}
+	if errors.Is(err, unix.EINVAL) {
+		return nil // not mounted any more (unmounted from outside)
+	}
+	if err != nil {
+		return fmt.Errorf("fusefs: unmount %s: %w", s.dir, err)
+	}
+	// After a plain unmount the kernel ends the connection, so the serve
+	// loop ends promptly.
+	<-s.served
+	return nil
+}
