@@ -1,0 +1,53 @@
+// Package cow is cowcsi's storage engine: volumes as chains of sparse-file
+// layers under an extent map, with O(1) snapshots, restores and clones.
+//
+// A store is a directory:
+//
+//	LOCK            flock: one process per store
+//	catalog.log     volumes, snapshots, layers (package ondisk: framed, CRC32C)
+//	layers/N.data   a layer's data, sparse, block b at byte b*BlockSize
+//	layers/N.map    the journal of the blocks layer N owns
+//
+// # Reads, writes and snapshots
+//
+// A volume's view of a block is the newest layer of its chain that owns it.
+// Each layer keeps a resolved index (see index.go) that answers that in three
+// lookups whatever the chain depth, shared between layers by path copying.
+// Writes go to the head layer; CreateSnapshot freezes the head and starts a
+// new, empty one whose index forks the frozen one: no data or map is copied,
+// so its cost does not grow with size, data written or depth. Restore and
+// clone put a new head on a frozen layer the same way.
+//
+// # Block size: 4 KiB
+//
+// The extent map tracks 4 KiB blocks. That is the logical block size the node
+// gives the loop device, so every write the kernel sends covers whole blocks
+// and never needs a copy-up: a write after a snapshot costs the same as any
+// write, plus one index update the first time a block is touched. Larger
+// chunks would shrink the map but make each first write after a snapshot read
+// and rewrite the whole chunk (64 KiB chunks: 16x the I/O of a 4 KiB random
+// write). The map stays small anyway: a leaf of the index covers 32 MiB; a
+// leaf one layer owns is a few dozen bytes, a leaf mixing two layers 1 KiB (1
+// bit per block). Metadata memory per TiB written is therefore at most
+// 32 MiB in the mixed worst case and near zero for sequentially written data
+// (see docs/BENCHMARKS.md for measured figures). Unaligned writes from other
+// callers still work: the engine copies up the partial edge blocks.
+//
+// # Durability
+//
+// Flush makes completed writes durable: fdatasync of the head's data, then
+// the journal records of newly owned blocks, fdatasynced. A block is owned
+// only once its record is durable, so after a crash a block whose write was
+// never flushed reads from below, as on a disk whose cache was lost. Catalog
+// changes are one checksummed frame each, durable with one fdatasync before
+// they apply in memory. Discarded blocks are owned by the head and punched
+// out of its data file, so they read as zeros, never as a parent's data.
+//
+// # Deleting snapshots
+//
+// Layers no volume or snapshot references are removed, or merged into their
+// single child in the background (gc.go), so chain depth follows the number
+// of live snapshots, not the number ever taken.
+//
+// The package imports no gRPC, CSI or Kubernetes code.
+package cow

@@ -1,0 +1,287 @@
+package cow
+
+import (
+	"context"
+	"sort"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/cowcsi/cowcsi/cow/internal/ondisk"
+)
+
+// Layers no volume or snapshot references any more are removed (no child) or
+// merged into their single child, so the chain below a volume only holds
+// layers that live snapshots or other volumes need. The work runs in one
+// background goroutine; each step is crash-safe:
+//
+//  1. copy the blocks the parent owns and the child does not into the child's
+//     data file, fdatasync it;
+//  2. append those ranges to the child's journal, fdatasync it;
+//  3. one catalog commit re-parents the child and drops the parent;
+//  4. remove the parent's files.
+//
+// A crash after 2 leaves a child that owns copies of blocks its view showed
+// anyway; the merge runs again after reopen and finds nothing left to copy.
+// Orphan files after 3 are removed when the store opens.
+
+func (s *Store) kickGC() {
+	select {
+	case s.gcKick <- struct{}{}:
+	default:
+	}
+}
+
+func (s *Store) gcLoop() {
+	defer close(s.gcDone)
+	for {
+		select {
+		case <-s.gcStop:
+			return
+		case <-s.gcKick:
+		}
+		if !s.opts.NoBackgroundMerge {
+			// Errors are retried on the next kick; WaitIdle reports them.
+			_ = s.runGC(context.Background())
+		}
+	}
+}
+
+// WaitIdle runs pending merges and removals to completion.
+func (s *Store) WaitIdle(ctx context.Context) error {
+	if err := s.checkOpen(); err != nil {
+		return err
+	}
+	return s.runGC(ctx)
+}
+
+type gcJob struct {
+	layer *layer
+	child *layer // nil: remove
+	vol   *volume
+}
+
+func (s *Store) runGC(ctx context.Context) error {
+	s.gcMu.Lock()
+	defer s.gcMu.Unlock()
+	for {
+		if err := ctx.Err(); err != nil {
+			return err
+		}
+		s.topo.Lock()
+		if s.closed.Load() {
+			s.topo.Unlock()
+			return nil
+		}
+		job, ok := s.nextGCJob()
+		if !ok {
+			s.topo.Unlock()
+			return nil
+		}
+		if job.child == nil {
+			err := s.removeLayer(job.layer)
+			s.topo.Unlock()
+			if err != nil {
+				return err
+			}
+			continue
+		}
+		s.topo.Unlock()
+		if err := s.merge(job); err != nil {
+			return err
+		}
+	}
+}
+
+// nextGCJob finds an unreferenced layer. Caller holds topo.
+func (s *Store) nextGCJob() (gcJob, bool) {
+	referenced := map[uint32]bool{}
+	heads := map[uint32]*volume{}
+	for _, v := range s.vols {
+		n := v.head.Load().num
+		referenced[n] = true
+		heads[n] = v
+	}
+	for _, sn := range s.cat.snaps {
+		referenced[sn.Layer] = true
+	}
+	children := map[uint32][]*layer{}
+	for _, l := range s.byNum {
+		if l.parent != nil {
+			children[l.parent.num] = append(children[l.parent.num], l)
+		}
+	}
+	nums := make([]uint32, 0, len(s.byNum))
+	for n := range s.byNum {
+		nums = append(nums, n)
+	}
+	// Newest first: removing a deleted volume's head frees its parent next.
+	sort.Slice(nums, func(i, j int) bool { return nums[i] > nums[j] })
+	for _, n := range nums {
+		if referenced[n] {
+			continue
+		}
+		switch kids := children[n]; len(kids) {
+		case 0:
+			return gcJob{layer: s.byNum[n]}, true
+		case 1:
+			return gcJob{layer: s.byNum[n], child: kids[0], vol: heads[kids[0].num]}, true
+		}
+	}
+	return gcJob{}, false
+}
+
+// removeLayer drops a layer nothing references and nothing sits on. Caller
+// holds topo.
+func (s *Store) removeLayer(l *layer) error {
+	if err := s.cat.commit([]ondisk.Op{{Kind: ondisk.OpDelLayer, Num: l.num}}); err != nil {
+		return err
+	}
+	delete(s.byNum, l.num)
+	// Drop the slot and the aliases of layers merged into this one: no tree
+	// that can still be read names them.
+	t := *s.slots.Load()
+	nt := append([]*layer(nil), t...)
+	for i, x := range nt {
+		if x != nil && x.canonical() == l {
+			nt[i] = nil
+		}
+	}
+	s.slots.Store(&nt)
+	l.close()
+	l.tree = tree{}
+	return removeLayerFiles(s.layerFS, l.num)
+}
+
+// mergeBatch is how many blocks one copy step holds the stripe locks for.
+const mergeBatch = 256
+
+func (s *Store) merge(job gcJob) error {
+	f, c := job.layer, job.child
+	ranges, err := f.readRanges()
+	if err != nil {
+		return err
+	}
+	var copied []ondisk.Range
+	buf := make([]byte, mergeBatch*BlockSize)
+	for _, r := range coalesce(ranges) {
+		for start := r.Start; start < r.End(); start += mergeBatch {
+			end := min(start+mergeBatch, r.End())
+			got, err := s.mergeStep(job, start, end, buf)
+			if err != nil {
+				return err
+			}
+			copied = append(copied, got...)
+		}
+	}
+	if len(copied) > 0 {
+		if err := fdatasync(c.data); err != nil {
+			return err
+		}
+		c.flushMu.Lock()
+		err := c.appendRecords(s.layerFS, copied)
+		c.flushMu.Unlock()
+		if err != nil {
+			return err
+		}
+	}
+	s.topo.Lock()
+	defer s.topo.Unlock()
+	crec := layerRec(c)
+	crec.Parent = 0
+	if f.parent != nil {
+		crec.Parent = f.parent.num
+	}
+	if err := s.cat.commit([]ondisk.Op{{Kind: ondisk.OpPutLayer, Layer: crec}, {Kind: ondisk.OpDelLayer, Num: f.num}}); err != nil {
+		return err
+	}
+	c.parent = f.parent
+	f.mergedInto.Store(c)
+	delete(s.byNum, f.num)
+	var added int64
+	if !c.frozen {
+		// Still a head: let its writes take the fast path on these blocks.
+		c.treeMu.Lock()
+		for _, r := range copied {
+			for b := r.Start; b < r.End(); b++ {
+				if c.tree.get(b) != c.num {
+					added++
+				}
+			}
+			c.tree.setRange(r.Start, r.End(), c.num)
+		}
+		c.treeMu.Unlock()
+	} else {
+		for _, r := range copied {
+			added += int64(r.Count)
+		}
+	}
+	c.owned.Add(added)
+	f.close()
+	f.tree = tree{}
+	return removeLayerFiles(s.layerFS, f.num)
+}
+
+// mergeStep copies blocks [start, end) that f owns and c does not into c.
+func (s *Store) mergeStep(job gcJob, start, end uint64, buf []byte) ([]ondisk.Range, error) {
+	f, c := job.layer, job.child
+	if job.vol != nil {
+		unlock := job.vol.lockStripes(start, end-1)
+		defer unlock()
+	}
+	var out []ondisk.Range
+	c.treeMu.RLock()
+	need := make([]bool, end-start)
+	for b := start; b < end; b++ {
+		if o := s.resolve(c.tree.get(b)); o != c {
+			need[b-start] = true
+		}
+	}
+	c.treeMu.RUnlock()
+	for b := start; b < end; {
+		if !need[b-start] {
+			b++
+			continue
+		}
+		e := b
+		for e < end && need[e-start] {
+			e++
+		}
+		p := buf[:(e-b)*BlockSize]
+		if err := s.readOwner(f.num, p, int64(b)<<blockShift); err != nil {
+			return nil, err
+		}
+		if err := writeOrPunch(c, p, int64(b)<<blockShift); err != nil {
+			return nil, err
+		}
+		out = append(out, ondisk.Range{Start: b, Count: e - b})
+		b = e
+	}
+	return out, nil
+}
+
+func fdatasync(f interface{ Fd() uintptr }) error {
+	return ioErr(unix.Fdatasync(int(f.Fd())))
+}
+
+// writeOrPunch writes p at off into l's data file, as holes where a whole
+// block is zero: merged discards stay unallocated.
+func writeOrPunch(l *layer, p []byte, off int64) error {
+	for i := 0; i < len(p); {
+		zero := allZeroBytes(p[i : i+BlockSize])
+		j := i + BlockSize
+		for j < len(p) && allZeroBytes(p[j:j+BlockSize]) == zero {
+			j += BlockSize
+		}
+		var err error
+		if zero {
+			err = unix.Fallocate(int(l.data.Fd()), unix.FALLOC_FL_PUNCH_HOLE|unix.FALLOC_FL_KEEP_SIZE, off+int64(i), int64(j-i))
+		} else {
+			_, err = l.data.WriteAt(p[i:j], off+int64(i))
+		}
+		if err != nil {
+			return ioErr(err)
+		}
+		i = j
+	}
+	return nil
+}

@@ -1,0 +1,290 @@
+package cow
+
+import (
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"path/filepath"
+	"sort"
+	"sync"
+	"sync/atomic"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/cowcsi/cowcsi/cow/internal/ondisk"
+)
+
+// journalGrow is how much zero-filled space the journal keeps ahead of its
+// last record. Overwriting blocks that already exist makes fdatasync skip the
+// inode update: measured here at about 170 µs against 250 µs for an append.
+const journalGrow = 64 << 10
+
+// layer is one sparse data file plus the journal of which blocks it owns. A
+// head layer takes writes; a frozen layer never changes its view again (a
+// merge may copy blocks into it that its view already showed).
+type layer struct {
+	num    uint32
+	parent *layer // nil for a base layer; guarded by Store.topo
+	frozen bool   // guarded by Store.topo
+	size   atomic.Int64
+
+	// ioMu guards the lifetime of data: readers hold it shared around pread,
+	// removal takes it exclusively before closing.
+	ioMu   sync.RWMutex
+	data   *os.File
+	closed bool
+
+	// mergedInto is set when this layer's blocks were merged into its child:
+	// tree entries naming this layer now resolve to that child's data file.
+	mergedInto atomic.Pointer[layer]
+
+	// treeMu guards tree (only a head's tree is ever changed) and pending.
+	treeMu  sync.RWMutex
+	tree    tree
+	pending []ondisk.Range // owned since the last flush, not yet in the journal
+
+	dirty atomic.Bool  // data written since the last fdatasync
+	owned atomic.Int64 // blocks this layer owns (journal plus pending)
+
+	flushMu   sync.Mutex // serializes journal appends and flushes
+	journal   *os.File
+	jOff      int64 // where the next record goes
+	jAlloc    int64 // end of the zero-filled, written region
+	dirSynced bool  // the layers directory was fsynced since the files were created
+}
+
+func layerPaths(dir string, num uint32) (data, journal string) {
+	base := filepath.Join(dir, fmt.Sprintf("%08x", num))
+	return base + ".data", base + ".map"
+}
+
+// createLayerFiles makes an empty layer. It does not fsync the directory: the
+// files only matter once the layer owns a block, and the first flush that
+// records ownership fsyncs the directory before the journal record counts.
+func createLayerFiles(dir string, num uint32, size int64) (*layer, error) {
+	dp, jp := layerPaths(dir, num)
+	data, err := os.OpenFile(dp, os.O_RDWR|os.O_CREATE|os.O_TRUNC, 0o600)
+	if err != nil {
+		return nil, ioErr(err)
+	}
+	if err := data.Truncate(size); err != nil {
+		data.Close()
+		return nil, ioErr(err)
+	}
+	j, err := os.OpenFile(jp, os.O_RDWR|os.O_CREATE|os.O_TRUNC, 0o600)
+	if err != nil {
+		data.Close()
+		return nil, ioErr(err)
+	}
+	img := append(ondisk.EncodeJournalHeader(ondisk.JournalHeader{Layer: num}), make([]byte, journalGrow)...)
+	if _, err := j.WriteAt(img, 0); err != nil {
+		data.Close()
+		j.Close()
+		return nil, ioErr(err)
+	}
+	l := &layer{num: num, data: data, journal: j, jOff: ondisk.JournalHeaderSize, jAlloc: int64(len(img))}
+	l.size.Store(size)
+	return l, nil
+}
+
+// openLayerFiles opens an existing layer and returns its owned ranges.
+func openLayerFiles(dir string, num uint32, size int64) (*layer, []ondisk.Range, error) {
+	dp, jp := layerPaths(dir, num)
+	data, err := os.OpenFile(dp, os.O_RDWR, 0)
+	if errors.Is(err, os.ErrNotExist) {
+		// Created but never flushed before a crash: it owned nothing durable.
+		l, err := createLayerFiles(dir, num, size)
+		return l, nil, err
+	}
+	if err != nil {
+		return nil, nil, ioErr(err)
+	}
+	img, err := os.ReadFile(jp)
+	if errors.Is(err, os.ErrNotExist) {
+		data.Close()
+		l, err := createLayerFiles(dir, num, size)
+		return l, nil, err
+	}
+	if err != nil {
+		data.Close()
+		return nil, nil, ioErr(err)
+	}
+	h, ranges, next, err := ondisk.DecodeJournal(img)
+	if err == nil && h.Layer != num {
+		err = fmt.Errorf("journal of layer %d names layer %d", num, h.Layer)
+	}
+	if err != nil {
+		data.Close()
+		return nil, nil, errf(ErrCorrupt, "layer %d: %v", num, err)
+	}
+	j, err := os.OpenFile(jp, os.O_RDWR, 0)
+	if err != nil {
+		data.Close()
+		return nil, nil, ioErr(err)
+	}
+	l := &layer{num: num, data: data, journal: j, jOff: next, jAlloc: int64(len(img)), dirSynced: true}
+	l.size.Store(size)
+	l.owned.Store(int64(unionCount(ranges)))
+	return l, ranges, nil
+}
+
+// unionCount counts the blocks covered by ranges, overlaps once.
+func unionCount(ranges []ondisk.Range) uint64 {
+	var n uint64
+	for _, r := range coalesce(ranges) {
+		n += r.Count
+	}
+	return n
+}
+
+// coalesce sorts ranges and merges overlapping or adjacent ones.
+func coalesce(ranges []ondisk.Range) []ondisk.Range {
+	rs := append([]ondisk.Range(nil), ranges...)
+	sort.Slice(rs, func(i, j int) bool { return rs[i].Start < rs[j].Start })
+	out := rs[:0]
+	for _, r := range rs {
+		if n := len(out); n > 0 && r.Start <= out[n-1].End() {
+			if r.End() > out[n-1].End() {
+				out[n-1].Count = r.End() - out[n-1].Start
+			}
+			continue
+		}
+		out = append(out, r)
+	}
+	return out
+}
+
+// readRanges reads the layer's durable journal records from disk.
+func (l *layer) readRanges() ([]ondisk.Range, error) {
+	l.flushMu.Lock()
+	defer l.flushMu.Unlock()
+	img := make([]byte, l.jOff)
+	if _, err := l.journal.ReadAt(img, 0); err != nil && !errors.Is(err, io.EOF) {
+		return nil, ioErr(err)
+	}
+	_, ranges, _, err := ondisk.DecodeJournal(img)
+	if err != nil {
+		return nil, errf(ErrCorrupt, "layer %d: %v", l.num, err)
+	}
+	return ranges, nil
+}
+
+// appendRecords writes records to the journal and makes them durable. The
+// caller holds flushMu and has already made the data they describe durable.
+func (l *layer) appendRecords(dir string, ranges []ondisk.Range) error {
+	if len(ranges) == 0 {
+		return nil
+	}
+	var buf []byte
+	for _, r := range coalesce(ranges) {
+		buf = ondisk.EncodeRecord(buf, r)
+	}
+	end := l.jOff + int64(len(buf))
+	if end > l.jAlloc {
+		grow := (end - l.jAlloc + journalGrow - 1) / journalGrow * journalGrow
+		if _, err := l.journal.WriteAt(make([]byte, grow), l.jAlloc); err != nil {
+			return ioErr(err)
+		}
+		l.jAlloc += grow
+	}
+	if _, err := l.journal.WriteAt(buf, l.jOff); err != nil {
+		return ioErr(err)
+	}
+	if !l.dirSynced {
+		// The files' directory entries must be durable before a record in
+		// them can be relied on.
+		if err := syncDir(dir); err != nil {
+			return err
+		}
+	}
+	if err := unix.Fdatasync(int(l.journal.Fd())); err != nil {
+		return ioErr(err)
+	}
+	l.dirSynced = true
+	l.jOff = end
+	return nil
+}
+
+// flush makes every write to the layer that completed before the call durable:
+// first the data, then the journal records that point at it.
+func (l *layer) flush(dir string) error {
+	l.flushMu.Lock()
+	defer l.flushMu.Unlock()
+	// Take the records before syncing the data: every record taken describes a
+	// write that finished before this point, so the sync below covers it.
+	l.treeMu.Lock()
+	recs := l.pending
+	l.pending = nil
+	l.treeMu.Unlock()
+	putBack := func() {
+		l.treeMu.Lock()
+		l.pending = append(recs, l.pending...)
+		l.treeMu.Unlock()
+	}
+	if l.dirty.Swap(false) || len(recs) > 0 {
+		if err := unix.Fdatasync(int(l.data.Fd())); err != nil {
+			l.dirty.Store(true)
+			putBack()
+			return ioErr(err)
+		}
+	}
+	if err := l.appendRecords(dir, recs); err != nil {
+		putBack()
+		return err
+	}
+	return nil
+}
+
+// close releases the files; it waits for in-flight reads.
+func (l *layer) close() {
+	l.ioMu.Lock()
+	defer l.ioMu.Unlock()
+	if l.closed {
+		return
+	}
+	l.closed = true
+	l.data.Close()
+	l.journal.Close()
+}
+
+func removeLayerFiles(dir string, num uint32) error {
+	dp, jp := layerPaths(dir, num)
+	for _, p := range []string{dp, jp} {
+		if err := os.Remove(p); err != nil && !errors.Is(err, os.ErrNotExist) {
+			return ioErr(err)
+		}
+	}
+	return nil
+}
+
+// canonical follows merges to the layer whose data file now holds l's blocks.
+func (l *layer) canonical() *layer {
+	for {
+		next := l.mergedInto.Load()
+		if next == nil {
+			return l
+		}
+		l = next
+	}
+}
+
+func syncDir(dir string) error {
+	d, err := os.Open(dir)
+	if err != nil {
+		return ioErr(err)
+	}
+	defer d.Close()
+	if err := d.Sync(); err != nil {
+		return ioErr(err)
+	}
+	return nil
+}
+
+// ioErr wraps a system error, mapping ENOSPC and EDQUOT to ErrNoSpace.
+func ioErr(err error) error {
+	if errors.Is(err, unix.ENOSPC) || errors.Is(err, unix.EDQUOT) {
+		return fmt.Errorf("%w: %v", ErrNoSpace, err)
+	}
+	return err
+}

@@ -1,0 +1,405 @@
+package cow
+
+import (
+	"context"
+	"io"
+	"sync"
+	"sync/atomic"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/cowcsi/cowcsi/cow/internal/ondisk"
+)
+
+// stripeBlocks blocks share one copy-up lock; stripes locks per volume.
+const (
+	stripeShift = 4
+	stripes     = 64
+)
+
+// volume is the engine's state of one volume, open or not.
+type volume struct {
+	id   string
+	s    *Store
+	head atomic.Pointer[layer]
+	size atomic.Int64
+
+	// barrier: I/O that changes the head holds it shared; snapshot, clone
+	// and expand hold it exclusively, so they see no write half done.
+	barrier sync.RWMutex
+	// stripe locks serialize writes that make a block owned by the head
+	// (copy-up, discard), so two of them cannot interleave on one block.
+	stripe [stripes]sync.Mutex
+
+	handle *Volume // guarded by Store.topo
+}
+
+// Volume is an open volume: the block device the node exports. It is safe for
+// concurrent use by any number of goroutines.
+type Volume struct {
+	v      *volume
+	closed atomic.Bool
+}
+
+// OpenVolume opens a volume for I/O. A volume has at most one handle.
+func (s *Store) OpenVolume(ctx context.Context, id string) (*Volume, error) {
+	if err := ValidateID(id); err != nil {
+		return nil, err
+	}
+	s.topo.Lock()
+	defer s.topo.Unlock()
+	if err := s.checkOpen(); err != nil {
+		return nil, err
+	}
+	v, ok := s.vols[id]
+	if !ok {
+		return nil, errf(ErrNotFound, "volume %s", id)
+	}
+	if v.handle != nil {
+		return nil, errf(ErrInUse, "volume %s is already open", id)
+	}
+	v.handle = &Volume{v: v}
+	return v.handle, nil
+}
+
+// ID is the volume's ID.
+func (h *Volume) ID() string { return h.v.id }
+
+// Size is the volume's current size in bytes.
+func (h *Volume) Size() int64 { return h.v.size.Load() }
+
+func (h *Volume) check() error {
+	if h.closed.Load() {
+		return errf(ErrClosed, "volume %s", h.v.id)
+	}
+	return nil
+}
+
+// Close flushes the volume and releases the handle.
+func (h *Volume) Close() error {
+	if h.closed.Swap(true) {
+		return nil
+	}
+	s := h.v.s
+	s.topo.Lock()
+	defer s.topo.Unlock()
+	if h.v.handle == h {
+		h.v.handle = nil
+	}
+	if s.closed.Load() {
+		return nil // Store.Close flushed it
+	}
+	h.v.barrier.RLock()
+	defer h.v.barrier.RUnlock()
+	return h.v.head.Load().flush(s.layerFS)
+}
+
+// ReadAt reads from the volume's view: for each block, the newest layer of
+// its chain that owns it, or zeros.
+func (h *Volume) ReadAt(p []byte, off int64) (int, error) {
+	if err := h.check(); err != nil {
+		return 0, err
+	}
+	if off < 0 {
+		return 0, errf(ErrInvalid, "negative offset %d", off)
+	}
+	size := h.v.size.Load()
+	if off >= size {
+		return 0, io.EOF
+	}
+	n := len(p)
+	var eof error
+	if int64(n) > size-off {
+		n, eof = int(size-off), io.EOF
+	}
+	if err := h.v.read(p[:n], off); err != nil {
+		return 0, err
+	}
+	return n, eof
+}
+
+func (v *volume) read(p []byte, off int64) error {
+	head := v.head.Load()
+	// Resolve owners under the tree lock, then read without it: a write
+	// racing with this read may land before or after, as on any disk.
+	type run struct {
+		owner    uint32
+		from, to int // byte range of p
+	}
+	var runsBuf [8]run
+	runs := runsBuf[:0]
+	head.treeMu.RLock()
+	end := off + int64(len(p))
+	for pos := off; pos < end; {
+		b := uint64(pos >> blockShift)
+		lf := head.tree.leafAt(b)
+		// Walk the blocks of this leaf in one go.
+		leafEnd := int64((b|(leafBlocks-1))+1) << blockShift
+		if leafEnd > end {
+			leafEnd = end
+		}
+		for pos < leafEnd {
+			var owner uint32
+			if lf != nil {
+				owner = lf.get(uint64(pos>>blockShift) & (leafBlocks - 1))
+			}
+			next := (pos | (BlockSize - 1)) + 1
+			if next > leafEnd {
+				next = leafEnd
+			}
+			from, to := int(pos-off), int(next-off)
+			if k := len(runs); k > 0 && runs[k-1].owner == owner && runs[k-1].to == from {
+				runs[k-1].to = to
+			} else {
+				runs = append(runs, run{owner, from, to})
+			}
+			pos = next
+		}
+	}
+	head.treeMu.RUnlock()
+	for _, r := range runs {
+		if err := v.s.readOwner(r.owner, p[r.from:r.to], off+int64(r.from)); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// readOwner reads p at off from the data file of the layer a tree entry names.
+func (s *Store) readOwner(owner uint32, p []byte, off int64) error {
+	if owner == 0 {
+		clear(p)
+		return nil
+	}
+	for {
+		l := s.resolve(owner)
+		if l == nil {
+			return errf(ErrCorrupt, "block at %d owned by unknown layer %d", off, owner)
+		}
+		l.ioMu.RLock()
+		if l.closed {
+			// Merged away between resolve and lock: resolve again.
+			l.ioMu.RUnlock()
+			if l.mergedInto.Load() == nil {
+				return errf(ErrClosed, "layer %d", l.num)
+			}
+			continue
+		}
+		n, err := l.data.ReadAt(p, off)
+		l.ioMu.RUnlock()
+		if err == io.EOF || (err == nil && n < len(p)) {
+			clear(p[n:]) // past the end of a shorter (older) layer's file
+			return nil
+		}
+		return err
+	}
+}
+
+// WriteAt writes p at off. Blocks the head already owns are written in place;
+// a partial write to a block it does not own first copies the rest of that
+// block up from the layer below.
+func (h *Volume) WriteAt(p []byte, off int64) (int, error) {
+	if err := h.check(); err != nil {
+		return 0, err
+	}
+	if off < 0 || off+int64(len(p)) > h.v.size.Load() {
+		return 0, errf(ErrInvalid, "write of %d bytes at %d outside volume of %d bytes", len(p), off, h.v.size.Load())
+	}
+	if len(p) == 0 {
+		return 0, nil
+	}
+	v := h.v
+	v.barrier.RLock()
+	defer v.barrier.RUnlock()
+	head := v.head.Load()
+	first, last := uint64(off>>blockShift), uint64((off+int64(len(p))-1)>>blockShift)
+	if head.ownsAll(first, last) {
+		if _, err := head.data.WriteAt(p, off); err != nil {
+			return 0, ioErr(err)
+		}
+		head.dirty.Store(true)
+		return len(p), nil
+	}
+	unlock := v.lockStripes(first, last)
+	defer unlock()
+	if err := v.writeOwning(head, p, off, first, last); err != nil {
+		return 0, err
+	}
+	return len(p), nil
+}
+
+func (l *layer) ownsAll(first, last uint64) bool {
+	l.treeMu.RLock()
+	defer l.treeMu.RUnlock()
+	for b := first; b <= last; b++ {
+		if l.tree.get(b) != l.num {
+			return false
+		}
+	}
+	return true
+}
+
+// writeOwning is the slow write path, under the stripe locks of its blocks.
+// A partial edge block the head does not own is written whole, its old
+// content copied up from below; everything else is written in place, so bytes
+// of owned blocks outside p are never rewritten.
+func (v *volume) writeOwning(head *layer, p []byte, off int64, first, last uint64) error {
+	end := off + int64(len(p))
+	headPartial := off&(BlockSize-1) != 0 || (first == last && end&(BlockSize-1) != 0)
+	tailPartial := last != first && end&(BlockSize-1) != 0
+	head.treeMu.RLock()
+	needHead := headPartial && head.tree.get(first) != head.num
+	needTail := tailPartial && head.tree.get(last) != head.num
+	head.treeMu.RUnlock()
+	lo, hi := off, end // what is left to write in place
+	copyUp := func(b uint64) error {
+		blk := make([]byte, BlockSize)
+		if err := v.readBlock(head, b, blk); err != nil {
+			return err
+		}
+		bOff := int64(b) << blockShift
+		from, to := max(off, bOff), min(end, bOff+BlockSize)
+		copy(blk[from-bOff:to-bOff], p[from-off:to-off])
+		if _, err := head.data.WriteAt(blk, bOff); err != nil {
+			return ioErr(err)
+		}
+		return nil
+	}
+	if needHead {
+		if err := copyUp(first); err != nil {
+			return err
+		}
+		lo = min(end, int64(first+1)<<blockShift)
+	}
+	if needTail {
+		if err := copyUp(last); err != nil {
+			return err
+		}
+		hi = int64(last) << blockShift
+	}
+	if lo < hi {
+		if _, err := head.data.WriteAt(p[lo-off:hi-off], lo); err != nil {
+			return ioErr(err)
+		}
+	}
+	head.dirty.Store(true)
+	head.own(first, last)
+	return nil
+}
+
+// readBlock reads block b of the view of head into dst (one block).
+func (v *volume) readBlock(head *layer, b uint64, dst []byte) error {
+	head.treeMu.RLock()
+	owner := head.tree.get(b)
+	head.treeMu.RUnlock()
+	return v.s.readOwner(owner, dst, int64(b)<<blockShift)
+}
+
+// own marks blocks [first, last] as owned by the layer and queues the journal
+// record for the next flush.
+func (l *layer) own(first, last uint64) {
+	l.treeMu.Lock()
+	defer l.treeMu.Unlock()
+	// Only blocks not yet owned get a record: ownership is recorded once.
+	start := first
+	var added uint64
+	flushRun := func(end uint64) {
+		if end > start {
+			l.tree.setRange(start, end, l.num)
+			l.pending = append(l.pending, ondisk.Range{Start: start, Count: end - start})
+			added += end - start
+		}
+	}
+	for b := first; b <= last; b++ {
+		if l.tree.get(b) == l.num {
+			flushRun(b)
+			start = b + 1
+		}
+	}
+	flushRun(last + 1)
+	l.owned.Add(int64(added))
+}
+
+func (v *volume) lockStripes(first, last uint64) func() {
+	var held [stripes]bool
+	if last-first >= stripes<<stripeShift {
+		for i := range held {
+			held[i] = true
+		}
+	} else {
+		for b := first >> stripeShift; b <= last>>stripeShift; b++ {
+			held[b%stripes] = true
+		}
+	}
+	for i := range held {
+		if held[i] {
+			v.stripe[i].Lock()
+		}
+	}
+	return func() {
+		for i := range held {
+			if held[i] {
+				v.stripe[i].Unlock()
+			}
+		}
+	}
+}
+
+// Flush makes every write that returned before the call durable.
+func (h *Volume) Flush() error {
+	if err := h.check(); err != nil {
+		return err
+	}
+	h.v.barrier.RLock()
+	defer h.v.barrier.RUnlock()
+	return h.v.head.Load().flush(h.v.s.layerFS)
+}
+
+// Discard makes a range read back as zeros. Whole blocks become holes in the
+// head's data file, owned by the head so no older data shows through; partial
+// blocks at the edges are written with zeros.
+func (h *Volume) Discard(off, length int64) error {
+	if err := h.check(); err != nil {
+		return err
+	}
+	if off < 0 || length < 0 || off+length > h.v.size.Load() {
+		return errf(ErrInvalid, "discard of %d bytes at %d outside volume of %d bytes", length, off, h.v.size.Load())
+	}
+	if length == 0 {
+		return nil
+	}
+	end := off + length
+	alignedStart := roundUp(off)
+	alignedEnd := end &^ (BlockSize - 1)
+	if alignedStart >= alignedEnd {
+		_, err := h.WriteAt(make([]byte, length), off)
+		return err
+	}
+	if off < alignedStart {
+		if _, err := h.WriteAt(make([]byte, alignedStart-off), off); err != nil {
+			return err
+		}
+	}
+	if end > alignedEnd {
+		if _, err := h.WriteAt(make([]byte, end-alignedEnd), alignedEnd); err != nil {
+			return err
+		}
+	}
+	v := h.v
+	v.barrier.RLock()
+	defer v.barrier.RUnlock()
+	head := v.head.Load()
+	first, last := uint64(alignedStart>>blockShift), uint64((alignedEnd-1)>>blockShift)
+	unlock := v.lockStripes(first, last)
+	defer unlock()
+	if err := unix.Fallocate(int(head.data.Fd()), unix.FALLOC_FL_PUNCH_HOLE|unix.FALLOC_FL_KEEP_SIZE,
+		alignedStart, alignedEnd-alignedStart); err != nil {
+		return ioErr(err)
+	}
+	head.dirty.Store(true)
+	head.own(first, last)
+	return nil
+}
+
+// WriteZeroes makes a range read back as zeros; same as Discard.
+func (h *Volume) WriteZeroes(off, length int64) error { return h.Discard(off, length) }
