@@ -1,0 +1,78 @@
+package driver
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io/fs"
+	"syscall"
+
+	"k8s.io/mount-utils"
+	utilexec "k8s.io/utils/exec"
+
+	"github.com/cowcsi/cowcsi/cow"
+	"github.com/cowcsi/cowcsi/cow/fusefs"
+)
+
+// fuseExport implements FileExport with cow/fusefs.
+type fuseExport struct{ s *fusefs.Server }
+
+var _ FileExport = fuseExport{}
+
+// MountFuseExport mounts the driver's FUSE filesystem at dir. A stale mount
+// left there by a crashed driver is detached first (fusefs.Mount does it).
+func MountFuseExport(ctx context.Context, dir string) (FileExport, error) {
+	s, err := fusefs.Mount(ctx, dir, fusefs.Options{FsName: "cowcsi", Errno: engineErrno})
+	if err != nil {
+		return nil, err
+	}
+	return fuseExport{s}, nil
+}
+
+// engineErrno tells the kernel what an engine error means, so that a full
+// store surfaces in the volume's filesystem as ENOSPC rather than EIO.
+func engineErrno(err error) syscall.Errno {
+	switch {
+	case errors.Is(err, cow.ErrNoSpace):
+		return syscall.ENOSPC
+	case errors.Is(err, cow.ErrInvalid):
+		return syscall.EINVAL
+	case errors.Is(err, cow.ErrClosed):
+		return syscall.EIO
+	}
+	return 0
+}
+
+func (e fuseExport) Add(name string, f BlockFile, readOnly bool) error {
+	return e.s.Add(name, f, readOnly)
+}
+
+func (e fuseExport) Remove(name string) error {
+	err := e.s.Remove(name)
+	switch {
+	case errors.Is(err, fs.ErrNotExist):
+		return nil
+	case errors.Is(err, fusefs.ErrBusy):
+		return fmt.Errorf("%w: %v", errExportBusy, err)
+	}
+	return err
+}
+
+func (e fuseExport) Resized(name string) error { return e.s.Resized(name) }
+func (e fuseExport) Path(name string) string   { return e.s.Path(name) }
+func (e fuseExport) Unmount() error            { return e.s.Unmount() }
+
+// DefaultDeps wires the real engine, FUSE filesystem, loop devices,
+// mounter and filesystem resizer.
+func DefaultDeps() Deps {
+	exec := utilexec.New()
+	return Deps{
+		OpenEngine:  OpenCowEngine,
+		MountExport: MountFuseExport,
+		Loop:        loopDevices{},
+		// Without systemd: in a container systemd-run is not reachable,
+		// and mounts must stay in the plugin's (shared) mount namespace.
+		Mounter: mount.NewSafeFormatAndMount(mount.NewWithoutSystemd(""), exec),
+		Resizer: mount.NewResizeFs(exec),
+	}
+}

@@ -1,0 +1,705 @@
+package driver
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"path/filepath"
+	"sync"
+	"time"
+
+	"github.com/container-storage-interface/spec/lib/go/csi"
+	"golang.org/x/sys/unix"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+	"k8s.io/klog/v2"
+	mount "k8s.io/mount-utils"
+
+	"github.com/cowcsi/cowcsi/cow"
+)
+
+type nodeService struct {
+	csi.UnimplementedNodeServer
+	d     *Driver
+	state stateFile
+
+	// export is set by start, before the driver is ready.
+	export FileExport
+
+	// mu guards vols and open. Per-volume calls are already serialised
+	// by the in-flight set; mu only protects the maps and the state file.
+	mu   sync.Mutex
+	vols map[string]*stagedVolume
+	open map[string]OpenVolume
+}
+
+var _ csi.NodeServer = (*nodeService)(nil)
+
+func newNodeService(d *Driver) *nodeService {
+	return &nodeService{
+		d:     d,
+		state: stateFile{dir: d.opts.stateDir()},
+		vols:  map[string]*stagedVolume{},
+		open:  map[string]OpenVolume{},
+	}
+}
+
+func (n *nodeService) engine() Engine            { return n.d.engine }
+func (n *nodeService) loop() LoopDevices         { return n.d.deps.Loop }
+func (n *nodeService) mounter() Mounter          { return n.d.deps.Mounter }
+func (n *nodeService) filePath(id string) string { return n.export.Path(id) }
+
+// get returns a copy of the staged record of id, or nil.
+func (n *nodeService) get(id string) *stagedVolume {
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	sv := n.vols[id]
+	if sv == nil {
+		return nil
+	}
+	cp := *sv
+	cp.Targets = make(map[string]publishedTarget, len(sv.Targets))
+	for k, v := range sv.Targets {
+		cp.Targets[k] = v
+	}
+	return &cp
+}
+
+func (n *nodeService) isStaged(id string) bool { return n.get(id) != nil }
+
+// put records sv (nil: forgets id) and persists the state.
+func (n *nodeService) put(id string, sv *stagedVolume, vol OpenVolume) error {
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	if sv == nil {
+		delete(n.vols, id)
+		delete(n.open, id)
+	} else {
+		n.vols[id] = sv
+		if vol != nil {
+			n.open[id] = vol
+		}
+	}
+	if err := n.state.save(n.vols); err != nil {
+		return fmt.Errorf("save node state: %w", err)
+	}
+	return nil
+}
+
+func (n *nodeService) openVolume(id string) OpenVolume {
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	return n.open[id]
+}
+
+func (n *nodeService) NodeGetCapabilities(ctx context.Context, req *csi.NodeGetCapabilitiesRequest) (*csi.NodeGetCapabilitiesResponse, error) {
+	var caps []*csi.NodeServiceCapability
+	for _, t := range []csi.NodeServiceCapability_RPC_Type{
+		csi.NodeServiceCapability_RPC_STAGE_UNSTAGE_VOLUME,
+		csi.NodeServiceCapability_RPC_GET_VOLUME_STATS,
+		csi.NodeServiceCapability_RPC_EXPAND_VOLUME,
+		csi.NodeServiceCapability_RPC_SINGLE_NODE_MULTI_WRITER,
+		csi.NodeServiceCapability_RPC_GET_VOLUME_HEALTH,
+	} {
+		caps = append(caps, &csi.NodeServiceCapability{
+			Type: &csi.NodeServiceCapability_Rpc{Rpc: &csi.NodeServiceCapability_RPC{Type: t}},
+		})
+	}
+	return &csi.NodeGetCapabilitiesResponse{Capabilities: caps}, nil
+}
+
+func (n *nodeService) NodeGetInfo(ctx context.Context, req *csi.NodeGetInfoRequest) (*csi.NodeGetInfoResponse, error) {
+	return &csi.NodeGetInfoResponse{
+		NodeId:             n.d.opts.NodeID,
+		MaxVolumesPerNode:  n.d.opts.MaxVolumesPerNode,
+		AccessibleTopology: &csi.Topology{Segments: map[string]string{TopologyKey: n.d.opts.NodeID}},
+	}, nil
+}
+
+// stageSpec is what NodeStageVolume derives from a volume capability.
+type stageSpec struct {
+	access     string
+	fsType     string
+	mountFlags []string
+	mode       csi.VolumeCapability_AccessMode_Mode
+	readOnly   bool
+}
+
+func parseCapability(vc *csi.VolumeCapability) (stageSpec, error) {
+	if vc == nil {
+		return stageSpec{}, status.Error(codes.InvalidArgument, "volume_capability is required")
+	}
+	if p := capabilityProblem(vc); p != "" {
+		return stageSpec{}, status.Errorf(codes.InvalidArgument, "unsupported volume capability: %s", p)
+	}
+	s := stageSpec{mode: vc.GetAccessMode().GetMode()}
+	s.readOnly = s.mode == csi.VolumeCapability_AccessMode_SINGLE_NODE_READER_ONLY
+	if vc.GetBlock() != nil {
+		s.access = accessBlock
+		return s, nil
+	}
+	s.access = accessMount
+	s.fsType = vc.GetMount().GetFsType()
+	if s.fsType == "" {
+		s.fsType = "ext4"
+	}
+	s.mountFlags = vc.GetMount().GetMountFlags()
+	return s, nil
+}
+
+func checkPath(what, p string) error {
+	if p == "" {
+		return status.Errorf(codes.InvalidArgument, "%s is required", what)
+	}
+	if !filepath.IsAbs(p) || filepath.Clean(p) != p {
+		return status.Errorf(codes.InvalidArgument, "%s %q must be a clean absolute path", what, p)
+	}
+	return nil
+}
+
+func (n *nodeService) NodeStageVolume(ctx context.Context, req *csi.NodeStageVolumeRequest) (*csi.NodeStageVolumeResponse, error) {
+	id, staging := req.GetVolumeId(), req.GetStagingTargetPath()
+	if err := checkID("volume ID", id); err != nil {
+		return nil, err
+	}
+	if err := checkPath("staging_target_path", staging); err != nil {
+		return nil, err
+	}
+	spec, err := parseCapability(req.GetVolumeCapability())
+	if err != nil {
+		return nil, err
+	}
+
+	if sv := n.get(id); sv != nil {
+		if sv.StagingPath != staging {
+			return nil, status.Errorf(codes.FailedPrecondition, "volume %s is already staged at %s", id, sv.StagingPath)
+		}
+		if sv.AccessType != spec.access || sv.FSType != spec.fsType || sv.ReadOnly != spec.readOnly {
+			return nil, status.Errorf(codes.AlreadyExists, "volume %s is staged at %s with an incompatible capability (%s %s ro=%v)",
+				id, staging, sv.AccessType, sv.FSType, sv.ReadOnly)
+		}
+		if sv.AccessType == accessMount {
+			// Idempotent, but make sure the mount is really there.
+			if mounted, _ := n.isMounted(staging); !mounted {
+				if err := n.mountStaging(sv); err != nil {
+					return nil, toStatus(rpcNodeStage, err)
+				}
+			}
+		}
+		return &csi.NodeStageVolumeResponse{}, nil
+	}
+
+	if _, err := n.engine().GetVolume(id); err != nil {
+		return nil, toStatus(rpcNodeStage, err)
+	}
+	sv := &stagedVolume{
+		VolumeID:    id,
+		StagingPath: staging,
+		AccessType:  spec.access,
+		FSType:      spec.fsType,
+		MountFlags:  spec.mountFlags,
+		AccessMode:  int32(spec.mode),
+		ReadOnly:    spec.readOnly,
+		Targets:     map[string]publishedTarget{},
+	}
+	vol, err := n.attach(ctx, sv)
+	if err != nil {
+		return nil, toStatus(rpcNodeStage, err)
+	}
+	if sv.AccessType == accessMount {
+		if err := n.mountStaging(sv); err != nil {
+			n.detach(ctx, sv, vol)
+			return nil, toStatus(rpcNodeStage, err)
+		}
+	}
+	if err := n.put(id, sv, vol); err != nil {
+		n.unmountStaging(sv)
+		n.detach(ctx, sv, vol)
+		n.put(id, nil, nil)
+		return nil, toStatus(rpcNodeStage, err)
+	}
+	klog.InfoS("Volume staged", "volume", id, "staging", staging, "device", sv.LoopDevice, "access", sv.AccessType)
+	return &csi.NodeStageVolumeResponse{}, nil
+}
+
+// attach opens the engine volume, serves it as a FUSE file and attaches a
+// loop device to the file; it sets sv.LoopDevice. On error nothing is left.
+func (n *nodeService) attach(ctx context.Context, sv *stagedVolume) (OpenVolume, error) {
+	id := sv.VolumeID
+	vol, err := n.engine().OpenVolume(ctx, id)
+	if err != nil {
+		return nil, err
+	}
+	if err := n.export.Add(id, vol, sv.ReadOnly); err != nil {
+		vol.Close()
+		return nil, fmt.Errorf("serve volume file: %w", err)
+	}
+	dev, err := n.loop().Attach(ctx, n.filePath(id), sv.ReadOnly)
+	if err != nil {
+		n.removeFile(id)
+		vol.Close()
+		return nil, fmt.Errorf("attach loop device: %w", err)
+	}
+	sv.LoopDevice = dev
+	return vol, nil
+}
+
+// detach undoes attach: loop device, FUSE file, engine handle.
+func (n *nodeService) detach(ctx context.Context, sv *stagedVolume, vol OpenVolume) error {
+	var errs []error
+	if sv.LoopDevice != "" {
+		if err := n.loop().Detach(ctx, sv.LoopDevice, n.filePath(sv.VolumeID)); err != nil {
+			errs = append(errs, fmt.Errorf("detach %s: %w", sv.LoopDevice, err))
+		}
+	}
+	if err := n.removeFile(sv.VolumeID); err != nil {
+		errs = append(errs, err)
+	}
+	if vol != nil {
+		if err := vol.Close(); err != nil {
+			errs = append(errs, fmt.Errorf("close volume: %w", err))
+		}
+	}
+	return errors.Join(errs...)
+}
+
+// removeFile stops serving the volume's FUSE file. The kernel releases the
+// loop device's file reference asynchronously after the detach, so a busy
+// file is retried for a while.
+func (n *nodeService) removeFile(id string) error {
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		err := n.export.Remove(id)
+		if err == nil || !errors.Is(err, errExportBusy) || time.Now().After(deadline) {
+			return err
+		}
+		time.Sleep(50 * time.Millisecond) // retry backoff, not ordering
+	}
+}
+
+func (n *nodeService) mountOptions(sv *stagedVolume) []string {
+	opts := append([]string{}, sv.MountFlags...)
+	if sv.ReadOnly {
+		opts = append(opts, "ro")
+	}
+	return opts
+}
+
+// mountStaging formats the device if blank and mounts it at the staging path.
+func (n *nodeService) mountStaging(sv *stagedVolume) error {
+	if err := os.MkdirAll(sv.StagingPath, 0o750); err != nil {
+		return err
+	}
+	if err := n.mounter().FormatAndMount(sv.LoopDevice, sv.StagingPath, sv.FSType, n.mountOptions(sv)); err != nil {
+		return fmt.Errorf("format and mount %s at %s: %w", sv.LoopDevice, sv.StagingPath, err)
+	}
+	return nil
+}
+
+func (n *nodeService) unmountStaging(sv *stagedVolume) error {
+	if sv.AccessType != accessMount {
+		return nil
+	}
+	return n.unmountIfMounted(sv.StagingPath)
+}
+
+// isMounted reports whether p is a mount point; a mount whose FUSE or
+// device went away (ENOTCONN, EIO, ESTALE) counts as mounted.
+func (n *nodeService) isMounted(p string) (bool, error) {
+	mounted, err := n.mounter().IsMountPoint(p)
+	if err != nil {
+		if mount.IsCorruptedMnt(err) {
+			return true, nil
+		}
+		if errors.Is(err, os.ErrNotExist) {
+			return false, nil
+		}
+		return false, err
+	}
+	return mounted, nil
+}
+
+func (n *nodeService) unmountIfMounted(p string) error {
+	mounted, err := n.isMounted(p)
+	if err != nil {
+		return err
+	}
+	if !mounted {
+		return nil
+	}
+	if err := n.mounter().Unmount(p); err != nil {
+		return fmt.Errorf("unmount %s: %w", p, err)
+	}
+	return nil
+}
+
+func (n *nodeService) NodeUnstageVolume(ctx context.Context, req *csi.NodeUnstageVolumeRequest) (*csi.NodeUnstageVolumeResponse, error) {
+	id, staging := req.GetVolumeId(), req.GetStagingTargetPath()
+	if err := checkID("volume ID", id); err != nil {
+		return nil, err
+	}
+	if err := checkPath("staging_target_path", staging); err != nil {
+		return nil, err
+	}
+	sv := n.get(id)
+	if sv == nil {
+		return &csi.NodeUnstageVolumeResponse{}, nil // not staged here: done
+	}
+	if sv.StagingPath != staging {
+		return nil, status.Errorf(codes.FailedPrecondition, "volume %s is staged at %s, not %s", id, sv.StagingPath, staging)
+	}
+	for t := range sv.Targets {
+		if mounted, _ := n.isMounted(t); mounted {
+			return nil, status.Errorf(codes.FailedPrecondition, "volume %s is still published at %s", id, t)
+		}
+	}
+	if err := n.unmountStaging(sv); err != nil {
+		return nil, toStatus(rpcNodeUnstage, err)
+	}
+	if err := n.detach(ctx, sv, n.openVolume(id)); err != nil {
+		// The volume handle is closed by now or unusable: forget the
+		// volume anyway only if the file is gone; else let the CO retry.
+		if errors.Is(err, errExportBusy) {
+			return nil, toStatus(rpcNodeUnstage, err)
+		}
+		klog.ErrorS(err, "Unstage left something behind", "volume", id)
+	}
+	if err := n.put(id, nil, nil); err != nil {
+		return nil, toStatus(rpcNodeUnstage, err)
+	}
+	klog.InfoS("Volume unstaged", "volume", id, "staging", staging)
+	return &csi.NodeUnstageVolumeResponse{}, nil
+}
+
+func (n *nodeService) NodePublishVolume(ctx context.Context, req *csi.NodePublishVolumeRequest) (*csi.NodePublishVolumeResponse, error) {
+	id, target, staging := req.GetVolumeId(), req.GetTargetPath(), req.GetStagingTargetPath()
+	if err := checkID("volume ID", id); err != nil {
+		return nil, err
+	}
+	if err := checkPath("target_path", target); err != nil {
+		return nil, err
+	}
+	spec, err := parseCapability(req.GetVolumeCapability())
+	if err != nil {
+		return nil, err
+	}
+	if err := checkPath("staging_target_path", staging); err != nil {
+		return nil, err
+	}
+	sv := n.get(id)
+	if sv == nil {
+		if _, err := n.engine().GetVolume(id); err != nil {
+			return nil, toStatus(rpcNodePublish, err)
+		}
+		return nil, status.Errorf(codes.FailedPrecondition, "volume %s is not staged on this node", id)
+	}
+	if sv.StagingPath != staging {
+		return nil, status.Errorf(codes.FailedPrecondition, "volume %s is staged at %s, not %s", id, sv.StagingPath, staging)
+	}
+	if spec.access != sv.AccessType {
+		return nil, status.Errorf(codes.InvalidArgument, "volume %s is staged as %s, cannot publish it as %s", id, sv.AccessType, spec.access)
+	}
+	readOnly := req.GetReadonly() || spec.readOnly || sv.ReadOnly
+	if t, ok := sv.Targets[target]; ok {
+		if t.ReadOnly != readOnly {
+			return nil, status.Errorf(codes.AlreadyExists, "volume %s is published at %s with readonly=%v", id, target, t.ReadOnly)
+		}
+		if mounted, _ := n.isMounted(target); mounted {
+			return &csi.NodePublishVolumeResponse{}, nil
+		}
+		// Recorded but gone (unmounted from outside): mount again.
+	} else if len(sv.Targets) > 0 && (spec.mode == csi.VolumeCapability_AccessMode_SINGLE_NODE_SINGLE_WRITER ||
+		csi.VolumeCapability_AccessMode_Mode(sv.AccessMode) == csi.VolumeCapability_AccessMode_SINGLE_NODE_SINGLE_WRITER) {
+		return nil, status.Errorf(codes.FailedPrecondition, "volume %s has a single-writer access mode and is already published", id)
+	}
+	if err := n.bind(sv, target, readOnly); err != nil {
+		return nil, toStatus(rpcNodePublish, err)
+	}
+	sv.Targets[target] = publishedTarget{ReadOnly: readOnly}
+	if err := n.put(id, sv, nil); err != nil {
+		n.unmountIfMounted(target)
+		return nil, toStatus(rpcNodePublish, err)
+	}
+	return &csi.NodePublishVolumeResponse{}, nil
+}
+
+// bind mounts the staged volume at target: the staging mount for
+// filesystem volumes, the loop device node (onto a file) for block volumes.
+func (n *nodeService) bind(sv *stagedVolume, target string, readOnly bool) error {
+	opts := []string{"bind"}
+	if readOnly {
+		opts = append(opts, "ro")
+	}
+	source := sv.StagingPath
+	if sv.AccessType == accessBlock {
+		source = sv.LoopDevice
+		if err := os.MkdirAll(filepath.Dir(target), 0o750); err != nil {
+			return err
+		}
+		f, err := os.OpenFile(target, os.O_CREATE|os.O_RDONLY, 0o640)
+		if err != nil {
+			return err
+		}
+		f.Close()
+	} else if err := os.MkdirAll(target, 0o750); err != nil {
+		return err
+	}
+	if err := n.mounter().Mount(source, target, "", opts); err != nil {
+		return fmt.Errorf("bind mount %s at %s: %w", source, target, err)
+	}
+	return nil
+}
+
+func (n *nodeService) NodeUnpublishVolume(ctx context.Context, req *csi.NodeUnpublishVolumeRequest) (*csi.NodeUnpublishVolumeResponse, error) {
+	id, target := req.GetVolumeId(), req.GetTargetPath()
+	if err := checkID("volume ID", id); err != nil {
+		return nil, err
+	}
+	if err := checkPath("target_path", target); err != nil {
+		return nil, err
+	}
+	sv := n.get(id)
+	if sv == nil || !hasTarget(sv, target) {
+		// Not published here by this volume. Never unmount what we did
+		// not mount (the path may belong to another volume); remove only
+		// a leftover empty directory or file.
+		if mounted, err := n.isMounted(target); err == nil && !mounted {
+			if err := os.Remove(target); err != nil && !errors.Is(err, os.ErrNotExist) {
+				klog.InfoS("Leaving target path in place", "volume", id, "target", target, "err", err)
+			}
+		}
+		return &csi.NodeUnpublishVolumeResponse{}, nil
+	}
+	if err := n.unmountIfMounted(target); err != nil {
+		return nil, toStatus(rpcNodeUnpublish, err)
+	}
+	if err := os.Remove(target); err != nil && !errors.Is(err, os.ErrNotExist) {
+		return nil, toStatus(rpcNodeUnpublish, fmt.Errorf("remove target: %w", err))
+	}
+	delete(sv.Targets, target)
+	if err := n.put(id, sv, nil); err != nil {
+		return nil, toStatus(rpcNodeUnpublish, err)
+	}
+	return &csi.NodeUnpublishVolumeResponse{}, nil
+}
+
+func hasTarget(sv *stagedVolume, p string) bool {
+	_, ok := sv.Targets[p]
+	return ok
+}
+
+// volumeAt finds the staged volume id and checks that p is its staging
+// path or one of its targets; NotFound otherwise (the spec's code for "the
+// volume does not exist at that path").
+func (n *nodeService) volumeAt(call rpc, id, p string) (*stagedVolume, error) {
+	sv := n.get(id)
+	if sv == nil {
+		if _, err := n.engine().GetVolume(id); err != nil {
+			return nil, toStatus(call, err)
+		}
+		return nil, status.Errorf(codes.NotFound, "volume %s is not staged on this node", id)
+	}
+	if p != sv.StagingPath && !hasTarget(sv, p) {
+		return nil, status.Errorf(codes.NotFound, "volume %s is not staged or published at %q", id, p)
+	}
+	return sv, nil
+}
+
+func (n *nodeService) NodeGetVolumeStats(ctx context.Context, req *csi.NodeGetVolumeStatsRequest) (*csi.NodeGetVolumeStatsResponse, error) {
+	if err := checkID("volume ID", req.GetVolumeId()); err != nil {
+		return nil, err
+	}
+	if req.GetVolumePath() == "" {
+		return nil, status.Error(codes.InvalidArgument, "volume_path is required")
+	}
+	sv, err := n.volumeAt(rpcNodeStats, req.GetVolumeId(), req.GetVolumePath())
+	if err != nil {
+		return nil, err
+	}
+	if sv.AccessType == accessBlock {
+		vol := n.openVolume(sv.VolumeID)
+		if vol == nil {
+			return nil, status.Errorf(codes.Internal, "volume %s is staged but not open", sv.VolumeID)
+		}
+		return &csi.NodeGetVolumeStatsResponse{Usage: []*csi.VolumeUsage{{Unit: csi.VolumeUsage_BYTES, Total: vol.Size()}}}, nil
+	}
+	var st unix.Statfs_t
+	if err := unix.Statfs(req.GetVolumePath(), &st); err != nil {
+		return nil, toStatus(rpcNodeStats, fmt.Errorf("statfs %s: %w", req.GetVolumePath(), err))
+	}
+	bs := st.Bsize
+	return &csi.NodeGetVolumeStatsResponse{Usage: []*csi.VolumeUsage{
+		{
+			Unit:      csi.VolumeUsage_BYTES,
+			Total:     int64(st.Blocks) * bs,
+			Available: int64(st.Bavail) * bs,
+			Used:      int64(st.Blocks-st.Bfree) * bs,
+		},
+		{
+			Unit:      csi.VolumeUsage_INODES,
+			Total:     int64(st.Files),
+			Available: int64(st.Ffree),
+			Used:      int64(st.Files - st.Ffree),
+		},
+	}}, nil
+}
+
+// NodeGetVolumeHealth reports INACCESSIBLE when the kernel's path to the
+// volume is broken: loop device gone or rebound, FUSE file unreadable,
+// staging mount missing. (CSI 1.13's replacement of VolumeCondition.)
+func (n *nodeService) NodeGetVolumeHealth(ctx context.Context, req *csi.NodeGetVolumeHealthRequest) (*csi.NodeGetVolumeHealthResponse, error) {
+	id := req.GetVolumeId()
+	if err := checkID("volume ID", id); err != nil {
+		return nil, err
+	}
+	sv := n.get(id)
+	if sv == nil {
+		if _, err := n.engine().GetVolume(id); err != nil {
+			return nil, toStatus(rpcNodeVolumeHealth, err)
+		}
+		return nil, status.Errorf(codes.NotFound, "volume %s is not staged on this node", id)
+	}
+	health := &csi.VolumeHealth{VolumeId: id}
+	bad := func(reason, msg string) {
+		health.HealthStatuses = append(health.HealthStatuses, &csi.VolumeHealth_VolumeHealthEntry{
+			Status: csi.VolumeHealthErrorType_INACCESSIBLE, Reason: reason, Message: msg,
+		})
+	}
+	file := n.filePath(id)
+	if backing, err := n.loop().BackingFile(sv.LoopDevice); err != nil {
+		bad("LoopDeviceGone", fmt.Sprintf("%s: %v", sv.LoopDevice, err))
+	} else if backing != file {
+		bad("LoopDeviceRebound", fmt.Sprintf("%s is bound to %s, not %s", sv.LoopDevice, backing, file))
+	}
+	if err := readProbe(file); err != nil {
+		bad("BackingFileUnreadable", err.Error())
+	}
+	if sv.AccessType == accessMount {
+		if mounted, err := n.isMounted(sv.StagingPath); err != nil || !mounted {
+			bad("StagingMountMissing", fmt.Sprintf("%s is not mounted (err %v)", sv.StagingPath, err))
+		} else if _, err := os.Stat(sv.StagingPath); err != nil {
+			bad("StagingMountBroken", err.Error())
+		}
+	}
+	return &csi.NodeGetVolumeHealthResponse{VolumeHealth: health}, nil
+}
+
+// readProbe reads the first block of the volume's FUSE file.
+func readProbe(path string) error {
+	f, err := os.Open(path)
+	if err != nil {
+		return err
+	}
+	defer f.Close()
+	buf := make([]byte, cow.BlockSize)
+	if _, err := f.ReadAt(buf, 0); err != nil && !errors.Is(err, io.EOF) {
+		return err
+	}
+	return nil
+}
+
+func (n *nodeService) NodeExpandVolume(ctx context.Context, req *csi.NodeExpandVolumeRequest) (*csi.NodeExpandVolumeResponse, error) {
+	id := req.GetVolumeId()
+	if err := checkID("volume ID", id); err != nil {
+		return nil, err
+	}
+	if req.GetVolumePath() == "" {
+		return nil, status.Error(codes.InvalidArgument, "volume_path is required")
+	}
+	sv, err := n.volumeAt(rpcNodeExpand, id, req.GetVolumePath())
+	if err != nil {
+		return nil, err
+	}
+	if vc := req.GetVolumeCapability(); vc != nil {
+		spec, err := parseCapability(vc)
+		if err != nil {
+			return nil, err
+		}
+		if spec.access != sv.AccessType {
+			return nil, status.Errorf(codes.InvalidArgument, "volume %s is staged as %s, not %s", id, sv.AccessType, spec.access)
+		}
+	}
+	vol := n.openVolume(id)
+	if vol == nil {
+		return nil, status.Errorf(codes.Internal, "volume %s is staged but not open", id)
+	}
+	required, limit := req.GetCapacityRange().GetRequiredBytes(), req.GetCapacityRange().GetLimitBytes()
+	cur := vol.Size()
+	switch {
+	case required < 0 || limit < 0:
+		return nil, status.Errorf(codes.InvalidArgument, "negative capacity range (required %d, limit %d)", required, limit)
+	case limit > 0 && limit < required:
+		return nil, status.Errorf(codes.OutOfRange, "limit_bytes %d is below required_bytes %d", limit, required)
+	case limit > 0 && cur > limit:
+		// Volumes never shrink.
+		return nil, status.Errorf(codes.OutOfRange, "volume %s is %d bytes, more than limit_bytes %d: volumes cannot shrink", id, cur, limit)
+	}
+	size := cur
+	if required > cur {
+		// required <= cur is a retry of an expansion that already
+		// happened (or a rounding difference): nothing to grow, but the
+		// loop device and filesystem are still brought up to the size.
+		if size, err = volumeSize(req.GetCapacityRange(), cur, cur); err != nil {
+			return nil, err
+		}
+		if sv.ReadOnly {
+			return nil, status.Errorf(codes.FailedPrecondition, "volume %s is staged read-only", id)
+		}
+		if _, err := n.engine().ExpandVolume(ctx, id, size); err != nil {
+			return nil, toStatus(rpcNodeExpand, err)
+		}
+	}
+	if err := n.export.Resized(id); err != nil {
+		return nil, toStatus(rpcNodeExpand, fmt.Errorf("resize volume file: %w", err))
+	}
+	if err := n.loop().Resize(ctx, sv.LoopDevice); err != nil {
+		return nil, toStatus(rpcNodeExpand, fmt.Errorf("resize loop device: %w", err))
+	}
+	if sv.AccessType == accessMount && !sv.ReadOnly {
+		if _, err := n.d.deps.Resizer.Resize(sv.LoopDevice, sv.StagingPath); err != nil {
+			return nil, toStatus(rpcNodeExpand, fmt.Errorf("grow filesystem: %w", err))
+		}
+	}
+	klog.InfoS("Volume expanded", "volume", id, "size", size)
+	return &csi.NodeExpandVolumeResponse{CapacityBytes: size}, nil
+}
+
+// quiesce makes a volume's content in the engine complete up to now, if it
+// is staged here: it freezes the staging filesystem (unless freeze is
+// false or the volume is a block volume) and flushes the loop device down
+// to the engine. The returned release thaws. Not staged here: nothing is
+// cached in the kernel, the engine already has everything.
+func (n *nodeService) quiesce(ctx context.Context, id string, freeze bool) (release func(), err error) {
+	sv := n.get(id)
+	if sv == nil {
+		return func() {}, nil
+	}
+	thaw := func() error { return nil }
+	if freeze && sv.AccessType == accessMount && !sv.ReadOnly {
+		fctx, cancel := context.WithTimeout(ctx, n.d.opts.FreezeTimeout)
+		t, err := freezeFS(fctx, sv.StagingPath)
+		cancel()
+		switch {
+		case errors.Is(err, errFreezeUnsupported):
+			if err := syncFS(sv.StagingPath); err != nil {
+				return nil, err
+			}
+		case err != nil:
+			return nil, err
+		default:
+			thaw = t
+		}
+	}
+	release = func() {
+		if err := thaw(); err != nil {
+			klog.ErrorS(err, "Thaw failed", "volume", id, "path", sv.StagingPath)
+		}
+	}
+	if err := n.loop().Sync(ctx, sv.LoopDevice); err != nil {
+		release()
+		return nil, fmt.Errorf("flush loop device %s: %w", sv.LoopDevice, err)
+	}
+	return release, nil
+}
