@@ -1,0 +1,255 @@
+package driver
+
+import (
+	"bufio"
+	"context"
+	"crypto/rand"
+	"encoding/hex"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"sort"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/container-storage-interface/spec/lib/go/csi"
+	"golang.org/x/sys/unix"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/credentials/insecure"
+)
+
+// requireRoot skips tests that need root, FUSE, loop devices and mkfs.ext4,
+// saying which is missing, instead of failing obscurely.
+func requireRoot(t testing.TB) {
+	t.Helper()
+	if os.Geteuid() != 0 {
+		t.Skip("needs root (mounts, loop devices, FUSE)")
+	}
+	for _, p := range []string{"/dev/fuse", "/dev/loop-control"} {
+		if _, err := os.Stat(p); err != nil {
+			t.Skipf("needs %s: %v", p, err)
+		}
+	}
+	for _, c := range []string{"mkfs.ext4", "blkid", "mount", "resize2fs"} {
+		if _, err := exec.LookPath(c); err != nil {
+			t.Skipf("needs %s in PATH", c)
+		}
+	}
+}
+
+// testEnv is one node's directories, all under a fresh temporary
+// directory: store, staging and target paths, and the socket.
+type testEnv struct {
+	root     string // everything the test creates lives below
+	storeDir string
+	sockDir  string
+	nodeID   string
+}
+
+func newTestEnv(t testing.TB) *testEnv {
+	t.Helper()
+	root := t.TempDir()
+	// Unix socket paths are limited to 108 bytes; t.TempDir() paths grow
+	// with the test name.
+	sockDir, err := os.MkdirTemp("", "cowcsi-sock-")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { os.RemoveAll(sockDir) })
+	env := &testEnv{root: root, storeDir: filepath.Join(root, "store"), sockDir: sockDir, nodeID: "node-" + randHex(4)}
+	// Registered before any driver starts, so it runs after every
+	// driver's own cleanup (t.Cleanup is LIFO): the last line of defence
+	// against leaking mounts and loop devices into the machine.
+	t.Cleanup(func() { cleanupKernel(t, root) })
+	return env
+}
+
+func (e *testEnv) endpoint() string { return "unix://" + filepath.Join(e.sockDir, "csi.sock") }
+
+func randHex(n int) string {
+	b := make([]byte, n)
+	rand.Read(b)
+	return hex.EncodeToString(b)
+}
+
+// testDriver is a running Driver and a client connection to it.
+type testDriver struct {
+	d      *Driver
+	conn   *grpc.ClientConn
+	cancel context.CancelFunc
+	done   chan error
+	ctrl   csi.ControllerClient
+	node   csi.NodeClient
+	ident  csi.IdentityClient
+}
+
+func testOptions(env *testEnv) Options {
+	o := DefaultOptions()
+	o.Endpoint = env.endpoint()
+	o.NodeID = env.nodeID
+	o.StoreDir = env.storeDir
+	o.DefaultVolumeSize = 64 << 20
+	o.StopTimeout = 10 * time.Second
+	return o
+}
+
+// startDriver runs a driver on env and waits until Probe says ready. It is
+// stopped in t.Cleanup unless the test stops it first.
+func startDriver(t testing.TB, env *testEnv) *testDriver {
+	t.Helper()
+	return startDriverWith(t, testOptions(env), DefaultDeps())
+}
+
+func startDriverWith(t testing.TB, opts Options, deps Deps) *testDriver {
+	t.Helper()
+	d, err := New(opts, deps)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	td := &testDriver{d: d, cancel: cancel, done: make(chan error, 1)}
+	go func() { td.done <- d.Run(ctx) }()
+	conn, err := grpc.NewClient(opts.Endpoint, grpc.WithTransportCredentials(insecure.NewCredentials()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	td.conn = conn
+	td.ctrl, td.node, td.ident = csi.NewControllerClient(conn), csi.NewNodeClient(conn), csi.NewIdentityClient(conn)
+	t.Cleanup(func() { td.stop(t) })
+	deadline := time.Now().Add(60 * time.Second)
+	for {
+		select {
+		case err := <-td.done:
+			td.done <- err
+			t.Fatalf("driver exited while starting: %v", err)
+		default:
+		}
+		pctx, pcancel := context.WithTimeout(context.Background(), time.Second)
+		resp, err := td.ident.Probe(pctx, &csi.ProbeRequest{})
+		pcancel()
+		if err == nil && resp.GetReady().GetValue() {
+			return td
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("driver not ready after 60s: %v", err)
+		}
+		time.Sleep(20 * time.Millisecond) // polling readiness
+	}
+}
+
+// stop stops the driver gracefully (as SIGTERM would) and waits for Run.
+func (td *testDriver) stop(t testing.TB) {
+	t.Helper()
+	if td.cancel == nil {
+		return
+	}
+	td.cancel()
+	td.cancel = nil
+	td.conn.Close()
+	select {
+	case err := <-td.done:
+		if err != nil {
+			t.Errorf("driver stopped with error: %v", err)
+		}
+	case <-time.After(2 * time.Minute):
+		t.Errorf("driver did not stop within 2 minutes")
+	}
+}
+
+// cleanupKernel detaches every mount below root (deepest first) and every
+// loop device whose backing file is below root. Tests are expected to
+// unstage what they stage; this catches what a failed test left.
+func cleanupKernel(t testing.TB, root string) {
+	for range 4 {
+		mps := mountsUnder(root)
+		if len(mps) == 0 {
+			break
+		}
+		for _, mp := range mps {
+			if err := unix.Unmount(mp, unix.MNT_DETACH); err != nil {
+				t.Logf("cleanup: unmount %s: %v", mp, err)
+			}
+		}
+	}
+	if left := mountsUnder(root); len(left) > 0 {
+		t.Errorf("mounts left under %s: %v", root, left)
+	}
+	entries, _ := filepath.Glob("/sys/block/loop*/loop/backing_file")
+	for _, e := range entries {
+		b, err := os.ReadFile(e)
+		if err != nil || !strings.HasPrefix(strings.TrimSpace(string(b)), root) {
+			continue
+		}
+		dev := "/dev/" + filepath.Base(filepath.Dir(filepath.Dir(e)))
+		if fd, err := unix.Open(dev, unix.O_RDONLY|unix.O_CLOEXEC, 0); err == nil {
+			unix.IoctlSetInt(fd, unix.LOOP_CLR_FD, 0)
+			unix.Close(fd)
+		}
+		t.Logf("cleanup: detached %s (backing %s)", dev, strings.TrimSpace(string(b)))
+	}
+}
+
+// mountsUnder lists mount points at or below root, deepest first.
+func mountsUnder(root string) []string {
+	f, err := os.Open("/proc/self/mountinfo")
+	if err != nil {
+		return nil
+	}
+	defer f.Close()
+	var out []string
+	sc := bufio.NewScanner(f)
+	for sc.Scan() {
+		fields := strings.Fields(sc.Text())
+		if len(fields) < 5 {
+			continue
+		}
+		mp := unescapeMountinfo(fields[4])
+		if mp == root || strings.HasPrefix(mp, root+"/") {
+			out = append(out, mp)
+		}
+	}
+	sort.Slice(out, func(i, j int) bool { return len(out[i]) > len(out[j]) })
+	return out
+}
+
+func unescapeMountinfo(s string) string {
+	r := strings.NewReplacer(`\040`, " ", `\011`, "\t", `\012`, "\n", `\134`, `\`)
+	return r.Replace(s)
+}
+
+func mountCap(mode csi.VolumeCapability_AccessMode_Mode, fsType string) *csi.VolumeCapability {
+	return &csi.VolumeCapability{
+		AccessMode: &csi.VolumeCapability_AccessMode{Mode: mode},
+		AccessType: &csi.VolumeCapability_Mount{Mount: &csi.VolumeCapability_MountVolume{FsType: fsType}},
+	}
+}
+
+func blockCap(mode csi.VolumeCapability_AccessMode_Mode) *csi.VolumeCapability {
+	return &csi.VolumeCapability{
+		AccessMode: &csi.VolumeCapability_AccessMode{Mode: mode},
+		AccessType: &csi.VolumeCapability_Block{Block: &csi.VolumeCapability_BlockVolume{}},
+	}
+}
+
+var rwo = csi.VolumeCapability_AccessMode_SINGLE_NODE_WRITER
+
+// hasCapSysResource reports whether this process may grow a mounted ext4
+// filesystem (EXT4_IOC_RESIZE_FS checks CAP_SYS_RESOURCE).
+func hasCapSysResource() bool {
+	b, err := os.ReadFile("/proc/self/status")
+	if err != nil {
+		return false
+	}
+	for _, line := range strings.Split(string(b), "\n") {
+		if v, ok := strings.CutPrefix(line, "CapEff:"); ok {
+			var caps uint64
+			if _, err := fmt.Sscanf(strings.TrimSpace(v), "%x", &caps); err != nil {
+				return false
+			}
+			return caps&(1<<unix.CAP_SYS_RESOURCE) != 0
+		}
+	}
+	return false
+}
