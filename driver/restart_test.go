@@ -119,3 +119,31 @@ func writeSynced(t *testing.T, path string, data []byte, off int64) {
 		t.Fatal(err)
 	}
 }
+
+// TestSocketMode checks the socket's permissions: 0600, or 0660 with
+// SocketGroupAccess.
+func TestSocketMode(t *testing.T) {
+	requireRoot(t)
+	for _, group := range []bool{false, true} {
+		env := newTestEnv(t)
+		opts := testOptions(env)
+		opts.SocketGroupAccess = group
+		td := startDriverWith(t, opts, DefaultDeps())
+		path, _ := socketPath(opts.Endpoint)
+		fi, err := os.Stat(path)
+		if err != nil {
+			t.Fatal(err)
+		}
+		want := os.FileMode(0o600)
+		if group {
+			want = 0o660
+		}
+		if fi.Mode().Perm() != want || fi.Mode()&os.ModeSocket == 0 {
+			t.Errorf("socket mode %v, want socket %v", fi.Mode(), want)
+		}
+		td.stop(t)
+		if _, err := os.Stat(path); !os.IsNotExist(err) {
+			t.Errorf("socket left after stop: %v", err)
+		}
+	}
+}
