@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"sync"
 
 	"golang.org/x/sys/unix"
 	"k8s.io/klog/v2"
@@ -34,12 +35,17 @@ func freezeFS(ctx context.Context, mountPath string) (thaw func() error, err err
 	done := make(chan error, 1)
 	go func() { done <- unix.IoctlSetInt(fd, ioctlFIFREEZE, 0) }()
 
+	// Idempotent: the descriptor is closed exactly once.
+	var once sync.Once
+	var thawErr error
 	thawFD := func() error {
-		defer unix.Close(fd)
-		if err := unix.IoctlSetInt(fd, ioctlFITHAW, 0); err != nil {
-			return fmt.Errorf("thaw %s: %w", mountPath, err)
-		}
-		return nil
+		once.Do(func() {
+			defer unix.Close(fd)
+			if err := unix.IoctlSetInt(fd, ioctlFITHAW, 0); err != nil {
+				thawErr = fmt.Errorf("thaw %s: %w", mountPath, err)
+			}
+		})
+		return thawErr
 	}
 	select {
 	case err := <-done:

@@ -284,6 +284,12 @@ func (n *nodeService) mountOptions(sv *stagedVolume) []string {
 	if sv.ReadOnly {
 		opts = append(opts, "ro")
 	}
+	if sv.FSType == "xfs" {
+		// A volume restored from a snapshot or cloned carries its
+		// source's filesystem UUID, and XFS refuses to mount a second
+		// filesystem with a UUID already mounted on the node.
+		opts = append(opts, "nouuid")
+	}
 	return opts
 }
 
@@ -686,6 +692,11 @@ func (n *nodeService) quiesce(ctx context.Context, id string, freeze bool) (rele
 			if err := syncFS(sv.StagingPath); err != nil {
 				return nil, err
 			}
+		case errors.Is(err, unix.EBUSY):
+			// Frozen already by someone else (a backup tool, fsfreeze):
+			// the filesystem is quiesced on its device, which is all we
+			// need; the thaw is theirs.
+			klog.InfoS("Filesystem already frozen; snapshotting it as is", "volume", id, "path", sv.StagingPath)
 		case err != nil:
 			return nil, err
 		default:

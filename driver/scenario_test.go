@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"testing"
 
@@ -101,15 +102,22 @@ func snapshot(t *testing.T, td *testDriver, name, src string, params map[string]
 
 func restore(t *testing.T, td *testDriver, env *testEnv, name string, snap *csi.Snapshot) publishedVolume {
 	t.Helper()
+	return restoreAs(t, td, env, name, snap, mountCap(rwo, "ext4"), 64<<20)
+}
+
+func restoreAs(t *testing.T, td *testDriver, env *testEnv, name string, snap *csi.Snapshot, vc *csi.VolumeCapability, size int64) publishedVolume {
+	t.Helper()
 	vol := createVolume(t, td, &csi.CreateVolumeRequest{
-		Name: name,
+		Name:               name,
+		VolumeCapabilities: []*csi.VolumeCapability{vc},
+		CapacityRange:      &csi.CapacityRange{RequiredBytes: size},
 		VolumeContentSource: &csi.VolumeContentSource{Type: &csi.VolumeContentSource_Snapshot{
 			Snapshot: &csi.VolumeContentSource_SnapshotSource{SnapshotId: snap.GetSnapshotId()}}},
 	})
 	if vol.GetContentSource().GetSnapshot().GetSnapshotId() != snap.GetSnapshotId() {
 		t.Errorf("restored volume content source = %v", vol.GetContentSource())
 	}
-	return stageAndPublish(t, td, env, vol.GetVolumeId(), mountCap(rwo, "ext4"))
+	return stageAndPublish(t, td, env, vol.GetVolumeId(), vc)
 }
 
 // importantContent is large enough to span many pages and blocks, so that
@@ -160,6 +168,24 @@ func TestSnapshotOfUnsyncedFile(t *testing.T) {
 		t.Fatalf("restored important.txt: %d bytes, want %d whole bytes", len(got), len(want))
 	}
 
+	t.Run("already frozen", func(t *testing.T) {
+		want3 := importantContent("frozen by someone else")
+		writeNoSync(t, filepath.Join(pv.target, "important3.txt"), want3)
+		thaw, err := freezeFS(context.Background(), pv.staging)
+		if err != nil {
+			t.Fatalf("freezing ourselves: %v", err)
+		}
+		defer thaw()
+		snap3 := snapshot(t, td, "snap-already-frozen", src.GetVolumeId(), nil)
+		if err := thaw(); err != nil {
+			t.Fatalf("thaw: %v", err)
+		}
+		r3 := restore(t, td, env, "pvc-restored-already-frozen", snap3)
+		if got, err := os.ReadFile(filepath.Join(r3.target, "important3.txt")); err != nil || !bytes.Equal(got, want3) {
+			t.Errorf("important3.txt: %d bytes (want %d), err %v", len(got), len(want3), err)
+		}
+	})
+
 	// The same without the freeze: the loop device is flushed, but what
 	// ext4 still holds in the page cache is not in the snapshot. What
 	// the restored file looks like depends on whether the kernel's
@@ -188,4 +214,45 @@ func TestSnapshotOfUnsyncedFile(t *testing.T) {
 			t.Logf("freeze off: important2.txt partial: %d of %d bytes", len(got2), len(want2))
 		}
 	})
+}
+
+// TestSnapshotOfUnsyncedFileXFS is the same scenario on XFS, restored
+// while the source is still mounted (same filesystem UUID on one node),
+// and cloned directly from the mounted volume.
+func TestSnapshotOfUnsyncedFileXFS(t *testing.T) {
+	requireRoot(t)
+	if _, err := exec.LookPath("mkfs.xfs"); err != nil {
+		t.Skip("needs mkfs.xfs (xfsprogs)")
+	}
+	env := newTestEnv(t)
+	td := startDriver(t, env)
+	// mkfs.xfs refuses filesystems below 300 MiB; the engine is sparse.
+	const size = 320 << 20
+	vc := mountCap(rwo, "xfs")
+	src := createVolume(t, td, &csi.CreateVolumeRequest{Name: "pvc-xfs", VolumeCapabilities: []*csi.VolumeCapability{vc},
+		CapacityRange: &csi.CapacityRange{RequiredBytes: size}})
+	pv := stageAndPublish(t, td, env, src.GetVolumeId(), vc)
+
+	want := importantContent("xfs")
+	writeNoSync(t, filepath.Join(pv.target, "important.txt"), want)
+	snap := snapshot(t, td, "snap-xfs", src.GetVolumeId(), nil)
+	restored := restoreAs(t, td, env, "pvc-xfs-restored", snap, vc, size)
+	if got, err := os.ReadFile(filepath.Join(restored.target, "important.txt")); err != nil || !bytes.Equal(got, want) {
+		t.Fatalf("restored important.txt: %d bytes (want %d), err %v", len(got), len(want), err)
+	}
+
+	// A clone of the mounted volume goes through the same freeze.
+	want2 := importantContent("xfs clone")
+	writeNoSync(t, filepath.Join(pv.target, "clone.txt"), want2)
+	clone := createVolume(t, td, &csi.CreateVolumeRequest{Name: "pvc-xfs-clone", VolumeCapabilities: []*csi.VolumeCapability{vc},
+		CapacityRange: &csi.CapacityRange{RequiredBytes: size},
+		VolumeContentSource: &csi.VolumeContentSource{Type: &csi.VolumeContentSource_Volume{
+			Volume: &csi.VolumeContentSource_VolumeSource{VolumeId: src.GetVolumeId()}}}})
+	if clone.GetContentSource().GetVolume().GetVolumeId() != src.GetVolumeId() {
+		t.Errorf("clone content source = %v", clone.GetContentSource())
+	}
+	cpv := stageAndPublish(t, td, env, clone.GetVolumeId(), vc)
+	if got, err := os.ReadFile(filepath.Join(cpv.target, "clone.txt")); err != nil || !bytes.Equal(got, want2) {
+		t.Fatalf("cloned clone.txt: %d bytes (want %d), err %v", len(got), len(want2), err)
+	}
 }
