@@ -1,6 +1,7 @@
 package driver
 
 import (
+	"context"
 	"errors"
 	"flag"
 	"fmt"
@@ -206,5 +207,61 @@ func TestOptions(t *testing.T) {
 		if o2.Validate() == nil {
 			t.Errorf("invalid options accepted: %+v", o2)
 		}
+	}
+}
+
+// blockingController blocks CreateSnapshot until released.
+type blockingController struct {
+	csi.UnimplementedControllerServer
+	entered, release chan struct{}
+}
+
+func (b *blockingController) CreateSnapshot(ctx context.Context, req *csi.CreateSnapshotRequest) (*csi.CreateSnapshotResponse, error) {
+	b.entered <- struct{}{}
+	<-b.release
+	return &csi.CreateSnapshotResponse{}, nil
+}
+
+func (b *blockingController) ListSnapshots(ctx context.Context, req *csi.ListSnapshotsRequest) (*csi.ListSnapshotsResponse, error) {
+	return &csi.ListSnapshotsResponse{}, nil
+}
+
+func (b *blockingController) DeleteVolume(ctx context.Context, req *csi.DeleteVolumeRequest) (*csi.DeleteVolumeResponse, error) {
+	return &csi.DeleteVolumeResponse{}, nil
+}
+
+// TestLockedController: a concurrent call on the same snapshot name or
+// the same source volume gets Aborted; read-only calls and other IDs pass.
+func TestLockedController(t *testing.T) {
+	inner := &blockingController{entered: make(chan struct{}), release: make(chan struct{})}
+	l := &lockedController{ControllerServer: inner, f: newInFlight()}
+	ctx := context.Background()
+	first := make(chan error, 1)
+	go func() {
+		_, err := l.CreateSnapshot(ctx, &csi.CreateSnapshotRequest{Name: "s", SourceVolumeId: "vol-a"})
+		first <- err
+	}()
+	<-inner.entered
+	if _, err := l.CreateSnapshot(ctx, &csi.CreateSnapshotRequest{Name: "s", SourceVolumeId: "vol-a"}); status.Code(err) != codes.Aborted {
+		t.Errorf("duplicate CreateSnapshot: %v, want Aborted", err)
+	}
+	if _, err := l.CreateSnapshot(ctx, &csi.CreateSnapshotRequest{Name: "other", SourceVolumeId: "vol-a"}); status.Code(err) != codes.Aborted {
+		t.Errorf("second snapshot of the same volume: %v, want Aborted", err)
+	}
+	if _, err := l.DeleteVolume(ctx, &csi.DeleteVolumeRequest{VolumeId: "vol-a"}); status.Code(err) != codes.Aborted {
+		t.Errorf("DeleteVolume of the volume being snapshotted: %v, want Aborted", err)
+	}
+	if _, err := l.ListSnapshots(ctx, &csi.ListSnapshotsRequest{}); err != nil {
+		t.Errorf("ListSnapshots during CreateSnapshot: %v", err)
+	}
+	if _, err := l.DeleteVolume(ctx, &csi.DeleteVolumeRequest{VolumeId: "vol-b"}); err != nil {
+		t.Errorf("DeleteVolume of another volume: %v", err)
+	}
+	close(inner.release)
+	if err := <-first; err != nil {
+		t.Errorf("first CreateSnapshot: %v", err)
+	}
+	if _, err := l.DeleteVolume(ctx, &csi.DeleteVolumeRequest{VolumeId: "vol-a"}); err != nil {
+		t.Errorf("DeleteVolume after the snapshot: %v", err)
 	}
 }
