@@ -306,6 +306,14 @@ func TestHostileInput(t *testing.T) {
 			return err
 		}, codes.InvalidArgument},
 	}
+	// GetCapacity is topology-aware: another node's segment has none here.
+	if c, err := td.ctrl.GetCapacity(ctx, &csi.GetCapacityRequest{AccessibleTopology: otherNode}); err != nil || c.GetAvailableCapacity() != 0 {
+		t.Errorf("GetCapacity for another node: %v %v", c, err)
+	}
+	if c, err := td.ctrl.GetCapacity(ctx, &csi.GetCapacityRequest{AccessibleTopology: &csi.Topology{Segments: map[string]string{TopologyKey: env.nodeID}}}); err != nil || c.GetAvailableCapacity() <= 0 {
+		t.Errorf("GetCapacity for this node: %v %v", c, err)
+	}
+
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
 			err := tc.call()
