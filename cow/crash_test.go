@@ -57,11 +57,11 @@ const (
 	// crashEnvScenario selects a fixed scenario (crashScenarios) instead of
 	// the random workload.
 	crashEnvScenario = "COW_CRASH_SCENARIO"
-	sectorSize    = 512
-	crashMaxVols  = 5
-	crashMaxSnaps = 8
-	crashMaxSize  = 2 << 20
-	crashMagic    = 0x43525348_53454354 // "CRSHSECT"
+	sectorSize       = 512
+	crashMaxVols     = 5
+	crashMaxSnaps    = 8
+	crashMaxSize     = 2 << 20
+	crashMagic       = 0x43525348_53454354 // "CRSHSECT"
 )
 
 // crashSector fills b (one sector) with the contents written at byte offset
