@@ -139,14 +139,10 @@ func (s *Store) removeLayer(l *layer) error {
 	delete(s.byNum, l.num)
 	// Drop the slot and the aliases of layers merged into this one: no tree
 	// that can still be read names them.
-	t := *s.slots.Load()
-	nt := append([]*layer(nil), t...)
-	for i, x := range nt {
-		if x != nil && x.canonical() == l {
-			nt[i] = nil
-		}
+	s.slots.set(l.num, nil)
+	for _, a := range l.aliases {
+		s.slots.set(a, nil)
 	}
-	s.slots.Store(&nt)
 	l.close()
 	l.tree = tree{}
 	return removeLayerFiles(s.layerFS, l.num)
@@ -162,6 +158,11 @@ func (s *Store) merge(job gcJob) error {
 		return err
 	}
 	var copied []ondisk.Range
+	if len(ranges) > 0 {
+		if err := c.ensureFiles(s.layerFS); err != nil {
+			return err
+		}
+	}
 	buf := make([]byte, mergeBatch*BlockSize)
 	for _, r := range coalesce(ranges) {
 		for start := r.Start; start < r.End(); start += mergeBatch {
@@ -172,6 +173,13 @@ func (s *Store) merge(job gcJob) error {
 			}
 			copied = append(copied, got...)
 		}
+	}
+	// Blocks skipped above because the child owns them may be owned only in
+	// memory (written, not flushed): make that ownership durable before the
+	// parent can disappear, or a crash would leave them reading from below
+	// with nothing there.
+	if err := c.flush(s.layerFS); err != nil {
+		return err
 	}
 	if len(copied) > 0 {
 		if err := fdatasync(c.data); err != nil {
@@ -195,6 +203,7 @@ func (s *Store) merge(job gcJob) error {
 		return err
 	}
 	c.parent = f.parent
+	c.aliases = append(append(c.aliases, f.num), f.aliases...)
 	f.mergedInto.Store(c)
 	delete(s.byNum, f.num)
 	var added int64

@@ -49,8 +49,8 @@ type Store struct {
 	topo  sync.Mutex
 	cat   *catalog
 	vols  map[string]*volume
-	byNum map[uint32]*layer        // live layers (guarded by topo)
-	slots atomic.Pointer[[]*layer] // layer number -> layer, for the read path
+	byNum map[uint32]*layer // live layers (guarded by topo)
+	slots slotTable         // layer number -> layer, for the read path
 	// gcMu lets one goroutine at a time (background or WaitIdle) merge.
 	gcMu   sync.Mutex
 	gcKick chan struct{}
@@ -167,8 +167,8 @@ func (s *Store) load() error {
 			l.tree.setRange(r.Start, r.End(), l.num)
 		}
 		s.byNum[l.num] = l
+		s.slots.set(l.num, l)
 	}
-	s.publishSlots()
 	for _, v := range cat.volumes {
 		head, ok := s.byNum[v.Head]
 		if !ok || head.frozen {
@@ -211,38 +211,45 @@ func (s *Store) removeOrphanFiles() error {
 	return nil
 }
 
-// publishSlots rebuilds the number -> layer table read without locks by the
-// I/O path. Merged layers stay in it so old tree entries still resolve.
-// Caller holds topo (or is in Open).
-func (s *Store) publishSlots() {
-	var max uint32
-	for n := range s.byNum {
-		if n > max {
-			max = n
-		}
+// slotTable maps layer numbers to layers for the I/O path without locks.
+// Merged layers stay in it so old index entries still resolve. Two levels of
+// atomic pointers: setting one entry is O(1), whatever the number of layers.
+type slotTable struct {
+	chunks [slotChunks]atomic.Pointer[[slotChunkSize]atomic.Pointer[layer]]
+}
+
+const (
+	slotChunkSize = 4096
+	slotChunks    = 16384 // 64 Mi layer numbers over a store's life
+)
+
+func (t *slotTable) get(n uint32) *layer {
+	if n/slotChunkSize >= slotChunks {
+		return nil
 	}
-	old := s.slots.Load()
-	size := int(max) + 1
-	if old != nil && len(*old) > size {
-		size = len(*old)
+	c := t.chunks[n/slotChunkSize].Load()
+	if c == nil {
+		return nil
 	}
-	t := make([]*layer, size)
-	if old != nil {
-		copy(t, *old)
+	return c[n%slotChunkSize].Load()
+}
+
+// set stores l at n; callers serialize (Store.topo or Open).
+func (t *slotTable) set(n uint32, l *layer) {
+	c := t.chunks[n/slotChunkSize].Load()
+	if c == nil {
+		c = new([slotChunkSize]atomic.Pointer[layer])
+		t.chunks[n/slotChunkSize].Store(c)
 	}
-	for n, l := range s.byNum {
-		t[n] = l
-	}
-	s.slots.Store(&t)
+	c[n%slotChunkSize].Store(l)
 }
 
 // resolve returns the layer holding the blocks tree entry num names.
 func (s *Store) resolve(num uint32) *layer {
-	t := *s.slots.Load()
-	if int(num) >= len(t) || t[num] == nil {
-		return nil
+	if l := s.slots.get(num); l != nil {
+		return l.canonical()
 	}
-	return t[num].canonical()
+	return nil
 }
 
 func (s *Store) checkOpen() error {
@@ -284,15 +291,17 @@ func (s *Store) closeLayers() {
 	}
 }
 
+// newLayer makes a layer above parent. It creates no files (see
+// layer.ensureFiles), so it cannot fail on I/O.
 func (s *Store) newLayer(parent *layer, size int64) (*layer, error) {
 	num := s.cat.maxLayer + 1
 	for _, ok := s.byNum[num]; ok; _, ok = s.byNum[num] {
 		num++
 	}
-	l, err := createLayerFiles(s.layerFS, num, size)
-	if err != nil {
-		return nil, err
+	if num/slotChunkSize >= slotChunks {
+		return nil, errf(ErrNoSpace, "layer numbers exhausted")
 	}
+	l := newLayerStruct(num, size)
 	l.parent = parent
 	if parent != nil {
 		l.tree = parent.tree.fork()
@@ -429,12 +438,12 @@ func (s *Store) CreateVolume(ctx context.Context, spec VolumeSpec) (VolumeInfo, 
 	}
 	for _, l := range created {
 		s.byNum[l.num] = l
+		s.slots.set(l.num, l)
 	}
 	if srcVol != nil {
 		parent.frozen = true
 		srcVol.head.Store(created[0])
 	}
-	s.publishSlots()
 	v := &volume{id: rec.ID, s: s}
 	v.head.Store(head)
 	v.size.Store(size)
@@ -510,9 +519,6 @@ func (s *Store) ExpandVolume(ctx context.Context, id string, size int64) (Volume
 	v.barrier.Lock()
 	defer v.barrier.Unlock()
 	head := v.head.Load()
-	if err := head.data.Truncate(size); err != nil {
-		return VolumeInfo{}, ioErr(err)
-	}
 	rec := *cur
 	rec.Size = size
 	lrec := layerRec(head)
@@ -520,8 +526,19 @@ func (s *Store) ExpandVolume(ctx context.Context, id string, size int64) (Volume
 	if err := s.cat.commit([]ondisk.Op{{Kind: ondisk.OpPutLayer, Layer: lrec}, {Kind: ondisk.OpPutVolume, Volume: &rec}}); err != nil {
 		return VolumeInfo{}, err
 	}
+	head.filesMu.Lock()
 	head.size.Store(size)
+	var err error
+	if head.data != nil {
+		err = head.data.Truncate(size)
+	}
+	head.filesMu.Unlock()
 	v.size.Store(size)
+	if err != nil {
+		// Reads past the file's end return zeros and writes extend it, so a
+		// short file is still correct; report the failure all the same.
+		return VolumeInfo{}, ioErr(err)
+	}
 	return volumeInfo(&rec), nil
 }
 
@@ -650,10 +667,10 @@ func (s *Store) CreateSnapshotGroup(ctx context.Context, specs []SnapshotSpec) (
 	for i, v := range vols {
 		v.head.Load().frozen = true
 		s.byNum[created[i].num] = created[i]
+		s.slots.set(created[i].num, created[i])
 		v.head.Store(created[i])
 		out[i] = snapshotInfo(recs[i])
 	}
-	s.publishSlots()
 	return out, nil
 }
 

@@ -220,6 +220,9 @@ func (h *Volume) WriteAt(p []byte, off int64) (int, error) {
 		head.dirty.Store(true)
 		return len(p), nil
 	}
+	if err := head.ensureFiles(v.s.layerFS); err != nil {
+		return 0, err
+	}
 	unlock := v.lockStripes(first, last)
 	defer unlock()
 	if err := v.writeOwning(head, p, off, first, last); err != nil {
@@ -390,6 +393,9 @@ func (h *Volume) Discard(off, length int64) error {
 	defer v.barrier.RUnlock()
 	head := v.head.Load()
 	first, last := uint64(alignedStart>>blockShift), uint64((alignedEnd-1)>>blockShift)
+	if err := head.ensureFiles(v.s.layerFS); err != nil {
+		return err
+	}
 	unlock := v.lockStripes(first, last)
 	defer unlock()
 	if err := unix.Fallocate(int(head.data.Fd()), unix.FALLOC_FL_PUNCH_HOLE|unix.FALLOC_FL_KEEP_SIZE,

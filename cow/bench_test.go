@@ -1,0 +1,283 @@
+package cow
+
+import (
+	"context"
+	"fmt"
+	"math/rand/v2"
+	"runtime"
+	"sort"
+	"testing"
+	"time"
+)
+
+// Benchmarks for the engine's targets. Each one measures the two sides of a
+// ratio alternately in the same run (the machines are shared and noisy) and
+// reports both figures and the ratio as metrics. Reproduce with
+//
+//	go test -run '^$' -bench . -benchtime 1x ./cow/
+//
+// (see docs/BENCHMARKS.md for recorded results).
+
+func benchStore(b *testing.B) *Store {
+	b.Helper()
+	s, err := Open(b.TempDir(), Options{NoBackgroundMerge: true})
+	if err != nil {
+		b.Fatal(err)
+	}
+	b.Cleanup(func() { s.Close() })
+	return s
+}
+
+func mustVolume(b *testing.B, s *Store, id string, size int64) *Volume {
+	b.Helper()
+	ctx := context.Background()
+	if _, err := s.CreateVolume(ctx, VolumeSpec{ID: id, Size: size}); err != nil {
+		b.Fatal(err)
+	}
+	h, err := s.OpenVolume(ctx, id)
+	if err != nil {
+		b.Fatal(err)
+	}
+	return h
+}
+
+// writeSpread writes total bytes in 1 MiB writes spread evenly over the volume.
+func writeSpread(b *testing.B, h *Volume, total int64) {
+	b.Helper()
+	buf := make([]byte, 1<<20)
+	for i := range buf {
+		buf[i] = byte(i)
+	}
+	n := total >> 20
+	stride := (h.Size() / n) &^ (1<<20 - 1)
+	for i := int64(0); i < n; i++ {
+		if _, err := h.WriteAt(buf, i*stride); err != nil {
+			b.Fatal(err)
+		}
+	}
+	if err := h.Flush(); err != nil {
+		b.Fatal(err)
+	}
+}
+
+func percentile(d []time.Duration, p float64) time.Duration {
+	s := append([]time.Duration(nil), d...)
+	sort.Slice(s, func(i, j int) bool { return s[i] < s[j] })
+	return s[int(float64(len(s)-1)*p)]
+}
+
+func timeSnapshot(b *testing.B, s *Store, vol string, i int) time.Duration {
+	start := time.Now()
+	if _, err := s.CreateSnapshot(context.Background(), SnapshotSpec{ID: fmt.Sprintf("%s-s%d", vol, i), VolumeID: vol}); err != nil {
+		b.Fatal(err)
+	}
+	return time.Since(start)
+}
+
+// BenchmarkSnapshotVsSize: CreateSnapshot of a 1 GiB and a 1 TiB volume with
+// 256 MiB written to each, alternating. Target: p50 < 1 ms, ratio <= 1.2.
+func BenchmarkSnapshotVsSize(b *testing.B) {
+	s := benchStore(b)
+	small := mustVolume(b, s, "small", 1<<30)
+	large := mustVolume(b, s, "large", 1<<40)
+	writeSpread(b, small, 256<<20)
+	writeSpread(b, large, 256<<20)
+	const rounds = 200
+	var ds, dl []time.Duration
+	b.ResetTimer()
+	for range b.N {
+		for i := range rounds {
+			ds = append(ds, timeSnapshot(b, s, "small", len(ds)))
+			dl = append(dl, timeSnapshot(b, s, "large", len(dl)))
+			_ = i
+		}
+	}
+	b.StopTimer()
+	ps, pl := percentile(ds, 0.5), percentile(dl, 0.5)
+	b.ReportMetric(float64(ps.Microseconds()), "p50-1GiB-µs")
+	b.ReportMetric(float64(pl.Microseconds()), "p50-1TiB-µs")
+	b.ReportMetric(float64(percentile(dl, 0.9).Microseconds()), "p90-1TiB-µs")
+	b.ReportMetric(float64(pl)/float64(ps), "ratio-1TiB/1GiB")
+}
+
+// BenchmarkSnapshotVsDepth: CreateSnapshot at chain depth 1 and depth 1000
+// (1000 earlier snapshots, each after a small write), alternating.
+func BenchmarkSnapshotVsDepth(b *testing.B) {
+	s := benchStore(b)
+	ctx := context.Background()
+	shallow := mustVolume(b, s, "shallow", 1<<30)
+	deep := mustVolume(b, s, "deep", 1<<30)
+	writeSpread(b, shallow, 64<<20)
+	writeSpread(b, deep, 64<<20)
+	blk := make([]byte, BlockSize)
+	for i := range 1000 {
+		if _, err := deep.WriteAt(blk, int64(i)*BlockSize*97%(1<<30)); err != nil {
+			b.Fatal(err)
+		}
+		if _, err := s.CreateSnapshot(ctx, SnapshotSpec{ID: fmt.Sprintf("chain%d", i), VolumeID: "deep"}); err != nil {
+			b.Fatal(err)
+		}
+	}
+	// The shallow volume's snapshots are deleted again so its depth stays 1.
+	const rounds = 200
+	var d1, dk []time.Duration
+	b.ResetTimer()
+	for range b.N {
+		for range rounds {
+			id := fmt.Sprintf("shallow-s%d", len(d1))
+			d1 = append(d1, timeSnapshot(b, s, "shallow", len(d1)))
+			b.StopTimer()
+			if err := s.DeleteSnapshot(ctx, id); err != nil {
+				b.Fatal(err)
+			}
+			if err := s.WaitIdle(ctx); err != nil {
+				b.Fatal(err)
+			}
+			b.StartTimer()
+			dk = append(dk, timeSnapshot(b, s, "deep", len(dk)))
+		}
+	}
+	b.StopTimer()
+	p1, pk := percentile(d1, 0.5), percentile(dk, 0.5)
+	b.ReportMetric(float64(p1.Microseconds()), "p50-depth1-µs")
+	b.ReportMetric(float64(pk.Microseconds()), "p50-depth1000-µs")
+	b.ReportMetric(float64(pk)/float64(p1), "ratio-1000/1")
+}
+
+// BenchmarkRandomReadVsDepth: 4 KiB random reads of a 256 MiB volume at chain
+// depth 1 and 256 (each layer wrote 64 random blocks), alternating in batches.
+// Target: depth 256 at least 0.9 of depth 1's speed.
+func BenchmarkRandomReadVsDepth(b *testing.B) {
+	s := benchStore(b)
+	ctx := context.Background()
+	const size = 256 << 20
+	flat := mustVolume(b, s, "flat", size)
+	deep := mustVolume(b, s, "deep", size)
+	writeSpread(b, flat, size)
+	writeSpread(b, deep, size)
+	rng := rand.New(rand.NewPCG(1, 2))
+	blk := make([]byte, BlockSize)
+	for i := range 256 {
+		for range 64 {
+			if _, err := deep.WriteAt(blk, rng.Int64N(size/BlockSize)*BlockSize); err != nil {
+				b.Fatal(err)
+			}
+		}
+		if _, err := s.CreateSnapshot(ctx, SnapshotSpec{ID: fmt.Sprintf("d%d", i), VolumeID: "deep"}); err != nil {
+			b.Fatal(err)
+		}
+	}
+	const batch = 20000
+	offs := make([]int64, batch)
+	for i := range offs {
+		offs[i] = rng.Int64N(size/BlockSize) * BlockSize
+	}
+	read := func(h *Volume) time.Duration {
+		start := time.Now()
+		for _, off := range offs {
+			if _, err := h.ReadAt(blk, off); err != nil {
+				b.Fatal(err)
+			}
+		}
+		return time.Since(start)
+	}
+	read(flat) // warm the page cache for both
+	read(deep)
+	var tf, td time.Duration
+	b.ResetTimer()
+	for range b.N {
+		for range 10 {
+			tf += read(flat)
+			td += read(deep)
+		}
+	}
+	b.StopTimer()
+	n := float64(b.N * 10 * batch)
+	b.ReportMetric(float64(tf.Nanoseconds())/n, "ns/read-depth1")
+	b.ReportMetric(float64(td.Nanoseconds())/n, "ns/read-depth257")
+	b.ReportMetric(float64(tf)/float64(td), "speed-ratio-deep/flat")
+}
+
+// BenchmarkWriteAfterSnapshot: 4 KiB random aligned writes to blocks the head
+// does not own yet (first write after a snapshot) vs blocks it owns (steady
+// state), alternating in batches. Target: at least 0.5.
+func BenchmarkWriteAfterSnapshot(b *testing.B) {
+	s := benchStore(b)
+	ctx := context.Background()
+	const size = 256 << 20
+	h := mustVolume(b, s, "v", size)
+	writeSpread(b, h, size)
+	rng := rand.New(rand.NewPCG(3, 4))
+	blk := make([]byte, BlockSize)
+	const batch = 4096
+	var tFresh, tSteady time.Duration
+	var unalignedFresh time.Duration
+	b.ResetTimer()
+	for it := range b.N * 10 {
+		if _, err := s.CreateSnapshot(ctx, SnapshotSpec{ID: fmt.Sprintf("w%d", it), VolumeID: "v"}); err != nil {
+			b.Fatal(err)
+		}
+		perm := rng.Perm(size / BlockSize)[:3*batch]
+		start := time.Now()
+		for _, blkNo := range perm[:batch] {
+			if _, err := h.WriteAt(blk, int64(blkNo)*BlockSize); err != nil {
+				b.Fatal(err)
+			}
+		}
+		tFresh += time.Since(start)
+		start = time.Now()
+		for _, blkNo := range perm[:batch] { // now owned: steady state
+			if _, err := h.WriteAt(blk, int64(blkNo)*BlockSize); err != nil {
+				b.Fatal(err)
+			}
+		}
+		tSteady += time.Since(start)
+		start = time.Now()
+		for _, blkNo := range perm[batch : 2*batch] { // unaligned: copy-up of two blocks
+			if _, err := h.WriteAt(blk, int64(blkNo)*BlockSize+512); err != nil && blkNo < size/BlockSize-1 {
+				b.Fatal(err)
+			}
+		}
+		unalignedFresh += time.Since(start)
+		b.StopTimer()
+		if err := h.Flush(); err != nil {
+			b.Fatal(err)
+		}
+		b.StartTimer()
+	}
+	b.StopTimer()
+	n := float64(b.N * 10 * batch)
+	b.ReportMetric(float64(tSteady.Nanoseconds())/n, "ns/write-steady")
+	b.ReportMetric(float64(tFresh.Nanoseconds())/n, "ns/write-after-snap")
+	b.ReportMetric(float64(unalignedFresh.Nanoseconds())/n, "ns/unaligned-write-after-snap")
+	b.ReportMetric(float64(tSteady)/float64(tFresh), "speed-ratio-after/steady")
+}
+
+// BenchmarkIndexMemory: bytes of index per TiB of mapped data, for a TiB
+// owned by one layer (sequential writes), a TiB where two layers alternate
+// block by block (the worst mixed case), and, end to end through the engine,
+// 2 GiB written in 1 MiB writes measured as Go heap growth.
+func BenchmarkIndexMemory(b *testing.B) {
+	const tib = uint64(1) << 40 >> blockShift
+	for range b.N {
+		t := tree{gen: newGen()}
+		t.setRange(0, tib, 1)
+		seq := t.memory(map[any]bool{})
+		m := t.fork()
+		for blk := uint64(0); blk < tib; blk += 2 {
+			m.setRange(blk, blk+1, 2)
+		}
+		mixed := m.memory(map[any]bool{})
+		b.ReportMetric(float64(seq)/(1<<20), "MiB/TiB-one-layer")
+		b.ReportMetric(float64(mixed)/(1<<20), "MiB/TiB-two-layers-alternating")
+	}
+	s := benchStore(b)
+	runtime.GC()
+	var before, after runtime.MemStats
+	runtime.ReadMemStats(&before)
+	h := mustVolume(b, s, "m", 64<<30)
+	writeSpread(b, h, 2<<30)
+	runtime.GC()
+	runtime.ReadMemStats(&after)
+	b.ReportMetric(float64(after.HeapAlloc-before.HeapAlloc)/(1<<20)*512, "MiB/TiB-heap-engine-2GiB-written")
+}
