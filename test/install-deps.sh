@@ -5,7 +5,7 @@
 # Idempotent; needs root for apt.
 set -euo pipefail
 
-PACKAGES=(e2fsprogs xfsprogs fuse3 util-linux mount kmod)
+PACKAGES=(e2fsprogs xfsprogs fuse3 util-linux mount kmod etcd-server)
 STATICCHECK_VERSION=v0.8.2
 
 missing=()
