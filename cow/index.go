@@ -15,9 +15,10 @@ import "sync/atomic"
 //     the write, never by the snapshot.
 //
 // Reads therefore cost one root, one mid and one leaf lookup whatever the
-// depth of the chain. Leaves store owners through a small palette with
-// bit-packed indices (0, 1, 2, 4, 8 or 16 bits per block), so a leaf written by
-// one layer costs a few dozen bytes and a leaf mixing two layers 1 bit per block.
+// depth of the chain. A leaf stores owners as a sorted list of runs while that
+// is small (one run for a leaf one layer wrote whole, a few for sparse writes:
+// 8 bytes a run), and switches to a palette with bit-packed indices (1, 2, 4,
+// 8 or 16 bits per block) once runs would cost more than 1 bit per block.
 
 const (
 	leafShift  = 13 // 8192 blocks = 32 MiB per leaf
@@ -36,11 +37,22 @@ var generations atomic.Uint64
 func newGen() uint64 { return generations.Add(1) }
 
 type leaf struct {
-	gen   uint64
-	pal   []uint32 // owners; index into it is what the packed bits store
-	width uint8    // bits per block: 0 means every block is pal[0]
+	gen uint64
+	// Run form (bits == nil): runs[0].start == 0, starts increase, and
+	// neighbours have different owners.
+	runs []run
+	// Packed form: pal holds owners, bits width-bit indices into it.
+	pal   []uint32
+	width uint8
 	bits  []uint64
 }
+
+// run: blocks from start up to the next run's start belong to owner.
+type run struct{ start, owner uint32 }
+
+// maxRuns is where a leaf switches to the packed form: 128 runs take 1 KiB,
+// what 1 bit per block takes.
+const maxRuns = leafBlocks / 64
 
 type midNode struct {
 	gen    uint64
@@ -97,8 +109,18 @@ func (t *tree) leafAt(b uint64) *leaf {
 }
 
 func (lf *leaf) get(i uint64) uint32 {
-	if lf.width == 0 {
-		return lf.pal[0]
+	if lf.bits == nil {
+		r := lf.runs
+		lo, hi := 0, len(r)
+		for hi-lo > 1 {
+			m := int(uint(lo+hi) >> 1)
+			if uint64(r[m].start) <= i {
+				lo = m
+			} else {
+				hi = m
+			}
+		}
+		return r[lo].owner
 	}
 	w := uint64(lf.width)
 	word := lf.bits[(i*w)>>6]
@@ -129,7 +151,7 @@ func (t *tree) mutableLeaf(b uint64) *leaf {
 	}
 	lf := mid.leaves[m]
 	if lf == nil {
-		lf = &leaf{gen: t.gen, pal: []uint32{0}}
+		lf = &leaf{gen: t.gen, runs: []run{{0, 0}}}
 		mid.leaves[m] = lf
 	} else if lf.gen != t.gen {
 		lf = lf.clone(t.gen)
@@ -139,8 +161,8 @@ func (t *tree) mutableLeaf(b uint64) *leaf {
 }
 
 func (lf *leaf) clone(gen uint64) *leaf {
-	return &leaf{gen: gen, pal: append([]uint32(nil), lf.pal...), width: lf.width,
-		bits: append([]uint64(nil), lf.bits...)}
+	return &leaf{gen: gen, runs: append([]run(nil), lf.runs...), pal: append([]uint32(nil), lf.pal...),
+		width: lf.width, bits: append([]uint64(nil), lf.bits...)}
 }
 
 // setRange sets the owner of blocks [start, end) to owner.
@@ -163,13 +185,16 @@ func (t *tree) setRange(start, end uint64, owner uint32) {
 
 func (t *tree) setWholeLeaf(b uint64, owner uint32) {
 	lf := t.mutableLeaf(b)
-	lf.pal = append(lf.pal[:0], owner)
-	lf.width = 0
-	lf.bits = nil
+	lf.runs = []run{{0, owner}}
+	lf.pal, lf.width, lf.bits = nil, 0, nil
 }
 
 func (lf *leaf) setRange(lo, hi uint64, owner uint32) {
-	if lf.width == 0 && lf.pal[0] == owner {
+	if lf.bits == nil {
+		lf.setRuns(lo, hi, owner)
+		if len(lf.runs) > maxRuns {
+			lf.toPacked()
+		}
 		return
 	}
 	idx := lf.paletteIndex(owner)
@@ -182,11 +207,62 @@ func (lf *leaf) setRange(lo, hi uint64, owner uint32) {
 	}
 }
 
+// setRuns sets [lo, hi) to owner in the run form.
+func (lf *leaf) setRuns(lo, hi uint64, owner uint32) {
+	var after uint32
+	if hi < leafBlocks {
+		after = lf.get(hi)
+	}
+	out := make([]run, 0, len(lf.runs)+2)
+	add := func(start uint64, o uint32) {
+		if n := len(out); n > 0 && out[n-1].owner == o {
+			return
+		}
+		out = append(out, run{uint32(start), o})
+	}
+	for _, r := range lf.runs {
+		if uint64(r.start) < lo {
+			add(uint64(r.start), r.owner)
+		}
+	}
+	add(lo, owner)
+	if hi < leafBlocks {
+		add(hi, after)
+	}
+	for _, r := range lf.runs {
+		if uint64(r.start) > hi {
+			add(uint64(r.start), r.owner)
+		}
+	}
+	lf.runs = out
+}
+
+// toPacked converts a leaf from runs to the packed form.
+func (lf *leaf) toPacked() {
+	var pal []uint32
+	index := map[uint32]uint32{}
+	for _, r := range lf.runs {
+		if _, ok := index[r.owner]; !ok {
+			index[r.owner] = uint32(len(pal))
+			pal = append(pal, r.owner)
+		}
+	}
+	w := widthFor(len(pal))
+	bits := newPacked(w)
+	for k, r := range lf.runs {
+		end := uint64(leafBlocks)
+		if k+1 < len(lf.runs) {
+			end = uint64(lf.runs[k+1].start)
+		}
+		for i := uint64(r.start); i < end; i++ {
+			bits.put(w, i, index[r.owner])
+		}
+	}
+	lf.runs, lf.pal, lf.width, lf.bits = nil, pal, w, bits
+}
+
 // paletteIndex returns owner's index, adding it (and widening) as needed.
 func (lf *leaf) paletteIndex(owner uint32) uint32 {
-	if lf.width == 0 {
-		lf.repack(1) // every block keeps index 0, pal[0]
-	}
 	for i, o := range lf.pal {
 		if o == owner {
 			return uint32(i)
@@ -238,9 +314,6 @@ func (lf *leaf) compact() {
 }
 
 func (lf *leaf) index(i uint64) uint32 {
-	if lf.width == 0 {
-		return 0
-	}
 	w := uint64(lf.width)
 	return uint32((lf.bits[(i*w)>>6] >> ((i * w) & 63)) & (1<<w - 1))
 }
@@ -290,9 +363,15 @@ func (t *tree) countOwned(limit uint64, keep func(uint32) bool) uint64 {
 		if limit-base < end {
 			end = limit - base
 		}
-		if lf.width == 0 {
-			if keep(lf.pal[0]) {
-				n += end
+		if lf.bits == nil {
+			for k, r := range lf.runs {
+				rend := uint64(leafBlocks)
+				if k+1 < len(lf.runs) {
+					rend = uint64(lf.runs[k+1].start)
+				}
+				if uint64(r.start) < end && keep(r.owner) {
+					n += min(rend, end) - uint64(r.start)
+				}
 			}
 			return
 		}
@@ -327,7 +406,7 @@ func (t *tree) memory(seen map[any]bool) int64 {
 				continue
 			}
 			seen[lf] = true
-			n += 64 + int64(cap(lf.pal))*4 + int64(cap(lf.bits))*8
+			n += 80 + int64(cap(lf.runs))*8 + int64(cap(lf.pal))*4 + int64(cap(lf.bits))*8
 		}
 	}
 	return n
