@@ -99,3 +99,44 @@ func TestSnapshotRestoreCloneMerge(t *testing.T) {
 	}
 	c.Close()
 }
+
+// TestSnapshotUsageExclusive: a snapshot's exclusive bytes are the blocks its
+// layer holds that every child has overwritten, i.e. what deleting it frees.
+func TestSnapshotUsageExclusive(t *testing.T) {
+	ctx := context.Background()
+	s, err := Open(t.TempDir(), Options{NoBackgroundMerge: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	if _, err := s.CreateVolume(ctx, VolumeSpec{ID: "v", Size: 1 << 20}); err != nil {
+		t.Fatal(err)
+	}
+	h, _ := s.OpenVolume(ctx, "v")
+	defer h.Close()
+	if _, err := h.WriteAt(make([]byte, 10*BlockSize), 0); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := s.CreateSnapshot(ctx, SnapshotSpec{ID: "s1", VolumeID: "v"}); err != nil {
+		t.Fatal(err)
+	}
+	if u, err := s.SnapshotUsage("s1"); err != nil || u.Allocated != 10*BlockSize || u.Exclusive != 0 {
+		t.Fatalf("before overwrite: %+v %v, want Allocated 10 blocks, Exclusive 0", u, err)
+	}
+	if _, err := h.WriteAt(make([]byte, 4*BlockSize), 2*BlockSize); err != nil {
+		t.Fatal(err)
+	}
+	if u, err := s.SnapshotUsage("s1"); err != nil || u.Exclusive != 4*BlockSize {
+		t.Fatalf("after overwriting 4 blocks: %+v %v, want Exclusive 4 blocks", u, err)
+	}
+	// A restore from s1 does not overwrite anything: nothing is exclusive.
+	if _, err := s.CreateVolume(ctx, VolumeSpec{ID: "r", Size: 1 << 20, SourceSnapshot: "s1"}); err != nil {
+		t.Fatal(err)
+	}
+	if u, err := s.SnapshotUsage("s1"); err != nil || u.Exclusive != 0 {
+		t.Fatalf("with a restore: %+v %v, want Exclusive 0", u, err)
+	}
+	if u, err := s.VolumeUsage("v"); err != nil || u.Allocated != 10*BlockSize || u.Size != 1<<20 {
+		t.Fatalf("VolumeUsage: %+v %v", u, err)
+	}
+}
