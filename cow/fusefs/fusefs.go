@@ -16,6 +16,7 @@ import (
 	"io/fs"
 	"os"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"sync"
 	"syscall"
@@ -57,6 +58,10 @@ type Options struct {
 	PageCache bool
 	// Debug logs every FUSE request (go-fuse's debug output).
 	Debug bool
+
+	// tune, if set, adjusts the go-fuse mount options (benchmarks compare
+	// settings with it).
+	tune func(*fuse.MountOptions)
 }
 
 const (
@@ -132,9 +137,18 @@ func Mount(ctx context.Context, dir string, opts Options) (*Server, error) {
 		released:    make(chan struct{}),
 	}
 	s.fs = &rawFS{RawFileSystem: fuse.NewDefaultRawFileSystem(), s: s}
-	srv, err := fuse.NewServer(s.fs, dir, mountOptions(opts))
+	mo := mountOptions(opts)
+	fd, err := mountFUSE(dir, mo)
 	if err != nil {
-		return nil, fmt.Errorf("fusefs: mount %s: %w", dir, err)
+		return nil, err
+	}
+	// "/dev/fd/N" makes go-fuse serve the connection we mounted instead
+	// of mounting itself.
+	srv, err := fuse.NewServer(s.fs, "/dev/fd/"+strconv.Itoa(fd), mo)
+	if err != nil {
+		// go-fuse closed fd; the mount is dead: detach it.
+		_ = unix.Unmount(dir, unix.MNT_DETACH)
+		return nil, fmt.Errorf("fusefs: serve %s: %w", dir, err)
 	}
 	s.srv = srv
 	go func() {
@@ -145,6 +159,7 @@ func Mount(ctx context.Context, dir string, opts Options) (*Server, error) {
 		_ = s.Unmount()
 		return nil, fmt.Errorf("fusefs: mount %s: %w", dir, err)
 	}
+	pollHack(dir)
 	return s, nil
 }
 

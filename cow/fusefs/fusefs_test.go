@@ -400,6 +400,20 @@ func TestStaleMount(t *testing.T) {
 	}
 }
 
+// TestChildrenDoNotInheritConnection: a child process holding /dev/fuse
+// would keep the connection of a crashed server alive (I/O hangs instead of
+// failing, the stale mount is not recognized).
+func TestChildrenDoNotInheritConnection(t *testing.T) {
+	mount(t, Options{})
+	out, err := exec.CommandContext(context.Background(), "sh", "-c", "ls -l /proc/$$/fd").CombinedOutput()
+	if err != nil {
+		t.Fatalf("%v: %s", err, out)
+	}
+	if bytes.Contains(out, []byte("/dev/fuse")) {
+		t.Fatalf("child process inherited /dev/fuse:\n%s", out)
+	}
+}
+
 const helperEnv = "COWCSI_FUSEFS_HELPER_DIR"
 
 // TestHelperServer is the server process of TestStaleMount; it only runs

@@ -5,7 +5,11 @@ import (
 	"errors"
 	"fmt"
 	"os"
+	"path/filepath"
+	"strconv"
+	"strings"
 
+	"github.com/hanwen/go-fuse/v2/fuse"
 	"github.com/moby/sys/mountinfo"
 	"golang.org/x/sys/unix"
 )
@@ -50,4 +54,63 @@ func prepareMountpoint(ctx context.Context, dir string) error {
 		return nil
 	}
 	return fmt.Errorf("fusefs: %s: stale mounts keep reappearing", dir)
+}
+
+// mountFUSE mounts a FUSE filesystem at dir and returns the /dev/fuse
+// descriptor that serves it.
+//
+// It mounts itself instead of letting go-fuse do it because go-fuse's
+// direct mount (v2.12.1) opens /dev/fuse without O_CLOEXEC: every child
+// process (mkfs, mount, fio) then inherits the connection. If the driver
+// dies, such a child keeps the connection alive with nobody serving it, so
+// I/O on the loop device hangs in D state instead of failing with ENOTCONN,
+// and the stale mount cannot be recognized. Seen in this package's own
+// benchmark. Mounting needs CAP_SYS_ADMIN (the node plugin is privileged);
+// there is no fusermount fallback.
+func mountFUSE(dir string, mo *fuse.MountOptions) (int, error) {
+	fd, err := unix.Open("/dev/fuse", unix.O_RDWR|unix.O_CLOEXEC, 0)
+	if err != nil {
+		return -1, fmt.Errorf("fusefs: open /dev/fuse: %w", err)
+	}
+	// The options fusermount would pass; max_read matches go-fuse's
+	// buffers (MaxWrite).
+	data := strings.Join([]string{
+		"fd=" + strconv.Itoa(fd),
+		"rootmode=40000",
+		"user_id=" + strconv.Itoa(os.Geteuid()),
+		"group_id=" + strconv.Itoa(os.Getegid()),
+		"max_read=" + strconv.Itoa(mo.MaxWrite),
+	}, ",")
+	if err := unix.Mount(mo.FsName, dir, "fuse."+mo.Name, unix.MS_NOSUID|unix.MS_NODEV, data); err != nil {
+		unix.Close(fd)
+		return -1, fmt.Errorf("fusefs: mount %s: %w", dir, err)
+	}
+	return fd, nil
+}
+
+// maxWrite is the largest READ/WRITE request: 1 MiB, or less if the
+// kernel's fuse max_pages_limit is lower.
+func maxWrite() int {
+	const want = 1 << 20
+	limit := want
+	if b, err := os.ReadFile("/proc/sys/fs/fuse/max_pages_limit"); err == nil {
+		if pages, err := strconv.Atoi(strings.TrimSpace(string(b))); err == nil && pages > 0 {
+			limit = pages * os.Getpagesize()
+		}
+	}
+	return min(want, limit)
+}
+
+// pollHack does what go-fuse's WaitMount does for mounts it made itself:
+// it opens go-fuse's magic file and polls it, so that the kernel learns at
+// once that this filesystem does not implement POLL (go-fuse answers
+// ENOSYS). Otherwise the first poll of a file on the mount by this very
+// process (the Go netpoller registers files it opens) can deadlock.
+func pollHack(dir string) {
+	fd, err := unix.Open(filepath.Join(dir, ".go-fuse-epoll-hack"), unix.O_RDONLY|unix.O_CLOEXEC, 0)
+	if err != nil {
+		return
+	}
+	defer unix.Close(fd)
+	_, _ = unix.Poll([]unix.PollFd{{Fd: int32(fd), Events: unix.POLLIN | unix.POLLPRI | unix.POLLOUT}}, 0)
 }

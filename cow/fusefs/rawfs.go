@@ -38,10 +38,13 @@ import (
 //   - FOPEN_NOFLUSH: close(2) is no durability point (fsync is), so the
 //     kernel need not send FLUSH at all.
 func mountOptions(o Options) *fuse.MountOptions {
-	return &fuse.MountOptions{
+	if o.FsName == "" {
+		o.FsName = "cowcsi" // mount(2) rejects an empty source
+	}
+	mo := &fuse.MountOptions{
 		FsName:        o.FsName,
 		Name:          "cowcsi",
-		MaxWrite:      1 << 20, // capped by go-fuse to the kernel's max_pages_limit
+		MaxWrite:      maxWrite(),
 		MaxReadAhead:  1 << 20,
 		MaxBackground: 128,
 		// The only reader is the loop device (or a test): no xattrs,
@@ -49,16 +52,21 @@ func mountOptions(o Options) *fuse.MountOptions {
 		// hot path.
 		DisableXAttrs:      true,
 		DisableReadDirPlus: true,
+		// Replies carry data from Go buffers (ReadResultData); trying
+		// splice first only costs a pipe per READ (and fails for 1 MiB
+		// replies, which exceed the default pipe size).
+		DisableSplice: true,
 		// All data changes come through the kernel, and sizes are
 		// pushed with Resized: no automatic page-cache invalidation on
 		// mtime changes.
 		ExplicitDataCacheControl: true,
-		// The node plugin runs as root without fusermount installed;
-		// fusermount remains a fallback.
-		DirectMount:       true,
-		ExtraCapabilities: fuse.CAP_ASYNC_DIO,
-		Debug:             o.Debug,
+		ExtraCapabilities:        fuse.CAP_ASYNC_DIO,
+		Debug:                    o.Debug,
 	}
+	if o.tune != nil {
+		o.tune(mo)
+	}
+	return mo
 }
 
 // rawFS implements fuse.RawFileSystem over a Server's nodes. Operations it
@@ -229,7 +237,7 @@ func (r *rawFS) Read(_ <-chan struct{}, in *fuse.ReadIn, buf []byte) (fuse.ReadR
 	if n == nil {
 		return nil, fuse.ENOENT
 	}
-	got, err := n.f.ReadAt(buf[:in.Size], int64(in.Offset))
+	got, err := n.f.ReadAt(buf[:min(int(in.Size), len(buf))], int64(in.Offset))
 	if err != nil && !errors.Is(err, io.EOF) {
 		return nil, r.errno(err)
 	}

@@ -163,6 +163,11 @@ func Attach(ctx context.Context, backingFile string, opts Options) (*Device, err
 		}
 		d.directIO = info.Flags&unix.LO_FLAGS_DIRECT_IO != 0
 		d.ReadOnly = info.Flags&unix.LO_FLAGS_READ_ONLY != 0
+		// Record the path as the kernel reports it (symlinks resolved):
+		// Detach compares against it before detaching.
+		if bf, err := backingFileOf(n); err == nil {
+			d.BackingFile = bf
+		}
 		return d, nil
 	}
 	return nil, fmt.Errorf("loopdev: no free loop device after %d attempts: %w", attachAttempts, lastErr)

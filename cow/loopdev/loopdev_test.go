@@ -200,6 +200,29 @@ func TestFindByBackingAndOpen(t *testing.T) {
 	}
 }
 
+// TestSymlinkedBackingPath: the kernel reports the resolved path; Detach
+// and FindByBacking must still recognize the device.
+func TestSymlinkedBackingPath(t *testing.T) {
+	requireRoot(t)
+	backing := sparseFile(t, 4<<20)
+	link := filepath.Join(t.TempDir(), "link")
+	if err := os.Symlink(filepath.Dir(backing), link); err != nil {
+		t.Fatal(err)
+	}
+	viaLink := filepath.Join(link, filepath.Base(backing))
+	d := attach(t, viaLink, Options{LogicalBlockSize: 4096})
+	found, err := FindByBacking(viaLink)
+	if err != nil || len(found) != 1 || found[0].Number != d.Number {
+		t.Fatalf("FindByBacking(%s) = %v, %v; want [%s]", viaLink, found, err, d.Path)
+	}
+	if err := d.Detach(); err != nil {
+		t.Fatal(err)
+	}
+	if found, _ := FindByBacking(backing); len(found) != 0 {
+		t.Fatalf("Detach left the device attached: %v", found)
+	}
+}
+
 func TestDetachWhileOpenIsDeferred(t *testing.T) {
 	requireRoot(t)
 	backing := sparseFile(t, 4<<20)

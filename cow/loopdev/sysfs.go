@@ -24,6 +24,12 @@ func FindByBacking(backingFile string) ([]*Device, error) {
 	if err != nil {
 		return nil, fmt.Errorf("loopdev: %w", err)
 	}
+	// The kernel reports the path with symlinks resolved. Resolution fails
+	// for a file that is gone (or on a dead FUSE mount): then compare the
+	// path as given.
+	if resolved, err := filepath.EvalSymlinks(abs); err == nil {
+		abs = resolved
+	}
 	entries, err := os.ReadDir(sysBlock)
 	if err != nil {
 		return nil, fmt.Errorf("loopdev: %w", err)
