@@ -637,6 +637,45 @@ func (m *crashModel) verify(t *testing.T, s *cow.Store) {
 	}
 }
 
+// check reopens the store after round, resolves and verifies the model, and
+// closes the store again. On failure it logs the child's last lines.
+func (m *crashModel) check(t *testing.T, dir string, round int, res crashRound, delay time.Duration, fromReady bool) {
+	t.Helper()
+	ok := false
+	defer func() { // also runs on t.Fatal
+		if !ok {
+			from := "start"
+			if fromReady {
+				from = "ready"
+			}
+			t.Logf("round %d: the child was killed %v after %s; its last lines:\n  %s",
+				round, delay, from, strings.Join(res.lines[max(0, len(res.lines)-15):], "\n  "))
+		}
+	}()
+	s, err := cow.Open(dir, cow.Options{})
+	if err != nil {
+		t.Fatalf("round %d: Open after kill -9: %v", round, err)
+	}
+	defer s.Close()
+	if err := s.Check(); err != nil {
+		t.Fatalf("round %d: Check after kill -9: %v", round, err)
+	}
+	if err := m.resolve(s); err != nil {
+		t.Fatalf("round %d: %v", round, err)
+	}
+	m.verify(t, s)
+	if t.Failed() {
+		t.FailNow()
+	}
+	if err := s.Check(); err != nil {
+		t.Fatalf("round %d: Check after verification: %v", round, err)
+	}
+	if err := s.Close(); err != nil {
+		t.Fatalf("round %d: Close: %v", round, err)
+	}
+	ok = true
+}
+
 // crashRound is the outcome of one child run.
 type crashRound struct {
 	lines  []string
@@ -729,6 +768,10 @@ func TestCrashKill9(t *testing.T) {
 	}
 	rng := rand.New(rand.NewSource(seed))
 	dir := t.TempDir() + "/store"
+	if rng.Intn(2) == 0 {
+		dir = fastTempDir(t) + "/store"
+	}
+	t.Logf("store in %s", dir)
 	m := &crashModel{vols: map[string]*crashVol{}, snaps: map[string][]uint64{}}
 	var kills, beforeReady, acks int
 	var trace *os.File // COW_CRASH_TRACE=file records the child's lines, for debugging
@@ -760,34 +803,23 @@ func TestCrashKill9(t *testing.T) {
 				acks++
 			}
 		}
-		s := openStore(t, dir)
-		mustCheck(t, s)
-		if err := m.resolve(s); err != nil {
-			t.Fatalf("round %d: %v", round, err)
-		}
-		m.verify(t, s)
-		if t.Failed() {
-			t.FailNow()
-		}
-		mustCheck(t, s)
-		if err := s.Close(); err != nil {
-			t.Fatalf("round %d: Close: %v", round, err)
-		}
+		m.check(t, dir, round, res, delay, fromReady)
 	}
 	t.Logf("%d kills (%d before the store was open), %d acknowledged operations, %d volumes and %d snapshots at the end, %v",
 		kills, beforeReady, acks, len(m.vols), len(m.snaps), time.Since(start).Round(time.Millisecond))
 }
 
-// Reproducers: fixed child workloads that end with "cw done" and then block,
-// so the parent kills them at a known point.
+// Reproducers: fixed child workloads. A finite one returns and the child
+// prints "cw done" and blocks, so the parent kills it at a known point; an
+// endless one calls ready() and loops, and the parent kills it at random.
 
 // crashScenarios maps a scenario name to its workload.
-var crashScenarios = map[string]func(ctx context.Context, s *cow.Store) error{
+var crashScenarios = map[string]func(ctx context.Context, s *cow.Store, ready func()) error{
 	// A block flushed into a volume, a snapshot, then an unflushed partial
 	// write to that block (copy-up into the new head), then the snapshot is
 	// deleted and merged into the head. After kill -9 the block must hold
 	// the flushed data or the unflushed write, never the zeros from below.
-	"merge-unflushed-head": func(ctx context.Context, s *cow.Store) error {
+	"merge-unflushed-head": func(ctx context.Context, s *cow.Store, _ func()) error {
 		if _, err := s.CreateVolume(ctx, cow.VolumeSpec{ID: "v", Size: 64 << 10}); err != nil {
 			return err
 		}
@@ -812,6 +844,66 @@ var crashScenarios = map[string]func(ctx context.Context, s *cow.Store) error{
 		}
 		return s.WaitIdle(ctx)
 	},
+	// Fresh volumes, each written for the first time (which creates its
+	// head's files), from several goroutines, then deleted; over and over.
+	"first-writes": func(ctx context.Context, s *cow.Store, ready func()) error {
+		for _, vi := range s.ListVolumes() { // left over from the last round
+			if err := s.DeleteVolume(ctx, vi.ID); err != nil {
+				return err
+			}
+		}
+		ready()
+		prefix := strconv.Itoa(os.Getpid())
+		for i := 0; ; i++ {
+			errs := make(chan error, 8)
+			for g := range 8 {
+				go func() {
+					id := fmt.Sprintf("v%s-%d-%d", prefix, i, g)
+					v, err := openOrCreate(ctx, s, id, 64<<10)
+					if err == nil {
+						_, err = v.WriteAt(bytes.Repeat([]byte{1}, 512), 4096)
+						err = errors.Join(err, v.Close())
+					}
+					if err == nil {
+						err = s.DeleteVolume(ctx, id)
+					}
+					errs <- err
+				}()
+			}
+			for range 8 {
+				if err := <-errs; err != nil {
+					return err
+				}
+			}
+		}
+	},
+	// A write (so the head has files) and an ExpandVolume, over and over.
+	"expand": func(ctx context.Context, s *cow.Store, ready func()) error {
+		id := "v" + strconv.Itoa(os.Getpid())
+		v, err := openOrCreate(ctx, s, id, 64<<10)
+		if err != nil {
+			return err
+		}
+		ready()
+		for i := 0; ; i++ {
+			if _, err := v.WriteAt([]byte{1}, v.Size()-1); err != nil {
+				return err
+			}
+			if _, err := s.ExpandVolume(ctx, id, v.Size()+int64(1+i%16)*cow.BlockSize-int64(i%3)); err != nil {
+				return err
+			}
+		}
+	},
+}
+
+// openOrCreate opens volume id, creating it with size first if it is missing.
+func openOrCreate(ctx context.Context, s *cow.Store, id string, size int64) (*cow.Volume, error) {
+	if _, err := s.GetVolume(id); errors.Is(err, cow.ErrNotFound) {
+		if _, err := s.CreateVolume(ctx, cow.VolumeSpec{ID: id, Size: size}); err != nil {
+			return nil, err
+		}
+	}
+	return s.OpenVolume(ctx, id)
 }
 
 func runScenario(ctx context.Context, dir, name string) {
@@ -821,7 +913,7 @@ func runScenario(ctx context.Context, dir, name string) {
 		err = fmt.Errorf("unknown scenario %q", name)
 	}
 	if err == nil {
-		err = fn(ctx, s)
+		err = fn(ctx, s, func() { fmt.Println("cw ready") })
 	}
 	if err != nil {
 		fmt.Fprintf(os.Stderr, "scenario %s: %v\n", name, err)
@@ -831,9 +923,16 @@ func runScenario(ctx context.Context, dir, name string) {
 	select {} // wait for SIGKILL
 }
 
-// killAfterScenario runs a scenario in a child on dir and kills it with
-// SIGKILL once it reports done.
+// killAfterScenario runs a finite scenario in a child on dir and kills it
+// with SIGKILL once it reports done.
 func killAfterScenario(t *testing.T, dir, name string) {
+	t.Helper()
+	killScenario(t, dir, name, "cw done\n", 0)
+}
+
+// killScenario runs a scenario in a child on dir and kills it with SIGKILL
+// delay after it printed want.
+func killScenario(t *testing.T, dir, name, want string, delay time.Duration) {
 	t.Helper()
 	cmd := exec.CommandContext(t.Context(), os.Args[0], "-test.run=^TestCrashWorker$", "-test.count=1")
 	cmd.Env = append(os.Environ(), crashEnvDir+"="+dir, crashEnvScenario+"="+name)
@@ -846,29 +945,59 @@ func killAfterScenario(t *testing.T, dir, name string) {
 	if err := cmd.Start(); err != nil {
 		t.Fatal(err)
 	}
-	line, err := bufio.NewReader(stdout).ReadString('\n')
+	r := bufio.NewReader(stdout)
+	line, err := r.ReadString('\n')
+	if err == nil && line == want {
+		eof := make(chan struct{})
+		go func() { io.Copy(io.Discard, r); close(eof) }()
+		select {
+		case <-time.After(delay):
+		case <-eof: // ended by itself: reported below
+		}
+	}
 	cmd.Process.Signal(syscall.SIGKILL)
 	cmd.Wait()
-	if err != nil || line != "cw done\n" {
-		t.Fatalf("scenario %s did not finish (%q, %v): %s", name, line, err, stderr.Bytes())
+	if err != nil || line != want || !cmd.ProcessState.Sys().(syscall.WaitStatus).Signaled() {
+		t.Fatalf("scenario %s: got %q (%v), want %q, then to be killed (%v): %s", name, line, err, want, cmd.ProcessState, stderr.Bytes())
 	}
 }
 
-// TestRepro_MergeIntoHeadLosesFlushedBlockOnCrash: deleting a snapshot whose
-// layer is merged into an open head skips blocks the head holds only in
-// memory (an unflushed copy-up), then removes the snapshot's layer. After
-// kill -9 the head's unflushed block is gone and the block reads as the
-// layer below it (zeros), losing data that was flushed.
-func TestRepro_MergeIntoHeadLosesFlushedBlockOnCrash(t *testing.T) {
-	dir := t.TempDir()
-	killAfterScenario(t, dir, "merge-unflushed-head")
-	s := openStore(t, dir)
-	mustCheck(t, s)
-	got := readVolume(t.Context(), t, s, "v")[:cow.BlockSize]
-	flushed := bytes.Repeat([]byte{0xAA}, cow.BlockSize)
-	written := bytes.Clone(flushed)
-	copy(written[1024:], bytes.Repeat([]byte{0xBB}, 512))
-	if !bytes.Equal(got, flushed) && !bytes.Equal(got, written) {
-		t.Fatalf("block 0 after kill -9: %s (vs the flushed data); want the flushed block or the later write", diffAt(got, flushed))
+// killRepeatedly runs an endless scenario on one store again and again,
+// killing it at random moments, and after each kill reopens and checks the
+// store.
+func killRepeatedly(t *testing.T, name string, rounds int, maxDelay time.Duration) {
+	rng := rand.New(rand.NewSource(testSeed(t)))
+	dir := fastTempDir(t)
+	for round := range rounds {
+		delay := time.Duration(rng.Int63n(int64(maxDelay)))
+		killScenario(t, dir, name, "cw ready\n", delay)
+		s, err := cow.Open(dir, cow.Options{})
+		if err != nil {
+			t.Fatalf("round %d (killed %v after ready): Open after kill -9: %v", round, delay, err)
+		}
+		err = s.Check()
+		s.Close()
+		if err != nil {
+			t.Fatalf("round %d (killed %v after ready): Check after kill -9: %v", round, delay, err)
+		}
 	}
+}
+
+// TestRepro_CrashInFirstWriteBreaksOpen: the first write into a head
+// creates its files (layer.ensureFiles). Kill -9 inside it leaves either
+//   - an empty journal (created with O_CREATE|O_TRUNC, header not yet
+//     written): Open then refuses the whole store with ErrCorrupt
+//     ("journal header: 0 bytes"); or
+//   - a data file not yet truncated to the volume size: Open accepts the
+//     store and Check reports it corrupt ("head data file size wrong").
+func TestRepro_CrashInFirstWriteBreaksOpen(t *testing.T) {
+	killRepeatedly(t, "first-writes", 25, 30*time.Millisecond)
+}
+
+// TestRepro_CrashDuringExpandFailsCheck: ExpandVolume commits the new size to
+// the catalog and then truncates the head's data file; kill -9 between the
+// two leaves a data file of the old size, which Open accepts and Check
+// reports as corrupt ("head data file size wrong").
+func TestRepro_CrashDuringExpandFailsCheck(t *testing.T) {
+	killRepeatedly(t, "expand", 25, 30*time.Millisecond)
 }

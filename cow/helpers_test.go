@@ -12,6 +12,7 @@ import (
 	"os"
 	"path/filepath"
 	"slices"
+	"syscall"
 	"testing"
 	"time"
 
@@ -52,6 +53,24 @@ func requireRoot(t testing.TB) {
 	if os.Geteuid() != 0 {
 		t.Skip("skipping: needs root (loop devices and mount); run the tests as root to cover this")
 	}
+}
+
+// fastTempDir returns a temporary directory on tmpfs (/dev/shm) when there
+// is one, else t.TempDir(). Kill -9 tests run there: page cache survives a
+// killed process, and without real fsyncs a workload does many more
+// operations between two kills, so the kills land in more narrow windows.
+func fastTempDir(t testing.TB) string {
+	t.Helper()
+	var st syscall.Statfs_t
+	if err := syscall.Statfs("/dev/shm", &st); err != nil || st.Type != 0x01021994 { // TMPFS_MAGIC
+		return t.TempDir()
+	}
+	dir, err := os.MkdirTemp("/dev/shm", "cowtest-")
+	if err != nil {
+		return t.TempDir()
+	}
+	t.Cleanup(func() { os.RemoveAll(dir) })
+	return dir
 }
 
 // openStore opens the store in dir with default options; see openStoreOpts.

@@ -39,6 +39,7 @@ type modelVol struct {
 	data    []byte
 	srcSnap string
 	srcVol  string
+	labels  map[string]string
 	lineage []*modelSnap // snapshots below the volume's head, oldest first
 }
 
@@ -92,6 +93,7 @@ func TestModelRandomized(t *testing.T) {
 		{"discard", 6, m.opDiscard},
 		{"flush", 4, m.opFlush},
 		{"snapshot", 6, m.opSnapshot},
+		{"snapshotGroup", 2, m.opSnapshotGroup},
 		{"restore", 4, m.opRestore},
 		{"clone", 3, m.opClone},
 		{"deleteVolume", 3, m.opDeleteVolume},
@@ -269,7 +271,7 @@ func (m *modelTest) createVolume() *modelVol {
 	if info.ID != id || info.Size != roundUp(size) || !maps.Equal(info.Labels, labels) {
 		m.fatalf("CreateVolume(%s, %d) = %+v, want size %d and labels %v", id, size, info, roundUp(size), labels)
 	}
-	mv := &modelVol{id: id, data: make([]byte, info.Size)}
+	mv := &modelVol{id: id, data: make([]byte, info.Size), labels: labels}
 	m.vols[id] = mv
 	return mv
 }
@@ -364,6 +366,40 @@ func (m *modelTest) opSnapshot() {
 	ms := &modelSnap{id: id, volID: mv.id, data: bytes.Clone(mv.data), labels: labels, lineage: slices.Clone(mv.lineage)}
 	mv.lineage = append(mv.lineage, ms)
 	m.snaps[id] = ms
+}
+
+// opSnapshotGroup snapshots several volumes at one instant.
+func (m *modelTest) opSnapshotGroup() {
+	var vols []*modelVol
+	for _, id := range slices.Sorted(maps.Keys(m.vols)) {
+		if m.rng.Intn(2) == 0 {
+			vols = append(vols, m.vols[id])
+		}
+	}
+	if len(vols) == 0 || len(m.snaps)+len(vols) > modelMaxSnaps {
+		m.opDeleteSnapshot()
+		return
+	}
+	var specs []cow.SnapshotSpec
+	for _, mv := range vols {
+		if m.rng.Intn(2) == 0 {
+			m.handle(mv)
+		}
+		specs = append(specs, cow.SnapshotSpec{ID: m.newID("g"), VolumeID: mv.id, Labels: map[string]string{"group": "yes"}})
+	}
+	m.logf("CreateSnapshotGroup %v", specs)
+	infos, err := m.s.CreateSnapshotGroup(m.ctx, specs)
+	if err != nil || len(infos) != len(specs) {
+		m.fatalf("CreateSnapshotGroup(%v) = %v, %v", specs, infos, err)
+	}
+	for i, mv := range vols {
+		if infos[i].ID != specs[i].ID || infos[i].VolumeID != mv.id || infos[i].Size != int64(len(mv.data)) {
+			m.fatalf("CreateSnapshotGroup result %d = %+v, want %s of %s size %d", i, infos[i], specs[i].ID, mv.id, len(mv.data))
+		}
+		ms := &modelSnap{id: specs[i].ID, volID: mv.id, data: bytes.Clone(mv.data), labels: specs[i].Labels, lineage: slices.Clone(mv.lineage)}
+		mv.lineage = append(mv.lineage, ms)
+		m.snaps[ms.id] = ms
+	}
 }
 
 func (m *modelTest) opRestore() {
@@ -579,7 +615,7 @@ func (m *modelTest) opList() {
 		if mv == nil {
 			continue
 		}
-		if vi.Size != int64(len(mv.data)) || vi.SourceSnapshot != mv.srcSnap || vi.SourceVolume != mv.srcVol {
+		if vi.Size != int64(len(mv.data)) || vi.SourceSnapshot != mv.srcSnap || vi.SourceVolume != mv.srcVol || !maps.Equal(vi.Labels, mv.labels) {
 			m.fatalf("ListVolumes entry %+v, want size %d source snapshot %q volume %q", vi, len(mv.data), mv.srcSnap, mv.srcVol)
 		}
 	}
