@@ -131,6 +131,17 @@ func openLayerFiles(dir string, num uint32, size int64) (*layer, []ondisk.Range,
 		return nil, nil, ioErr(err)
 	}
 	h, ranges, next, err := ondisk.DecodeJournal(img)
+	if err != nil && !ondisk.HasValidRecord(img) {
+		// A header that never became durable: records only count after an
+		// fdatasync that also covers the header, so this layer owned
+		// nothing. Start it again without files.
+		for _, p := range []string{dp, jp} {
+			if err := os.Remove(p); err != nil && !errors.Is(err, os.ErrNotExist) {
+				return nil, nil, ioErr(err)
+			}
+		}
+		return l, nil, nil
+	}
 	if err == nil && h.Layer != num {
 		err = fmt.Errorf("journal of layer %d names layer %d", num, h.Layer)
 	}
@@ -147,6 +158,17 @@ func openLayerFiles(dir string, num uint32, size int64) (*layer, []ondisk.Range,
 	}
 	if err != nil {
 		return nil, nil, errf(ErrCorrupt, "layer %d: journal has records but data file: %v", num, err)
+	}
+	// ExpandVolume commits the new size before it grows the file: a crash in
+	// between leaves the file short. Grow it now (sparse, reads zeros).
+	if st, err := data.Stat(); err != nil || st.Size() < size {
+		if err == nil {
+			err = data.Truncate(size)
+		}
+		if err != nil {
+			data.Close()
+			return nil, nil, ioErr(err)
+		}
 	}
 	j, err := os.OpenFile(jp, os.O_RDWR, 0)
 	if err != nil {

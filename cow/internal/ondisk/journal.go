@@ -125,3 +125,14 @@ func DecodeJournal(b []byte) (JournalHeader, []Range, int64, error) {
 	}
 	return h, out, int64(off), nil
 }
+
+// HasValidRecord reports whether any valid record appears in a journal image
+// at a record position, whatever state the header is in.
+func HasValidRecord(b []byte) bool {
+	for off := JournalHeaderSize; off+RecordSize <= len(b); off += RecordSize {
+		if _, err := DecodeRecord(b[off:]); err == nil {
+			return true
+		}
+	}
+	return false
+}
