@@ -1,0 +1,400 @@
+package csimode
+
+import (
+	"context"
+	"crypto/rand"
+	"crypto/sha256"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"sort"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	csi "github.com/container-storage-interface/spec/lib/go/csi"
+
+	"github.com/cowcsi/cowcsi/cmd/cowbench/internal/bench"
+)
+
+// volume is a volume cowbench created, and how far it is attached.
+type volume struct {
+	name, id string
+	size     int64
+	source   *csi.VolumeContentSource // a snapshot (restore) or volume (clone)
+	context  map[string]string        // volume_context, handed to the node calls
+	publish  map[string]string // publish_context of ControllerPublishVolume
+	// How far the volume is attached; cleanup undoes what is set. Paths
+	// are set before the call that may stage or publish there.
+	staging, target string
+	ctrlPublished   bool
+}
+
+// snapshot is a snapshot cowbench created.
+type snapshot struct {
+	name, id string
+	size     int64
+	src      *volume
+}
+
+// runner holds one run's state.
+type runner struct {
+	cfg     Config
+	d       *driverConn
+	rec     *bench.Recorder
+	prog    *bench.Progress
+	runID   string
+	kubelet string // root of the staging and target paths
+	podUID  string
+	cap     *csi.VolumeCapability
+	clone   bool
+	attach  bool // the driver wants ControllerPublishVolume
+
+	notReady atomic.Int64 // CreateSnapshot answers with ready_to_use=false
+
+	mu    sync.Mutex
+	vols  map[*volume]bool // created and not deleted
+	snaps map[*snapshot]bool
+}
+
+// Run benchmarks the driver cfg names (or a cowcsi it starts) and returns
+// the result. Everything it creates is deleted before it returns, whether
+// the run completed, failed, or ctx ended (Ctrl-C, --timeout); what could
+// not be deleted is in the returned error. The result is returned, with
+// what was measured, even when err is not nil, unless nothing was measured.
+func Run(ctx context.Context, cfg Config, prog *bench.Progress) (res *bench.Result, err error) {
+	if err := cfg.Validate(); err != nil {
+		return nil, err
+	}
+	started := time.Now()
+	workDir, ownWorkDir := cfg.WorkDir, false
+	if workDir == "" && (cfg.StartDriver || (cfg.StagingDir == "" && cfg.Write > 0)) {
+		if workDir, err = os.MkdirTemp("/var/tmp", "cowbench-"); err != nil {
+			return nil, err
+		}
+		ownWorkDir = true
+	}
+	if workDir != "" {
+		if err := os.MkdirAll(workDir, 0o755); err != nil {
+			return nil, err
+		}
+	}
+	var proc *cowcsiProc
+	defer func() {
+		// Last: stop the driver we started, then remove the work
+		// directory, unless something is still mounted under it.
+		if proc != nil {
+			err = errors.Join(err, proc.stop())
+		}
+		if ownWorkDir {
+			err = errors.Join(err, removeWorkDir(workDir))
+		}
+	}()
+
+	endpoint := cfg.Endpoint
+	var alive func() error
+	if cfg.StartDriver {
+		bin, err := findCowcsi(cfg.CowcsiPath)
+		if err != nil {
+			return nil, err
+		}
+		if proc, err = startCowcsi(bin, workDir); err != nil {
+			return nil, err
+		}
+		endpoint, alive = proc.endpoint, proc.alive
+	}
+	d, err := dial(ctx, endpoint, cfg.ConnectTimeout, cfg.StartDriver, alive)
+	if err != nil {
+		return nil, err
+	}
+	defer d.Close()
+	if err := d.discover(ctx, cfg.Write > 0); err != nil {
+		return nil, err
+	}
+
+	r := &runner{cfg: cfg, d: d, prog: prog, rec: bench.NewRecorder(cfg.OpTimeout, prog),
+		runID: "cowbench-" + randomHex(3), podUID: newUUID(),
+		vols: map[*volume]bool{}, snaps: map[*snapshot]bool{}}
+	r.kubelet = cfg.StagingDir
+	if r.kubelet == "" && workDir != "" {
+		r.kubelet = filepath.Join(workDir, "kubelet")
+	}
+	r.cap = &csi.VolumeCapability{AccessMode: &csi.VolumeCapability_AccessMode{Mode: csi.VolumeCapability_AccessMode_SINGLE_NODE_WRITER}}
+	if cfg.Access == AccessBlock {
+		r.cap.AccessType = &csi.VolumeCapability_Block{Block: &csi.VolumeCapability_BlockVolume{}}
+	} else {
+		r.cap.AccessType = &csi.VolumeCapability_Mount{Mount: &csi.VolumeCapability_MountVolume{FsType: cfg.FsType}}
+	}
+	var notes []string
+	r.clone = cfg.Clone && d.canClone()
+	if cfg.Clone && !r.clone {
+		notes = append(notes, fmt.Sprintf("clone skipped: %s does not have the CLONE_VOLUME controller capability", d.name))
+	}
+	if cfg.Write > 0 {
+		r.attach = d.ctrlCaps[csi.ControllerServiceCapability_RPC_PUBLISH_UNPUBLISH_VOLUME]
+		if r.attach {
+			notes = append(notes, "the driver has PUBLISH_UNPUBLISH_VOLUME: ControllerPublishVolume is called before staging, as the attach/detach controller would")
+		}
+		if !d.staged() {
+			notes = append(notes, "the driver has no STAGE_UNSTAGE_VOLUME: volumes are published without NodeStageVolume")
+		}
+	}
+	prog.AddTotal(r.plannedOps())
+
+	defer func() {
+		// Clean up on every path, with a context of its own: ctx may have
+		// ended, and what was created must still go.
+		cctx, cancel := context.WithTimeout(context.Background(), cfg.CleanupTimeout)
+		defer cancel()
+		if cerr := r.cleanup(cctx); cerr != nil {
+			err = errors.Join(err, fmt.Errorf("cleanup: %w", cerr))
+		}
+	}()
+
+	for _, size := range cfg.Sizes {
+		for _, conc := range cfg.Concurrency {
+			if ctx.Err() != nil {
+				break
+			}
+			r.cell(ctx, size, conc)
+		}
+	}
+	prog.Finish()
+
+	if n := r.notReady.Load(); n > 0 {
+		notes = append(notes, fmt.Sprintf("%d CreateSnapshot answers had ready_to_use=false: such snapshots are timed until CreateSnapshot says ready, called again with backoff as csi-snapshotter does", n))
+	}
+	res = &bench.Result{Mode: "csi", Target: r.target(), Command: os.Args, Started: started,
+		Settings: r.settings(), Rows: r.rec.Rows(), Notes: notes, Errors: r.rec.Failures()}
+	if ctx.Err() != nil {
+		res.Interrupted = context.Cause(ctx).Error()
+	}
+	res.Seconds = time.Since(started).Seconds()
+	return res, nil
+}
+
+func (r *runner) target() string {
+	s := fmt.Sprintf("%s %s at %s", r.d.name, r.d.version, r.d.endpoint)
+	if r.cfg.StartDriver {
+		s = fmt.Sprintf("%s %s (started by cowbench on a temporary store)", r.d.name, r.d.version)
+	}
+	if id := r.d.nodeInfo.GetNodeId(); id != "" {
+		s += ", node " + id
+	}
+	return s
+}
+
+func (r *runner) settings() []bench.Setting {
+	var sizes, concs []string
+	for _, s := range r.cfg.Sizes {
+		sizes = append(sizes, bench.SizeLabel(s))
+	}
+	for _, c := range r.cfg.Concurrency {
+		concs = append(concs, fmt.Sprint(c))
+	}
+	var vols []string
+	for _, c := range r.cfg.Concurrency {
+		vols = append(vols, fmt.Sprintf("%d at concurrency %d", r.cfg.VolumesFor(c), c))
+	}
+	write := "nothing"
+	if r.cfg.Write > 0 {
+		how := "to a file through the page cache, then fsync"
+		if r.cfg.Access == AccessBlock {
+			how = "to the block device with O_DIRECT, then fsync"
+		}
+		write = fmt.Sprintf("%s of random data per source volume, %s", bench.SizeLabel(r.cfg.Write), how)
+	}
+	access := r.cfg.Access
+	if r.cfg.Access == AccessMount {
+		access += " (fs " + orDefault(r.cfg.FsType, "driver default") + ")"
+	}
+	s := []bench.Setting{
+		{Name: "sizes", Value: strings.Join(sizes, ", ")},
+		{Name: "concurrency", Value: strings.Join(concs, ", ")},
+		{Name: "volumes", Value: "per size: " + strings.Join(vols, ", ")},
+		{Name: "snapshots", Value: fmt.Sprintf("%d per source volume, each restored once", r.cfg.Snapshots)},
+		{Name: "access", Value: access},
+		{Name: "written", Value: write},
+	}
+	if r.cfg.Write > 0 {
+		online := "while staged and published (as with a running pod)"
+		if !r.cfg.Online {
+			online = "after unpublish and unstage"
+		}
+		s = append(s, bench.Setting{Name: "taken", Value: "snapshots " + online})
+	}
+	if len(r.cfg.Parameters) > 0 {
+		s = append(s, bench.Setting{Name: "parameters", Value: joinMap(r.cfg.Parameters)})
+	}
+	if len(r.cfg.SnapshotParameters) > 0 {
+		s = append(s, bench.Setting{Name: "snapshot params", Value: joinMap(r.cfg.SnapshotParameters)})
+	}
+	return s
+}
+
+// plannedOps counts the operations of the whole run, for the progress bar.
+func (r *runner) plannedOps() int {
+	total := 0
+	for range r.cfg.Sizes {
+		for _, c := range r.cfg.Concurrency {
+			n, s := r.cfg.VolumesFor(c), r.cfg.Snapshots
+			ops := n + n*s + n*s + n*s + n + n*s // create, snapshot, restore, delete snapshot, delete volumes
+			if r.clone {
+				ops += 2 * n
+			}
+			if r.cfg.Write > 0 {
+				perVol := 3 // publish, write, unpublish
+				if r.d.staged() {
+					perVol += 2
+				}
+				if r.attach {
+					perVol += 2
+				}
+				ops += n * perVol
+			}
+			total += ops
+		}
+	}
+	return total
+}
+
+// cell measures one volume size at one concurrency level.
+func (r *runner) cell(ctx context.Context, size int64, conc int) {
+	n, nsnap := r.cfg.VolumesFor(conc), r.cfg.Snapshots
+	phase := func(op string, planned int) bench.Phase {
+		return bench.Phase{Key: bench.Key{Op: op, Size: size, Concurrency: conc}, Planned: planned}
+	}
+	tag := fmt.Sprintf("%s-%s-c%d", r.runID, strings.ToLower(bench.SizeLabel(size)), conc)
+	var created []*volume // every volume of the cell, deleted at its end
+
+	sources := make([]*volume, n)
+	for i := range sources {
+		sources[i] = &volume{name: fmt.Sprintf("%s-v%d", tag, i), size: size}
+	}
+	sources = each(ctx, r.rec, phase(bench.OpCreateVolume, n), sources, r.createVolume)
+	created = append(created, sources...)
+
+	// The volumes with data, which the snapshots and clones are of.
+	written := sources
+	if r.cfg.Write > 0 {
+		written = r.attachAndWrite(ctx, phase, n, sources)
+		if !r.cfg.Online {
+			r.detach(ctx, phase, n, sources)
+		}
+	}
+
+	var snaps []*snapshot
+	for k := range nsnap {
+		round := make([]*snapshot, len(written))
+		for i, v := range written {
+			round[i] = &snapshot{name: fmt.Sprintf("%s-s%d", v.name, k), src: v}
+		}
+		snaps = append(snaps, each(ctx, r.rec, phase(bench.OpCreateSnapshot, n), round, r.createSnapshot)...)
+	}
+	if r.cfg.Write > 0 && r.cfg.Online {
+		r.detach(ctx, phase, n, sources)
+	}
+
+	restores := make([]*volume, len(snaps))
+	for i, s := range snaps {
+		restores[i] = &volume{name: s.name + "-restore", size: max(size, s.size),
+			source: &csi.VolumeContentSource{Type: &csi.VolumeContentSource_Snapshot{
+				Snapshot: &csi.VolumeContentSource_SnapshotSource{SnapshotId: s.id}}}}
+	}
+	restores = each(ctx, r.rec, phase(bench.OpRestore, n*nsnap), restores, r.createVolume)
+	created = append(created, restores...)
+
+	if r.clone {
+		clones := make([]*volume, len(written))
+		for i, v := range written {
+			clones[i] = &volume{name: v.name + "-clone", size: size,
+				source: &csi.VolumeContentSource{Type: &csi.VolumeContentSource_Volume{
+					Volume: &csi.VolumeContentSource_VolumeSource{VolumeId: v.id}}}}
+		}
+		clones = each(ctx, r.rec, phase(bench.OpClone, n), clones, r.createVolume)
+		created = append(created, clones...)
+	}
+
+	each(ctx, r.rec, phase(bench.OpDeleteSnapshot, n*nsnap), snaps, r.deleteSnapshot)
+	planned := n + n*nsnap
+	if r.clone {
+		planned += n
+	}
+	// Sources that failed to attach were dropped from sources but not from
+	// created: every volume the cell made is deleted here.
+	var deletable []*volume
+	for _, v := range created {
+		if v.staging == "" && v.target == "" && !v.ctrlPublished {
+			deletable = append(deletable, v)
+		}
+	}
+	each(ctx, r.rec, phase(bench.OpDeleteVolume, planned), deletable, r.deleteVolume)
+}
+
+// each runs fn on every item as one phase and returns the items it
+// succeeded on.
+func each[T any](ctx context.Context, rec *bench.Recorder, ph bench.Phase, items []T, fn func(context.Context, T) error) []T {
+	tasks := make([]bench.Task, len(items))
+	for i, it := range items {
+		tasks[i] = func(ctx context.Context) error { return fn(ctx, it) }
+	}
+	errs := rec.Run(ctx, ph, tasks)
+	var ok []T
+	for i, it := range items {
+		if errs[i] == nil {
+			ok = append(ok, it)
+		}
+	}
+	return ok
+}
+
+func randomHex(n int) string {
+	b := make([]byte, n)
+	_, _ = rand.Read(b)
+	return hex.EncodeToString(b)
+}
+
+func newUUID() string {
+	b := make([]byte, 16)
+	_, _ = rand.Read(b)
+	b[6] = b[6]&0x0f | 0x40
+	b[8] = b[8]&0x3f | 0x80
+	h := hex.EncodeToString(b)
+	return h[:8] + "-" + h[8:12] + "-" + h[12:16] + "-" + h[16:20] + "-" + h[20:]
+}
+
+func orDefault(s, def string) string {
+	if s == "" {
+		return def
+	}
+	return s
+}
+
+func joinMap(m map[string]string) string {
+	var kv []string
+	for k, v := range m {
+		kv = append(kv, k+"="+v)
+	}
+	sort.Strings(kv)
+	return strings.Join(kv, ",")
+}
+
+// stagingPath and targetPath follow the kubelet's layout, so a driver sees
+// the paths it sees in a cluster.
+func (r *runner) stagingPath(v *volume) string {
+	if r.cfg.Access == AccessBlock {
+		return filepath.Join(r.kubelet, "plugins/kubernetes.io/csi/volumeDevices/staging", v.name)
+	}
+	sum := sha256.Sum256([]byte(v.id))
+	return filepath.Join(r.kubelet, "plugins/kubernetes.io/csi", r.d.name, hex.EncodeToString(sum[:]), "globalmount")
+}
+
+func (r *runner) targetPath(v *volume) string {
+	if r.cfg.Access == AccessBlock {
+		return filepath.Join(r.kubelet, "plugins/kubernetes.io/csi/volumeDevices/publish", v.name, r.podUID)
+	}
+	return filepath.Join(r.kubelet, "pods", r.podUID, "volumes/kubernetes.io~csi", v.name, "mount")
+}
