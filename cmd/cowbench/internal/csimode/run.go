@@ -26,7 +26,7 @@ type volume struct {
 	size     int64
 	source   *csi.VolumeContentSource // a snapshot (restore) or volume (clone)
 	context  map[string]string        // volume_context, handed to the node calls
-	publish  map[string]string // publish_context of ControllerPublishVolume
+	publish  map[string]string        // publish_context of ControllerPublishVolume
 	// How far the volume is attached; cleanup undoes what is set. Paths
 	// are set before the call that may stage or publish there.
 	staging, target string

@@ -2,8 +2,8 @@ package report
 
 import (
 	"errors"
-	"image/color"
 	"fmt"
+	"image/color"
 	"math"
 	"os"
 	"slices"
