@@ -149,6 +149,28 @@ func TestNoSpace(t *testing.T) {
 		t.Errorf("Capacity on a full filesystem = %d, %d, %v; want total > 0 and little free", total, free, err)
 	}
 
+	mustCheck(t, s)
+
+	// Catalog operations on the full filesystem either work or fail with
+	// ErrNoSpace and leave nothing behind.
+	if _, err := s.CreateSnapshot(ctx, cow.SnapshotSpec{ID: "full-snap", VolumeID: "keep"}); err != nil {
+		if !errors.Is(err, cow.ErrNoSpace) {
+			t.Fatalf("CreateSnapshot on a full filesystem: %v, want nil or ErrNoSpace", err)
+		}
+		if _, err := s.GetSnapshot("full-snap"); !errors.Is(err, cow.ErrNotFound) {
+			t.Errorf("GetSnapshot after a failed CreateSnapshot: %v, want ErrNotFound", err)
+		}
+	}
+	if _, err := s.CreateVolume(ctx, cow.VolumeSpec{ID: "full-vol", Size: 1 << 20}); err != nil {
+		if !errors.Is(err, cow.ErrNoSpace) {
+			t.Fatalf("CreateVolume on a full filesystem: %v, want nil or ErrNoSpace", err)
+		}
+		if _, err := s.GetVolume("full-vol"); !errors.Is(err, cow.ErrNotFound) {
+			t.Errorf("GetVolume after a failed CreateVolume: %v, want ErrNotFound", err)
+		}
+	}
+	mustCheck(t, s)
+
 	// Everything flushed before is intact.
 	if d := diffAt(readAll(t, kv), keep); d != "" {
 		t.Fatalf("keep after ErrNoSpace: %s", d)
