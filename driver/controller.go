@@ -51,7 +51,13 @@ func (c *controllerService) ControllerGetCapabilities(ctx context.Context, req *
 		csi.ControllerServiceCapability_RPC_CLONE_VOLUME,
 		csi.ControllerServiceCapability_RPC_GET_CAPACITY,
 		csi.ControllerServiceCapability_RPC_SINGLE_NODE_MULTI_WRITER,
-		// No EXPAND_VOLUME: expansion is node-only, see doc.go.
+		// No EXPAND_VOLUME, on purpose: the data is node-local and
+		// csi-resizer has no node-deployment mode, so a
+		// ControllerExpandVolume could reach the controller of a node
+		// that does not hold the volume. Without this capability (and
+		// with node EXPAND_VOLUME) external-resizer uses its trivial
+		// resizer and NodeExpandVolume on the volume's own node grows
+		// engine volume, loop device and filesystem. See doc.go.
 	} {
 		caps = append(caps, &csi.ControllerServiceCapability{
 			Type: &csi.ControllerServiceCapability_Rpc{Rpc: &csi.ControllerServiceCapability_RPC{Type: t}},
