@@ -1,0 +1,140 @@
+package e2e
+
+import (
+	"bufio"
+	"errors"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"sort"
+	"strconv"
+	"strings"
+	"syscall"
+)
+
+// mountsUnder returns the mount points at or below dir, deepest first.
+func mountsUnder(dir string) ([]string, error) {
+	f, err := os.Open("/proc/self/mountinfo")
+	if err != nil {
+		return nil, err
+	}
+	defer f.Close()
+	var out []string
+	s := bufio.NewScanner(f)
+	s.Buffer(make([]byte, 64<<10), 1<<20)
+	for s.Scan() {
+		fields := strings.Fields(s.Text())
+		if len(fields) < 5 {
+			continue
+		}
+		mp := unescapeMountPath(fields[4])
+		if mp == dir || strings.HasPrefix(mp, dir+"/") {
+			out = append(out, mp)
+		}
+	}
+	sort.Slice(out, func(i, j int) bool { return len(out[i]) > len(out[j]) })
+	return out, s.Err()
+}
+
+// unescapeMountPath undoes the octal escapes of /proc/self/mountinfo.
+func unescapeMountPath(s string) string {
+	if !strings.Contains(s, `\`) {
+		return s
+	}
+	var b strings.Builder
+	for i := 0; i < len(s); i++ {
+		if s[i] == '\\' && i+4 <= len(s) {
+			if v, err := strconv.ParseUint(s[i+1:i+4], 8, 8); err == nil {
+				b.WriteByte(byte(v))
+				i += 3
+				continue
+			}
+		}
+		b.WriteByte(s[i])
+	}
+	return b.String()
+}
+
+// loopsBackedUnder returns the loop devices whose backing file is below dir.
+func loopsBackedUnder(dir string) ([]string, error) {
+	paths, err := filepath.Glob("/sys/block/loop*/loop/backing_file")
+	if err != nil {
+		return nil, err
+	}
+	var out []string
+	for _, p := range paths {
+		data, err := os.ReadFile(p)
+		if err != nil {
+			continue // detached meanwhile
+		}
+		backing := strings.TrimSuffix(strings.TrimSpace(string(data)), " (deleted)")
+		if strings.HasPrefix(backing, dir+"/") {
+			out = append(out, "/dev/"+filepath.Base(filepath.Dir(filepath.Dir(p))))
+		}
+	}
+	return out, nil
+}
+
+// releaseUnder unmounts everything below dir and detaches the loop devices
+// backed by files below it, so dir can be removed. It returns what it had to
+// release, for the log: after a clean run that is only the etcd tmpfs.
+func releaseUnder(dir string) ([]string, error) {
+	var released []string
+	var errs []error
+	unmount := func() {
+		mps, err := mountsUnder(dir)
+		if err != nil {
+			errs = append(errs, err)
+			return
+		}
+		for _, mp := range mps {
+			if err := syscall.Unmount(mp, 0); err != nil {
+				// Busy or a dead FUSE server: detach it lazily.
+				if err := syscall.Unmount(mp, syscall.MNT_DETACH); err != nil {
+					errs = append(errs, fmt.Errorf("unmount %s: %w", mp, err))
+					continue
+				}
+			}
+			released = append(released, "mount "+mp)
+		}
+	}
+	// Filesystems on loop devices first, then the loops, then what is left
+	// (the FUSE filesystems the loops' files live in).
+	unmount()
+	loops, err := loopsBackedUnder(dir)
+	if err != nil {
+		errs = append(errs, err)
+	}
+	for _, l := range loops {
+		if out, err := exec.Command("losetup", "-d", l).CombinedOutput(); err != nil {
+			errs = append(errs, fmt.Errorf("losetup -d %s: %v: %s", l, err, out))
+			continue
+		}
+		released = append(released, "loop "+l)
+	}
+	unmount()
+	return released, errors.Join(errs...)
+}
+
+// sweepStale releases and removes the work directories of earlier runs
+// whose test process is gone (killed by a timeout, say). A directory of a
+// run still going (another `go test` on this machine) is left alone.
+func sweepStale(base string) {
+	dirs, _ := filepath.Glob(filepath.Join(base, "cowcsi-e2e-*"))
+	for _, d := range dirs {
+		data, err := os.ReadFile(filepath.Join(d, "pid"))
+		if err == nil {
+			if pid, err := strconv.Atoi(strings.TrimSpace(string(data))); err == nil && syscall.Kill(pid, 0) == nil {
+				continue
+			}
+		}
+		if released, err := releaseUnder(d); err != nil {
+			fmt.Fprintf(os.Stderr, "e2e: sweeping %s: %v\n", d, err)
+			continue
+		} else if len(released) > 0 {
+			fmt.Fprintf(os.Stderr, "e2e: swept a stale run: %s\n", strings.Join(released, ", "))
+		}
+		_ = os.RemoveAll(d)
+	}
+}
