@@ -1160,19 +1160,35 @@ func TestConcurrentWritesAndSnapshots(t *testing.T) {
 	}()
 
 	type taken struct {
-		id string
-		p  concProgress
+		id      string
+		p       concProgress
+		deleted bool
 	}
-	var snaps []taken
+	checkSnap := func(tk *taken, when string) {
+		t.Helper()
+		if err := checkConcImage(readSnapshot(ctx, t, s, tk.id, "conc-tmp"), tk.p, false); err != nil {
+			t.Errorf("snapshot %s %s (progress done %v started %v): %v", tk.id, when, tk.p.done, tk.p.started, err)
+		}
+	}
+	var snaps []*taken
 	for range ticks {
-		var tk taken
-		tk.id = fmt.Sprintf("cs-%d", len(snaps))
+		tk := &taken{id: fmt.Sprintf("cs-%d", len(snaps))}
 		progressBefore(&tk.p)
 		if _, err := s.CreateSnapshot(ctx, cow.SnapshotSpec{ID: tk.id, VolumeID: "conc"}); err != nil {
 			t.Fatalf("CreateSnapshot(%s) during writes: %v", tk.id, err)
 		}
 		progressAfter(&tk.p)
 		snaps = append(snaps, tk)
+		// Delete every other snapshot while the writes go on: its layer is
+		// merged into the next one, under the live head.
+		if n := len(snaps) - 3; n >= 0 && n%2 == 0 {
+			old := snaps[n]
+			checkSnap(old, "during writes")
+			if err := s.DeleteSnapshot(ctx, old.id); err != nil {
+				t.Fatalf("DeleteSnapshot(%s) during writes: %v", old.id, err)
+			}
+			old.deleted = true
+		}
 	}
 	<-readerDone
 	close(errs)
@@ -1184,7 +1200,7 @@ func TestConcurrentWritesAndSnapshots(t *testing.T) {
 	}
 
 	// A snapshot after the writers finished holds exactly the final writes.
-	final := taken{id: "cs-final"}
+	final := &taken{id: "cs-final"}
 	progressBefore(&final.p)
 	progressAfter(&final.p)
 	if _, err := s.CreateSnapshot(ctx, cow.SnapshotSpec{ID: final.id, VolumeID: "conc"}); err != nil {
@@ -1195,24 +1211,25 @@ func TestConcurrentWritesAndSnapshots(t *testing.T) {
 	if err := checkConcImage(readAll(t, v), final.p, false); err != nil {
 		t.Fatalf("volume after writes: %v", err)
 	}
-	for i, tk := range snaps {
-		if err := checkConcImage(readSnapshot(ctx, t, s, tk.id, "conc-tmp"), tk.p, false); err != nil {
-			t.Errorf("snapshot %s (progress done %v started %v): %v", tk.id, tk.p.done, tk.p.started, err)
+	for _, tk := range snaps {
+		if !tk.deleted {
+			checkSnap(tk, "after writes")
 		}
-		if i%2 == 0 && i != len(snaps)-1 { // delete every other one, dependents must survive
+	}
+	for i, tk := range snaps[:len(snaps)-1] {
+		if !tk.deleted && i%2 == 1 {
 			if err := s.DeleteSnapshot(ctx, tk.id); err != nil {
 				t.Fatalf("DeleteSnapshot(%s): %v", tk.id, err)
 			}
+			tk.deleted = true
 		}
 	}
 	if err := s.WaitIdle(ctx); err != nil {
 		t.Fatalf("WaitIdle: %v", err)
 	}
-	for i, tk := range snaps {
-		if i%2 == 1 || i == len(snaps)-1 {
-			if err := checkConcImage(readSnapshot(ctx, t, s, tk.id, "conc-tmp"), tk.p, false); err != nil {
-				t.Errorf("snapshot %s after deleting its neighbours: %v", tk.id, err)
-			}
+	for _, tk := range snaps {
+		if !tk.deleted {
+			checkSnap(tk, "after deleting its neighbours")
 		}
 	}
 	if err := checkConcImage(readAll(t, v), final.p, false); err != nil {
