@@ -1,0 +1,196 @@
+//go:build e2e
+
+package e2e
+
+import (
+	"bytes"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+
+	"golang.org/x/sys/unix"
+	corev1 "k8s.io/api/core/v1"
+	"k8s.io/apimachinery/pkg/api/resource"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/types"
+)
+
+// TestClone: a PVC whose dataSource is another PVC gets that PVC's content,
+// on the same node, and the two are independent afterwards.
+func TestClone(t *testing.T) {
+	c := needCluster(t)
+	ns := newNS(t, c)
+	a := c.node(t, nodeA)
+
+	_, srcPV := provision(t, ns, claim{name: "src", size: "1Gi", node: nodeA})
+	src := publishFor(t, a, srcPV)
+	if err := os.WriteFile(filepath.Join(src.target, importantFile), []byte(importantData), 0o644); err != nil {
+		t.Fatal(err)
+	}
+
+	_, clonePV := provision(t, ns, claim{name: "clone", size: "1Gi", node: nodeA, source: pvcSource("src")})
+	if clonePV.Spec.CSI.VolumeHandle == srcPV.Spec.CSI.VolumeHandle {
+		t.Fatalf("clone has the source's volume handle %s", clonePV.Spec.CSI.VolumeHandle)
+	}
+	clone := publishFor(t, a, clonePV)
+	got, err := os.ReadFile(filepath.Join(clone.target, importantFile))
+	if err != nil || string(got) != importantData {
+		t.Fatalf("clone's %s = %q, %v; want %q", importantFile, got, err, importantData)
+	}
+
+	// Independent: a write to the clone does not show in the source.
+	if err := os.WriteFile(filepath.Join(clone.target, importantFile), []byte("changed in the clone\n"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if got, _ := os.ReadFile(filepath.Join(src.target, importantFile)); string(got) != importantData {
+		t.Errorf("source's %s = %q after writing the clone", importantFile, got)
+	}
+}
+
+// TestExpansion: raising a PVC's request. The driver offers only node
+// expansion, so csi-resizer takes its trivial resizer (it marks the PV
+// resized and asks for a filesystem resize on the node); NodeExpandVolume on
+// the volume's own node grows the volume and the mounted filesystem.
+func TestExpansion(t *testing.T) {
+	c := needCluster(t)
+	ctx := t.Context()
+	ns := newNS(t, c)
+	a := c.node(t, nodeA)
+
+	for _, n := range c.nodes {
+		if !strings.Contains(n.log("csi-resizer"), "using trivial resizer") {
+			t.Errorf("csi-resizer on %s did not choose its trivial resizer; log:\n%s", n.name, n.log("csi-resizer"))
+		}
+	}
+
+	_, pv := provision(t, ns, claim{name: "grow", size: "1Gi", node: nodeA})
+	m := publishFor(t, a, pv)
+	before := fsSize(t, m.target)
+	if err := os.WriteFile(filepath.Join(m.target, importantFile), []byte(importantData), 0o644); err != nil {
+		t.Fatal(err)
+	}
+
+	patch := []byte(`{"spec":{"resources":{"requests":{"storage":"3Gi"}}}}`)
+	if _, err := c.kube.CoreV1().PersistentVolumeClaims(ns.name).Patch(ctx, "grow", types.MergePatchType, patch, metav1.PatchOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	// csi-resizer: the PV's capacity is raised with no controller call, and
+	// the claim waits for the node.
+	if _, err := ns.waitEvent(ctx, "PersistentVolumeClaim", "grow", "FileSystemResizeRequired"); err != nil {
+		t.Fatal(err)
+	}
+	pvc, err := until(ctx, ns.pvcLW("grow"), &corev1.PersistentVolumeClaim{}, func(p *corev1.PersistentVolumeClaim) (bool, error) {
+		for _, cd := range p.Status.Conditions {
+			if cd.Type == corev1.PersistentVolumeClaimFileSystemResizePending && cd.Status == corev1.ConditionTrue {
+				return true, nil
+			}
+		}
+		return false, nil
+	})
+	if err != nil {
+		t.Fatalf("PVC condition FileSystemResizePending: %v", err)
+	}
+	pv, err = c.kube.CoreV1().PersistentVolumes().Get(ctx, pv.Name, metav1.GetOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := resource.MustParse("3Gi")
+	if got := pv.Spec.Capacity[corev1.ResourceStorage]; got.Cmp(want) != 0 {
+		t.Fatalf("PV capacity %s after the resizer, want %s", got.String(), want.String())
+	}
+
+	// The kubelet's part: NodeExpandVolume on the node, then the claim's
+	// status.
+	resp, err := m.expand(ctx, want.Value())
+	if err != nil {
+		t.Fatalf("NodeExpandVolume: %v", err)
+	}
+	after := fsSize(t, m.target)
+	t.Logf("filesystem %d -> %d bytes (NodeExpandVolume reports %d)", before, after, resp.GetCapacityBytes())
+	if after <= before || after < want.Value()*9/10 {
+		t.Errorf("filesystem size %d after expanding to %d (was %d)", after, want.Value(), before)
+	}
+	if got, err := os.ReadFile(filepath.Join(m.target, importantFile)); err != nil || string(got) != importantData {
+		t.Errorf("after expansion %s = %q, %v", importantFile, got, err)
+	}
+	pvc.Status.Capacity = corev1.ResourceList{corev1.ResourceStorage: want}
+	pvc.Status.Conditions = nil
+	pvc.Status.AllocatedResourceStatuses = nil
+	if _, err := c.kube.CoreV1().PersistentVolumeClaims(ns.name).UpdateStatus(ctx, pvc, metav1.UpdateOptions{}); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// fsSize is the size of the filesystem mounted at dir.
+func fsSize(t *testing.T, dir string) int64 {
+	t.Helper()
+	var st unix.Statfs_t
+	if err := unix.Statfs(dir, &st); err != nil {
+		t.Fatal(err)
+	}
+	return int64(st.Blocks) * int64(st.Bsize)
+}
+
+// TestTwoNodes: each node's volumes and snapshots are made, and handled,
+// only by that node's driver and sidecars.
+func TestTwoNodes(t *testing.T) {
+	c := needCluster(t)
+	ctx := t.Context()
+	ns := newNS(t, c)
+
+	type side struct {
+		n      *node
+		pv     *corev1.PersistentVolume
+		handle string
+		data   []byte
+	}
+	var sides []*side
+	for _, name := range []string{nodeA, nodeB} {
+		s := &side{n: c.node(t, name), data: []byte("written on " + name + "\n")}
+		_, s.pv = provision(t, ns, claim{name: "vol-" + name, size: "1Gi", node: name})
+		m := publishFor(t, s.n, s.pv)
+		if err := os.WriteFile(filepath.Join(m.target, importantFile), s.data, 0o644); err != nil {
+			t.Fatal(err)
+		}
+		sides = append(sides, s)
+	}
+	for _, s := range sides {
+		for _, n := range c.nodes {
+			has, err := n.hasVolume(ctx, s.pv.Spec.CSI.VolumeHandle)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if has != (n == s.n) {
+				t.Errorf("volume of %s in the store of %s: %v", s.n.name, n.name, has)
+			}
+		}
+	}
+	for _, s := range sides {
+		_, vsc := snapshotReady(t, ns, "snap-"+s.n.name, "vol-"+s.n.name, snapshotClass)
+		s.handle = *vsc.Status.SnapshotHandle
+		if got := vsc.Labels["snapshot.storage.kubernetes.io/managed-by"]; got != s.n.name {
+			t.Errorf("content %s managed-by %q, want %q", vsc.Name, got, s.n.name)
+		}
+		storeHas(t, c, s.handle, s.n.name)
+		// Only that node's csi-snapshotter touched the content.
+		for _, n := range c.nodes {
+			if mentions := strings.Contains(n.log("csi-snapshotter"), vsc.Name); mentions != (n == s.n) {
+				t.Errorf("csi-snapshotter of %s mentions content %s: %v", n.name, vsc.Name, mentions)
+			}
+		}
+	}
+	for _, s := range sides {
+		name := "restore-" + s.n.name
+		_, pv := provision(t, ns, claim{name: name, size: "1Gi", node: s.n.name, source: snapshotSource("snap-" + s.n.name)})
+		m := publishFor(t, s.n, pv)
+		if got, err := os.ReadFile(filepath.Join(m.target, importantFile)); err != nil || !bytes.Equal(got, s.data) {
+			t.Errorf("restore on %s reads %q, %v; want %q", s.n.name, got, err, s.data)
+		}
+		for _, n := range c.nodes {
+			if mentions := strings.Contains(n.log("csi-provisioner"), pv.Name); mentions != (n == s.n) {
+				t.Errorf("csi-provisioner of %s mentions %s: %v", n.name, pv.Name, mentions)
+			}
+		}
+	}
+}
