@@ -53,3 +53,23 @@ verify:
 
 clean:
 	rm -rf $(BIN)
+
+# e2e ---------------------------------------------------------------------
+# The real snapshot stack on a local control plane (test/e2e, docs/E2E.md).
+# The binaries are built once from test/e2e/tools into ~/.cache/cowcsi
+# (kube-apiserver takes about 8 minutes on 2 cores the first time).
+E2EFLAGS ?= -tags e2e -count=1 -timeout 30m -v
+
+.PHONY: e2e e2e-tools e2e-bench
+
+e2e-tools:
+	bash test/e2e/build-tools.sh
+
+e2e: deps e2e-tools
+	$(GO) test $(E2EFLAGS) ./test/e2e/
+
+# TestLatency alone; writes its Markdown report to bin/e2e-bench.md.
+e2e-bench: deps e2e-tools
+	@mkdir -p $(BIN)
+	COWCSI_E2E_BENCH_OUT=$(CURDIR)/$(BIN)/e2e-bench.md $(GO) test $(E2EFLAGS) -run '^TestLatency$$' ./test/e2e/
+	@echo "report: $(BIN)/e2e-bench.md"
