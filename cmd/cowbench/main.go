@@ -48,13 +48,27 @@ func main() {
 	signal.Notify(sigs, os.Interrupt, syscall.SIGTERM)
 	go func() {
 		s := <-sigs
-		fmt.Fprintf(os.Stderr, "\ncowbench: %v: stopping; cleaning up what was created (%v again to abandon the cleanup)\n", s, s)
-		cancel(fmt.Errorf("interrupted by %v", s))
-		s = <-sigs
-		fmt.Fprintf(os.Stderr, "cowbench: %v again: exiting without finishing the cleanup%s\n", s, leftHint())
+		fmt.Fprintf(os.Stderr, "\ncowbench: %s: stopping; cleaning up what was created (again to abandon the cleanup)\n", signalName(s))
+		cancel(fmt.Errorf("interrupted (%s)", signalName(s)))
+		// A signal sent to the process and its group at once (timeout(1)
+		// does that) arrives twice: only a later one means "again".
+		first := time.Now()
+		for s = <-sigs; time.Since(first) < time.Second; s = <-sigs {
+		}
+		fmt.Fprintf(os.Stderr, "cowbench: %s again: exiting without finishing the cleanup%s\n", signalName(s), leftHint())
 		os.Exit(130)
 	}()
 	os.Exit(run(ctx, os.Args[1:], os.Stdout, os.Stderr))
+}
+
+func signalName(s os.Signal) string {
+	switch s {
+	case os.Interrupt:
+		return "SIGINT, Ctrl-C"
+	case syscall.SIGTERM:
+		return "SIGTERM"
+	}
+	return s.String()
 }
 
 // leftHint says what an abandoned cleanup leaves; the k8s mode sets it to

@@ -22,6 +22,20 @@ var ErrUnreachable = errors.New("CSI driver unreachable")
 // benchmark cannot do without.
 var ErrCapability = errors.New("CSI driver lacks a capability")
 
+// kindError is an error of a kind (errors.Is(err, kind)) whose message is
+// complete without the kind's.
+type kindError struct {
+	kind error
+	msg  string
+}
+
+func (e *kindError) Error() string { return e.msg }
+func (e *kindError) Unwrap() error { return e.kind }
+
+func errorOf(kind error, format string, args ...any) error {
+	return &kindError{kind: kind, msg: fmt.Sprintf(format, args...)}
+}
+
 // target turns an endpoint as drivers and sidecars spell it (--csi-address,
 // --endpoint) into a gRPC target, and the socket path for unix endpoints.
 func target(endpoint string) (tgt, socket string, err error) {
@@ -71,12 +85,12 @@ func dial(ctx context.Context, endpoint string, timeout time.Duration, waitForSo
 	}
 	if socket != "" && !waitForSocket {
 		if _, err := os.Stat(socket); err != nil {
-			return nil, fmt.Errorf("%w: cannot reach the CSI driver at %s: no socket at %s (is the driver running, and is this the socket of its --endpoint/--csi-address?)", ErrUnreachable, endpoint, socket)
+			return nil, errorOf(ErrUnreachable, "cannot reach the CSI driver at %s: no socket at %s (is the driver running, and is this the socket of its --endpoint/--csi-address?)", endpoint, socket)
 		}
 	}
 	cc, err := grpc.NewClient(tgt, grpc.WithTransportCredentials(insecure.NewCredentials()))
 	if err != nil {
-		return nil, fmt.Errorf("%w: %s: %v", ErrUnreachable, endpoint, err)
+		return nil, errorOf(ErrUnreachable, "%s: %v", endpoint, err)
 	}
 	d := &driverConn{endpoint: endpoint, cc: cc, ident: csi.NewIdentityClient(cc),
 		ctrl: csi.NewControllerClient(cc), node: csi.NewNodeClient(cc)}
@@ -97,7 +111,7 @@ func dial(ctx context.Context, endpoint string, timeout time.Duration, waitForSo
 			// An unset ready field means ready, says the spec.
 			return d, nil
 		case err == nil:
-			last = errors.New("Probe answers ready=false")
+			last = errors.New("the driver answers Probe with ready=false")
 		default:
 			last = err
 		}
@@ -107,7 +121,7 @@ func dial(ctx context.Context, endpoint string, timeout time.Duration, waitForSo
 		}
 		if time.Now().After(deadline) {
 			cc.Close()
-			return nil, fmt.Errorf("%w: cannot reach the CSI driver at %s within %v: %v", ErrUnreachable, endpoint, timeout, last)
+			return nil, errorOf(ErrUnreachable, "cannot reach the CSI driver at %s within %v: %v", endpoint, timeout, last)
 		}
 		// Nothing to watch: a driver says it is ready only when asked.
 		select {
@@ -142,7 +156,7 @@ func (d *driverConn) discover(ctx context.Context, needNode bool) error {
 		}
 	}
 	if !controller {
-		return fmt.Errorf("%w: %s at %s does not offer the CONTROLLER_SERVICE plugin capability: it cannot create volumes or snapshots (is this the driver's controller endpoint?)", ErrCapability, d.name, d.endpoint)
+		return errorOf(ErrCapability, "%s at %s does not offer the CONTROLLER_SERVICE plugin capability: it cannot create volumes or snapshots (is this the driver's controller endpoint?)", d.name, d.endpoint)
 	}
 	cc, err := d.ctrl.ControllerGetCapabilities(ctx, &csi.ControllerGetCapabilitiesRequest{})
 	if err != nil {
@@ -153,10 +167,10 @@ func (d *driverConn) discover(ctx context.Context, needNode bool) error {
 		d.ctrlCaps[c.GetRpc().GetType()] = true
 	}
 	if !d.ctrlCaps[csi.ControllerServiceCapability_RPC_CREATE_DELETE_VOLUME] {
-		return fmt.Errorf("%w: %s does not have the CREATE_DELETE_VOLUME controller capability: cowbench cannot create the volumes to snapshot", ErrCapability, d.name)
+		return errorOf(ErrCapability, "%s does not have the CREATE_DELETE_VOLUME controller capability: cowbench cannot create the volumes to snapshot", d.name)
 	}
 	if !d.ctrlCaps[csi.ControllerServiceCapability_RPC_CREATE_DELETE_SNAPSHOT] {
-		return fmt.Errorf("%w: %s does not support snapshots: no CREATE_DELETE_SNAPSHOT controller capability", ErrCapability, d.name)
+		return errorOf(ErrCapability, "%s does not support snapshots: no CREATE_DELETE_SNAPSHOT controller capability", d.name)
 	}
 	if !needNode && !d.topology {
 		return nil

@@ -26,7 +26,7 @@ func CSV(w io.Writer, r *bench.Result) error {
 	if err := cw.Write(CSVHeader); err != nil {
 		return err
 	}
-	f := func(v float64) string { return strconv.FormatFloat(v, 'f', -1, 64) }
+	f := func(v float64) string { return strconv.FormatFloat(v, 'f', 3, 64) }
 	for _, row := range r.Rows {
 		rec := []string{r.Mode, row.Op, row.Size, strconv.FormatInt(row.SizeBytes, 10), strconv.Itoa(row.Concurrency),
 			strconv.Itoa(row.Count), strconv.Itoa(row.Errors), f(row.MinMs), f(row.MeanMs), f(row.P50Ms), f(row.P90Ms),
