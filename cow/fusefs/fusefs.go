@@ -122,9 +122,6 @@ func Mount(ctx context.Context, dir string, opts Options) (*Server, error) {
 	if err := prepareMountpoint(ctx, dir); err != nil {
 		return nil, err
 	}
-	if opts.FsName == "" {
-		opts.FsName = "cowcsi"
-	}
 	s := &Server{
 		dir:         dir,
 		opts:        opts,
