@@ -114,6 +114,11 @@ type node struct {
 // it until Unmount. A stale mount left at dir by a crashed process (its
 // connection aborted: ENOTCONN) is lazily unmounted first; a live mount is an
 // error. ctx bounds the mount itself, not the server's lifetime.
+//
+// Loop devices attached to files of a crashed server cannot be carried over:
+// each is bound to an open file of the dead connection and fails all I/O.
+// Find them with loopdev.FindByBacking before calling Mount (once the stale
+// mount is detached, the kernel no longer reports their full path).
 func Mount(ctx context.Context, dir string, opts Options) (*Server, error) {
 	dir, err := filepath.Abs(dir)
 	if err != nil {

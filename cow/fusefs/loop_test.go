@@ -151,3 +151,47 @@ func TestLoopResize(t *testing.T) {
 		t.Fatal(err)
 	}
 }
+
+// TestUnmountWhileAttached: a loop device keeps the mount busy, so Unmount
+// detaches it lazily; the server keeps serving the loop device, and stops
+// once the loop device lets go of the file.
+func TestUnmountWhileAttached(t *testing.T) {
+	s := mount(t, Options{})
+	m := newMemFile(4 << 20)
+	add(t, s, "vol", m, false)
+	dev := attachLoop(t, s.Path("vol"), false)
+
+	if err := s.Unmount(); err != nil {
+		t.Fatalf("Unmount while a loop device is attached: %v", err)
+	}
+	if _, err := os.Stat(s.Path("vol")); err == nil {
+		t.Fatal("file still reachable at the mount point after Unmount")
+	}
+	// The loop device still works.
+	fd, err := unix.Open(dev.Path, unix.O_RDWR|unix.O_CLOEXEC, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	w := pattern(4096, 5)
+	_, err = unix.Pwrite(fd, w, 8192)
+	if err == nil {
+		err = unix.Fsync(fd)
+	}
+	unix.Close(fd)
+	if err != nil {
+		t.Fatalf("I/O after lazy unmount: %v", err)
+	}
+	if !bytes.Equal(m.bytes(8192, len(w)), w) {
+		t.Fatal("write after lazy unmount did not reach the BlockFile")
+	}
+
+	// Detach finds its device although the file's path is gone.
+	if err := dev.Detach(); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case <-s.served:
+	case <-time.After(10 * time.Second):
+		t.Fatal("server still serving 10s after the last user went away")
+	}
+}

@@ -38,7 +38,7 @@ import (
 //	  no CAP_ASYNC_DIO                 0.08        0.19       0.38      0.41
 //
 // In absolute terms the chosen settings served 26-30k 4 KiB random IOPS
-// and 1.1-2.7 GB/s at 1 MiB from tmpfs (baseline 47-73k and 2.4-5.1 GB/s).
+// and 1.1-2.7 GB/s at 1 MiB from tmpfs (baseline 47-63k and 2.4-5.1 GB/s).
 //
 // What mattered:
 //   - CAP_ASYNC_DIO: the loop driver issues its direct I/O asynchronously;

@@ -69,7 +69,17 @@ type Device struct {
 	ReadOnly bool
 
 	directIO bool
+	// backing identifies the backing file by device and inode number:
+	// unlike its path, that survives a lazy unmount of the filesystem
+	// holding the file, and it tells our binding from a later reuse of
+	// the device number by someone else.
+	backing fileID
 }
+
+// fileID is a file's identity as LOOP_GET_STATUS64 reports it.
+type fileID struct{ dev, ino uint64 }
+
+func idOf(info *unix.LoopInfo64) fileID { return fileID{info.Device, info.Inode} }
 
 // DirectIO reports whether the loop driver accesses the backing file with
 // direct I/O. It is false if direct I/O was not requested or if the kernel
@@ -163,8 +173,9 @@ func Attach(ctx context.Context, backingFile string, opts Options) (*Device, err
 		}
 		d.directIO = info.Flags&unix.LO_FLAGS_DIRECT_IO != 0
 		d.ReadOnly = info.Flags&unix.LO_FLAGS_READ_ONLY != 0
-		// Record the path as the kernel reports it (symlinks resolved):
-		// Detach compares against it before detaching.
+		d.backing = idOf(info)
+		// Record the path as the kernel reports it (symlinks resolved),
+		// as FindByBacking will.
 		if bf, err := backingFileOf(n); err == nil {
 			d.BackingFile = bf
 		}
@@ -255,13 +266,14 @@ func (d *Device) clearFD() error {
 		return err
 	}
 	defer unix.Close(fd)
-	if d.BackingFile != "" {
-		// Guard against detaching a device number that was reused by
-		// someone else after our device went away (autoclear, another
-		// Detach).
-		if cur, err := backingFileOf(d.Number); err == nil && cur != d.BackingFile {
-			return unix.ENXIO
-		}
+	info, err := unix.IoctlLoopGetStatus64(fd)
+	if err != nil {
+		return err // ENXIO: not bound
+	}
+	if idOf(info) != d.backing {
+		// The number was reused by someone else after our device went
+		// away (autoclear, an earlier Detach): ours is detached.
+		return unix.ENXIO
 	}
 	return unix.IoctlSetInt(fd, unix.LOOP_CLR_FD, 0)
 }

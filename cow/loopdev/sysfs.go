@@ -96,6 +96,7 @@ func open(n int) (*Device, error) {
 	}
 	d.directIO = info.Flags&unix.LO_FLAGS_DIRECT_IO != 0
 	d.ReadOnly = info.Flags&unix.LO_FLAGS_READ_ONLY != 0
+	d.backing = idOf(info)
 	if bf, err := backingFileOf(n); err == nil {
 		d.BackingFile = bf
 	}
@@ -121,19 +122,29 @@ func numberOfDev(major, minor uint32) (int, error) {
 	return 0, fmt.Errorf("loopdev: no loop device %s: %w", want, unix.ENODEV)
 }
 
-// stillBound reports whether d's device is still bound to d's backing file
-// (or to anything, when the backing file is unknown). Comparing the file
-// keeps a concurrent re-use of the number by someone else from looking like
-// our device.
+// stillBound reports whether d's device is still bound to d's backing file.
+// Comparing the file keeps a concurrent reuse of the number by someone else
+// from looking like our device.
 func (d *Device) stillBound() (bool, error) {
-	cur, err := backingFileOf(d.Number)
-	if errors.Is(err, fs.ErrNotExist) {
+	if _, err := backingFileOf(d.Number); errors.Is(err, fs.ErrNotExist) {
+		return false, nil // no loop/ directory in sysfs: unbound
+	}
+	fd, err := unix.Open(d.Path, unix.O_RDONLY|unix.O_CLOEXEC, 0)
+	if errors.Is(err, unix.ENXIO) || errors.Is(err, unix.ENOENT) {
+		return false, nil // being torn down, or removed
+	}
+	if err != nil {
+		return false, err
+	}
+	defer unix.Close(fd)
+	info, err := unix.IoctlLoopGetStatus64(fd)
+	if errors.Is(err, unix.ENXIO) {
 		return false, nil
 	}
 	if err != nil {
 		return false, err
 	}
-	return d.BackingFile == "" || cur == d.BackingFile, nil
+	return idOf(info) == d.backing, nil
 }
 
 // backingFileOf returns the backing file of bound loop device n, or an error
