@@ -117,7 +117,23 @@ func startDriverWith(t testing.TB, opts Options, deps Deps) *testDriver {
 	}
 	td.conn = conn
 	td.ctrl, td.node, td.ident = csi.NewControllerClient(conn), csi.NewNodeClient(conn), csi.NewIdentityClient(conn)
-	t.Cleanup(func() { td.stop(t) })
+	t.Cleanup(func() {
+		// Loops still bound to this driver's FUSE files when the test
+		// ends (a failed test that did not unstage) would outlive the
+		// FUSE mount under another name; note them while the names are
+		// still full paths, and detach what is left after the stop.
+		fuse := opts.fuseDir()
+		left := loopsBackedUnder(fuse)
+		td.stop(t)
+		for dev, backing := range left {
+			if cur, err := os.ReadFile(sysLoopBacking(dev)); err == nil {
+				c := strings.TrimSpace(string(cur))
+				if c == backing || c == "/"+filepath.Base(backing) {
+					detachLoop(t, dev)
+				}
+			}
+		}
+	})
 	deadline := time.Now().Add(60 * time.Second)
 	for {
 		select {
@@ -176,18 +192,40 @@ func cleanupKernel(t testing.TB, root string) {
 	if left := mountsUnder(root); len(left) > 0 {
 		t.Errorf("mounts left under %s: %v", root, left)
 	}
+	for dev := range loopsBackedUnder(root) {
+		detachLoop(t, dev)
+	}
+}
+
+// loopsBackedUnder maps /dev/loopN to its backing file, for the loop
+// devices whose backing file is below dir.
+func loopsBackedUnder(dir string) map[string]string {
+	out := map[string]string{}
 	entries, _ := filepath.Glob("/sys/block/loop*/loop/backing_file")
 	for _, e := range entries {
 		b, err := os.ReadFile(e)
-		if err != nil || !strings.HasPrefix(strings.TrimSpace(string(b)), root) {
+		if err != nil {
 			continue
 		}
-		dev := "/dev/" + filepath.Base(filepath.Dir(filepath.Dir(e)))
-		if fd, err := unix.Open(dev, unix.O_RDONLY|unix.O_CLOEXEC, 0); err == nil {
-			unix.IoctlSetInt(fd, unix.LOOP_CLR_FD, 0)
-			unix.Close(fd)
+		if p := strings.TrimSpace(string(b)); strings.HasPrefix(p, dir+"/") {
+			out["/dev/"+filepath.Base(filepath.Dir(filepath.Dir(e)))] = p
 		}
-		t.Logf("cleanup: detached %s (backing %s)", dev, strings.TrimSpace(string(b)))
+	}
+	return out
+}
+
+func sysLoopBacking(dev string) string {
+	return filepath.Join("/sys/block", filepath.Base(dev), "loop", "backing_file")
+}
+
+func detachLoop(t testing.TB, dev string) {
+	fd, err := unix.Open(dev, unix.O_RDONLY|unix.O_CLOEXEC, 0)
+	if err != nil {
+		return
+	}
+	defer unix.Close(fd)
+	if err := unix.IoctlSetInt(fd, unix.LOOP_CLR_FD, 0); err == nil {
+		t.Logf("cleanup: detached leftover %s", dev)
 	}
 }
 

@@ -133,7 +133,19 @@ func TestCrashRecovery(t *testing.T) {
 	p1.kill()
 
 	p2 := startPlugin(t, sock, store)
-	defer p2.term(t)
+	t.Cleanup(func() {
+		// Loops still on the plugin's FUSE files (a failed run) would
+		// outlive the FUSE mount under a short name: note them first.
+		left := loopsUnder(root)
+		p2.term(t)
+		for dev, backing := range left {
+			if b, err := os.ReadFile(filepath.Join("/sys/block", filepath.Base(dev), "loop", "backing_file")); err == nil {
+				if c := strings.TrimSpace(string(b)); c == backing || c == "/"+filepath.Base(backing) {
+					clearLoop(t, dev)
+				}
+			}
+		}
+	})
 	got, err := os.ReadFile(filepath.Join(target, "data"))
 	if err != nil || !bytes.Equal(got, want) {
 		t.Errorf("after crash and restart: %d bytes (want %d), err %v", len(got), len(want), err)
@@ -152,18 +164,8 @@ func TestCrashRecovery(t *testing.T) {
 // cleanupUnder detaches loop devices backed below root and every mount
 // below root: what a failed run may leave.
 func cleanupUnder(t *testing.T, root string) {
-	entries, _ := filepath.Glob("/sys/block/loop*/loop/backing_file")
-	for _, e := range entries {
-		b, err := os.ReadFile(e)
-		if err != nil || !strings.HasPrefix(strings.TrimSpace(string(b)), root) {
-			continue
-		}
-		dev := "/dev/" + filepath.Base(filepath.Dir(filepath.Dir(e)))
-		if fd, err := unix.Open(dev, unix.O_RDONLY|unix.O_CLOEXEC, 0); err == nil {
-			unix.IoctlSetInt(fd, unix.LOOP_CLR_FD, 0)
-			unix.Close(fd)
-			t.Logf("cleanup: detached %s", dev)
-		}
+	for dev := range loopsUnder(root) {
+		clearLoop(t, dev)
 	}
 	f, err := os.Open("/proc/self/mountinfo")
 	if err != nil {
@@ -182,5 +184,33 @@ func cleanupUnder(t *testing.T, root string) {
 	for _, mp := range mps {
 		unix.Unmount(mp, unix.MNT_DETACH)
 		t.Logf("cleanup: detached mount %s", mp)
+	}
+}
+
+// loopsUnder maps /dev/loopN to its backing file for loop devices backed
+// by a file below root.
+func loopsUnder(root string) map[string]string {
+	out := map[string]string{}
+	entries, _ := filepath.Glob("/sys/block/loop*/loop/backing_file")
+	for _, e := range entries {
+		b, err := os.ReadFile(e)
+		if err != nil {
+			continue
+		}
+		if p := strings.TrimSpace(string(b)); strings.HasPrefix(p, root+"/") {
+			out["/dev/"+filepath.Base(filepath.Dir(filepath.Dir(e)))] = p
+		}
+	}
+	return out
+}
+
+func clearLoop(t *testing.T, dev string) {
+	fd, err := unix.Open(dev, unix.O_RDONLY|unix.O_CLOEXEC, 0)
+	if err != nil {
+		return
+	}
+	defer unix.Close(fd)
+	if unix.IoctlSetInt(fd, unix.LOOP_CLR_FD, 0) == nil {
+		t.Logf("cleanup: detached %s", dev)
 	}
 }
