@@ -17,6 +17,12 @@ const (
 	ioctlFITHAW   = 0xC0045878
 )
 
+// The ioctls, as variables so that a test can make the freeze block.
+var (
+	ioctlFreeze = func(fd int) error { return unix.IoctlSetInt(fd, ioctlFIFREEZE, 0) }
+	ioctlThaw   = func(fd int) error { return unix.IoctlSetInt(fd, ioctlFITHAW, 0) }
+)
+
 // errFreezeUnsupported: the filesystem has no freeze_fs (the caller then
 // falls back to syncfs).
 var errFreezeUnsupported = errors.New("filesystem does not support freezing")
@@ -33,7 +39,7 @@ func freezeFS(ctx context.Context, mountPath string) (thaw func() error, err err
 		return nil, fmt.Errorf("open %s for freezing: %w", mountPath, err)
 	}
 	done := make(chan error, 1)
-	go func() { done <- unix.IoctlSetInt(fd, ioctlFIFREEZE, 0) }()
+	go func() { done <- ioctlFreeze(fd) }()
 
 	// Idempotent: the descriptor is closed exactly once.
 	var once sync.Once
@@ -41,7 +47,7 @@ func freezeFS(ctx context.Context, mountPath string) (thaw func() error, err err
 	thawFD := func() error {
 		once.Do(func() {
 			defer unix.Close(fd)
-			if err := unix.IoctlSetInt(fd, ioctlFITHAW, 0); err != nil {
+			if err := ioctlThaw(fd); err != nil {
 				thawErr = fmt.Errorf("thaw %s: %w", mountPath, err)
 			}
 		})
