@@ -230,3 +230,20 @@ func FormatMs(v float64) string {
 func FormatRate(bytesPerSecond float64) string {
 	return fmt.Sprintf("%.0f MiB/s", bytesPerSecond/(1<<20))
 }
+
+// Each runs fn on every item as one phase of rec and returns the items it
+// succeeded on, in order.
+func Each[T any](ctx context.Context, rec *Recorder, ph Phase, items []T, fn func(context.Context, T) error) []T {
+	tasks := make([]Task, len(items))
+	for i, it := range items {
+		tasks[i] = func(ctx context.Context) error { return fn(ctx, it) }
+	}
+	errs := rec.Run(ctx, ph, tasks)
+	var ok []T
+	for i, it := range items {
+		if errs[i] == nil {
+			ok = append(ok, it)
+		}
+	}
+	return ok
+}

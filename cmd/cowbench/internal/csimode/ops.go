@@ -124,7 +124,7 @@ func (r *runner) trackSnap(s *snapshot) {
 // step that failed halfway (every undo is idempotent in CSI).
 func (r *runner) attachAndWrite(ctx context.Context, phase func(string, int) bench.Phase, n int, vols []*volume) []*volume {
 	if r.attach {
-		vols = each(ctx, r.rec, phase(bench.OpCtrlPublish, n), vols, func(ctx context.Context, v *volume) error {
+		vols = bench.Each(ctx, r.rec, phase(bench.OpCtrlPublish, n), vols, func(ctx context.Context, v *volume) error {
 			v.ctrlPublished = true
 			resp, err := r.d.ctrl.ControllerPublishVolume(ctx, &csi.ControllerPublishVolumeRequest{
 				VolumeId: v.id, NodeId: r.d.nodeInfo.GetNodeId(), VolumeCapability: r.cap, VolumeContext: v.context})
@@ -133,7 +133,7 @@ func (r *runner) attachAndWrite(ctx context.Context, phase func(string, int) ben
 		})
 	}
 	if r.d.staged() {
-		vols = each(ctx, r.rec, phase(bench.OpNodeStage, n), vols, func(ctx context.Context, v *volume) error {
+		vols = bench.Each(ctx, r.rec, phase(bench.OpNodeStage, n), vols, func(ctx context.Context, v *volume) error {
 			path := r.stagingPath(v)
 			if err := os.MkdirAll(path, 0o750); err != nil {
 				return err
@@ -144,7 +144,7 @@ func (r *runner) attachAndWrite(ctx context.Context, phase func(string, int) ben
 			return err
 		})
 	}
-	vols = each(ctx, r.rec, phase(bench.OpNodePublish, n), vols, func(ctx context.Context, v *volume) error {
+	vols = bench.Each(ctx, r.rec, phase(bench.OpNodePublish, n), vols, func(ctx context.Context, v *volume) error {
 		path := r.targetPath(v)
 		// The kubelet makes the parent; the driver makes the target.
 		if err := os.MkdirAll(filepath.Dir(path), 0o750); err != nil {
@@ -157,7 +157,7 @@ func (r *runner) attachAndWrite(ctx context.Context, phase func(string, int) ben
 	})
 	ph := phase(bench.OpWrite, n)
 	ph.Bytes = r.cfg.Write
-	return each(ctx, r.rec, ph, vols, func(ctx context.Context, v *volume) error {
+	return bench.Each(ctx, r.rec, ph, vols, func(ctx context.Context, v *volume) error {
 		h := fnv.New64a()
 		h.Write([]byte(v.name))
 		return writeData(ctx, v.target, r.cfg.Write, r.cfg.Access == AccessBlock, h.Sum64())
@@ -175,12 +175,12 @@ func (r *runner) detach(ctx context.Context, phase func(string, int) bench.Phase
 		}
 		return out
 	}
-	each(ctx, r.rec, phase(bench.OpNodeUnpublish, n), marked(func(v *volume) bool { return v.target != "" }), r.unpublish)
+	bench.Each(ctx, r.rec, phase(bench.OpNodeUnpublish, n), marked(func(v *volume) bool { return v.target != "" }), r.unpublish)
 	if r.d.staged() {
-		each(ctx, r.rec, phase(bench.OpNodeUnstage, n), marked(func(v *volume) bool { return v.staging != "" }), r.unstage)
+		bench.Each(ctx, r.rec, phase(bench.OpNodeUnstage, n), marked(func(v *volume) bool { return v.staging != "" }), r.unstage)
 	}
 	if r.attach {
-		each(ctx, r.rec, phase(bench.OpCtrlUnpublish, n), marked(func(v *volume) bool { return v.ctrlPublished }), r.ctrlUnpublish)
+		bench.Each(ctx, r.rec, phase(bench.OpCtrlUnpublish, n), marked(func(v *volume) bool { return v.ctrlPublished }), r.ctrlUnpublish)
 	}
 }
 

@@ -274,7 +274,7 @@ func (r *runner) cell(ctx context.Context, size int64, conc int) {
 	for i := range sources {
 		sources[i] = &volume{name: fmt.Sprintf("%s-v%d", tag, i), size: size}
 	}
-	sources = each(ctx, r.rec, phase(bench.OpCreateVolume, n), sources, r.createVolume)
+	sources = bench.Each(ctx, r.rec, phase(bench.OpCreateVolume, n), sources, r.createVolume)
 	created = append(created, sources...)
 
 	// The volumes with data, which the snapshots and clones are of.
@@ -292,7 +292,7 @@ func (r *runner) cell(ctx context.Context, size int64, conc int) {
 		for i, v := range written {
 			round[i] = &snapshot{name: fmt.Sprintf("%s-s%d", v.name, k), src: v}
 		}
-		snaps = append(snaps, each(ctx, r.rec, phase(bench.OpCreateSnapshot, n), round, r.createSnapshot)...)
+		snaps = append(snaps, bench.Each(ctx, r.rec, phase(bench.OpCreateSnapshot, n), round, r.createSnapshot)...)
 	}
 	if r.cfg.Write > 0 && r.cfg.Online {
 		r.detach(ctx, phase, n, sources)
@@ -304,7 +304,7 @@ func (r *runner) cell(ctx context.Context, size int64, conc int) {
 			source: &csi.VolumeContentSource{Type: &csi.VolumeContentSource_Snapshot{
 				Snapshot: &csi.VolumeContentSource_SnapshotSource{SnapshotId: s.id}}}}
 	}
-	restores = each(ctx, r.rec, phase(bench.OpRestore, n*nsnap), restores, r.createVolume)
+	restores = bench.Each(ctx, r.rec, phase(bench.OpRestore, n*nsnap), restores, r.createVolume)
 	created = append(created, restores...)
 
 	if r.clone {
@@ -314,11 +314,11 @@ func (r *runner) cell(ctx context.Context, size int64, conc int) {
 				source: &csi.VolumeContentSource{Type: &csi.VolumeContentSource_Volume{
 					Volume: &csi.VolumeContentSource_VolumeSource{VolumeId: v.id}}}}
 		}
-		clones = each(ctx, r.rec, phase(bench.OpClone, n), clones, r.createVolume)
+		clones = bench.Each(ctx, r.rec, phase(bench.OpClone, n), clones, r.createVolume)
 		created = append(created, clones...)
 	}
 
-	each(ctx, r.rec, phase(bench.OpDeleteSnapshot, n*nsnap), snaps, r.deleteSnapshot)
+	bench.Each(ctx, r.rec, phase(bench.OpDeleteSnapshot, n*nsnap), snaps, r.deleteSnapshot)
 	planned := n + n*nsnap
 	if r.clone {
 		planned += n
@@ -331,24 +331,7 @@ func (r *runner) cell(ctx context.Context, size int64, conc int) {
 			deletable = append(deletable, v)
 		}
 	}
-	each(ctx, r.rec, phase(bench.OpDeleteVolume, planned), deletable, r.deleteVolume)
-}
-
-// each runs fn on every item as one phase and returns the items it
-// succeeded on.
-func each[T any](ctx context.Context, rec *bench.Recorder, ph bench.Phase, items []T, fn func(context.Context, T) error) []T {
-	tasks := make([]bench.Task, len(items))
-	for i, it := range items {
-		tasks[i] = func(ctx context.Context) error { return fn(ctx, it) }
-	}
-	errs := rec.Run(ctx, ph, tasks)
-	var ok []T
-	for i, it := range items {
-		if errs[i] == nil {
-			ok = append(ok, it)
-		}
-	}
-	return ok
+	bench.Each(ctx, r.rec, phase(bench.OpDeleteVolume, planned), deletable, r.deleteVolume)
 }
 
 func randomHex(n int) string {
