@@ -78,8 +78,8 @@ func connect(ctx context.Context, cfg *Config) (*clients, error) {
 
 // classes are the classes a run uses, checked before anything is created.
 type classes struct {
-	sc  *storagev1.StorageClass
-	vsc *snapv1.VolumeSnapshotClass
+	sc   *storagev1.StorageClass
+	vsc  *snapv1.VolumeSnapshotClass
 	wffc bool
 }
 

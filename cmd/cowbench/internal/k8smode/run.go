@@ -120,7 +120,7 @@ func Run(ctx context.Context, cfg Config, prog *bench.Progress, onNamespace func
 	prog.Finish()
 
 	res = &bench.Result{Mode: "k8s", Command: os.Args, Started: started, Rows: r.rec.Rows(), Errors: r.rec.Failures(),
-		Target: fmt.Sprintf("%s at %s, storage class %s (%s), snapshot class %s", version, c.config.Host, cl.sc.Name, cl.sc.Provisioner, cl.vsc.Name),
+		Target:   fmt.Sprintf("%s at %s, storage class %s (%s), snapshot class %s", version, c.config.Host, cl.sc.Name, cl.sc.Provisioner, cl.vsc.Name),
 		Settings: r.settings()}
 	if cfg.Clone {
 		res.Notes = append(res.Notes, "clone: whether the driver can clone is not visible through Kubernetes; a driver that cannot leaves clones Pending until --op-timeout")
