@@ -3,9 +3,14 @@ package driver
 import (
 	"context"
 	"errors"
+	"fmt"
 	"io/fs"
+	"os"
+	"path/filepath"
+	"strings"
 
 	"golang.org/x/sys/unix"
+	"k8s.io/klog/v2"
 
 	"github.com/cowcsi/cowcsi/cow"
 	"github.com/cowcsi/cowcsi/cow/loopdev"
@@ -38,15 +43,20 @@ func (loopDevices) Detach(ctx context.Context, dev, backing string) error {
 		if gone(err) {
 			return nil
 		}
-		return err
+		// loopdev asks the kernel for the loop status, which stats the
+		// backing file; on a dead FUSE connection (a crashed driver)
+		// that fails with ENOTCONN. The device is exactly what must be
+		// detached then: do it with sysfs and the bare ioctl.
+		return clearStale(dev, backing)
 	}
-	if backing != "" && d.BackingFile != "" && d.BackingFile != backing {
+	if backing != "" && d.BackingFile != "" && !sameBacking(d.BackingFile, backing) {
 		return nil // the number was reused: not ours any more
 	}
 	err = d.Detach()
 	if errors.Is(err, loopdev.ErrBusy) {
 		// The kernel detaches on last close (e.g. a lazily unmounted
 		// filesystem still in use); nothing more we can do.
+		klog.InfoS("Loop device still open; the kernel detaches it on last close", "device", dev)
 		return nil
 	}
 	return err
@@ -71,23 +81,96 @@ func (loopDevices) Sync(ctx context.Context, dev string) error {
 func (loopDevices) BackingFile(dev string) (string, error) {
 	d, err := loopdev.Open(dev)
 	if err != nil {
-		return "", err
+		if gone(err) {
+			return "", err
+		}
+		return sysfsBacking(dev) // stale FUSE file: see Detach
 	}
-	return d.BackingFile, nil
+	return cleanBacking(d.BackingFile), nil
 }
 
+// FindByBacking reads sysfs only: cow/loopdev.FindByBacking stats each
+// candidate's backing file and so fails on the stale devices a restarted
+// driver is looking for (TestEngineRepro_LoopdevStaleFUSE), and the kernel
+// may name such a file "path (deleted)".
 func (loopDevices) FindByBacking(backing string) ([]string, error) {
-	ds, err := loopdev.FindByBacking(backing)
-	if err != nil {
-		return nil, err
-	}
-	out := make([]string, 0, len(ds))
-	for _, d := range ds {
-		out = append(out, d.Path)
-	}
-	return out, nil
+	return findBySysfs(backing)
 }
 
 func gone(err error) bool {
 	return errors.Is(err, unix.ENXIO) || errors.Is(err, fs.ErrNotExist) || errors.Is(err, unix.ENODEV)
+}
+
+// The fallbacks below read only sysfs, never the backing file, so they
+// work for loop devices whose FUSE file's server is gone. They work
+// around cow/loopdev failing on such devices (TestEngineRepro_LoopdevStaleFUSE).
+
+func sysfsBacking(dev string) (string, error) {
+	b, err := os.ReadFile(filepath.Join("/sys/block", filepath.Base(dev), "loop", "backing_file"))
+	if err != nil {
+		if errors.Is(err, fs.ErrNotExist) {
+			return "", fmt.Errorf("%s is not bound: %w", dev, unix.ENXIO)
+		}
+		return "", err
+	}
+	return cleanBacking(string(b)), nil
+}
+
+// cleanBacking undoes what d_path adds to the name of a file whose dentry
+// was invalidated: on a dead FUSE connection the kernel reports
+// "/path/vol-x (deleted)".
+func cleanBacking(p string) string {
+	return strings.TrimSuffix(strings.TrimSpace(p), " (deleted)")
+}
+
+// sameBacking reports whether the kernel's name cur for a loop device's
+// backing file denotes want: the same path, or the bare file name when
+// the (FUSE) mount above it has been detached.
+func sameBacking(cur, want string) bool {
+	cur = cleanBacking(cur)
+	return cur == want || cur == "/"+filepath.Base(want)
+}
+
+func findBySysfs(backing string) ([]string, error) {
+	entries, err := filepath.Glob("/sys/block/loop*/loop/backing_file")
+	if err != nil {
+		return nil, err
+	}
+	var out []string
+	for _, e := range entries {
+		b, err := os.ReadFile(e)
+		if err == nil && cleanBacking(string(b)) == backing {
+			out = append(out, "/dev/"+filepath.Base(filepath.Dir(filepath.Dir(e))))
+		}
+	}
+	return out, nil
+}
+
+// clearStale detaches dev (LOOP_CLR_FD) if it is still bound to backing,
+// or, with backing empty, if it is bound at all (the caller checked).
+func clearStale(dev, backing string) error {
+	cur, err := sysfsBacking(dev)
+	if err != nil {
+		if gone(err) {
+			return nil
+		}
+		return err
+	}
+	if backing != "" && !sameBacking(cur, backing) {
+		return nil // reused by another file: not ours
+	}
+	fd, err := unix.Open(dev, unix.O_RDONLY|unix.O_CLOEXEC, 0)
+	if err != nil {
+		if gone(err) {
+			return nil
+		}
+		return err
+	}
+	defer unix.Close(fd)
+	// With other openers the kernel marks the device autoclear and
+	// detaches it on their last close.
+	if err := unix.IoctlSetInt(fd, unix.LOOP_CLR_FD, 0); err != nil && !gone(err) {
+		return fmt.Errorf("LOOP_CLR_FD %s: %w", dev, err)
+	}
+	return nil
 }

@@ -6,7 +6,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
-	"strings"
+	"slices"
 
 	"golang.org/x/sys/unix"
 	"k8s.io/klog/v2"
@@ -67,19 +67,31 @@ func (n *nodeService) teardownStale(ctx context.Context, fuseDir string, sv *sta
 		detachMounts(sv.StagingPath)
 	}
 	file := filepath.Join(fuseDir, sv.VolumeID)
-	devs, _ := n.loop().FindByBacking(file)
+	devs, err := n.loop().FindByBacking(file)
+	if err != nil {
+		klog.ErrorS(err, "Looking for stale loop devices", "volume", sv.VolumeID, "file", file)
+	}
 	if sv.LoopDevice != "" {
 		// The old FUSE mount may be detached already (graceful stop), so
 		// the kernel no longer names the backing file by its full path;
 		// the recorded device is ours if it still ends in the volume ID.
-		if b, err := n.loop().BackingFile(sv.LoopDevice); err == nil &&
-			(b == file || strings.HasSuffix(b, "/"+sv.VolumeID)) {
-			devs = append(devs, sv.LoopDevice)
+		b, err := n.loop().BackingFile(sv.LoopDevice)
+		switch {
+		case err != nil:
+			klog.V(2).InfoS("Recorded loop device is gone", "volume", sv.VolumeID, "device", sv.LoopDevice, "err", err)
+		case sameBacking(b, file):
+			if !slices.Contains(devs, sv.LoopDevice) {
+				devs = append(devs, sv.LoopDevice)
+			}
+		default:
+			klog.V(2).InfoS("Recorded loop device now serves another file", "volume", sv.VolumeID, "device", sv.LoopDevice, "backing", b)
 		}
 	}
 	for _, dev := range devs {
 		if err := n.loop().Detach(ctx, dev, ""); err != nil {
 			klog.ErrorS(err, "Detaching stale loop device", "volume", sv.VolumeID, "device", dev)
+		} else {
+			klog.InfoS("Detached stale loop device", "volume", sv.VolumeID, "device", dev)
 		}
 	}
 	sv.LoopDevice = ""

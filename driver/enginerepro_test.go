@@ -1,0 +1,163 @@
+package driver
+
+import (
+	"bufio"
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/cowcsi/cowcsi/cow/fusefs"
+	"github.com/cowcsi/cowcsi/cow/loopdev"
+)
+
+// TestMain lets a test run this binary as a helper process that serves a
+// FUSE file with a loop device on it, so that the test can kill it.
+func TestMain(m *testing.M) {
+	if dir := os.Getenv("COWCSI_REPRO_FUSE_DIR"); dir != "" {
+		os.Exit(reproFuseHelper(dir))
+	}
+	os.Exit(m.Run())
+}
+
+// memFile is a BlockFile in memory.
+type memFile struct {
+	mu   sync.Mutex
+	data []byte
+}
+
+func (f *memFile) ReadAt(p []byte, off int64) (int, error) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if off >= int64(len(f.data)) {
+		return 0, io.EOF
+	}
+	n := copy(p, f.data[off:])
+	if n < len(p) {
+		return n, io.EOF
+	}
+	return n, nil
+}
+
+func (f *memFile) WriteAt(p []byte, off int64) (int, error) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if off+int64(len(p)) > int64(len(f.data)) {
+		return 0, errors.New("write past end")
+	}
+	return copy(f.data[off:], p), nil
+}
+
+func (f *memFile) Flush() error                    { return nil }
+func (f *memFile) Discard(off, length int64) error { return nil }
+func (f *memFile) Size() int64                     { return int64(len(f.data)) }
+
+func reproFuseHelper(dir string) int {
+	ctx := context.Background()
+	s, err := fusefs.Mount(ctx, dir, fusefs.Options{})
+	if err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		return 1
+	}
+	if err := s.Add("vol", &memFile{data: make([]byte, 16<<20)}, false); err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		return 1
+	}
+	d, err := loopdev.Attach(ctx, s.Path("vol"), loopdev.Options{LogicalBlockSize: 4096})
+	if err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		return 1
+	}
+	fmt.Println(d.Path)
+	select {} // serve until killed
+}
+
+// TestEngineRepro_LoopdevStaleFUSE: cow/loopdev cannot see or detach a
+// loop device whose backing file lives on a FUSE mount whose server died
+// (the driver crashed) — exactly the device a restarted driver must clean
+// up. Open and FindByBacking call LOOP_GET_STATUS64, and the kernel's
+// loop_get_status stats the backing file (vfs_getattr), which fails with
+// ENOTCONN once the FUSE attribute cache (1 s) has expired. FindByBacking
+// then fails as a whole, so one stale device hides all the others.
+// Found by the crash-recovery test leaking loop devices under load; the
+// driver works around it with sysfs (loop.go: clearStale, findBySysfs).
+// Expected: both find the device and Detach detaches it.
+func TestEngineRepro_LoopdevStaleFUSE(t *testing.T) {
+	requireRoot(t)
+	dir := filepath.Join(t.TempDir(), "fuse")
+	file := filepath.Join(dir, "vol")
+	cmd := exec.Command(os.Args[0], "-test.run=^$")
+	cmd.Env = append(os.Environ(), "COWCSI_REPRO_FUSE_DIR="+dir)
+	cmd.Stderr = os.Stderr
+	out, err := cmd.StdoutPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	line, err := bufio.NewReader(out).ReadString('\n')
+	dev := strings.TrimSpace(line)
+	t.Cleanup(func() {
+		if dev != "" {
+			clearStale(dev, file)
+		}
+		unix.Unmount(dir, unix.MNT_DETACH)
+	})
+	if err != nil || !strings.HasPrefix(dev, "/dev/loop") {
+		cmd.Process.Kill()
+		cmd.Wait()
+		t.Fatalf("helper: %q %v", line, err)
+	}
+	// The "driver" crashes: its FUSE connection is aborted.
+	cmd.Process.Signal(syscall.SIGKILL)
+	cmd.Wait()
+	// Wait until the kernel's cached attributes of the file expire.
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		var st unix.Stat_t
+		if err := unix.Stat(file, &st); errors.Is(err, unix.ENOTCONN) {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("the dead FUSE mount still answers stat")
+		}
+		time.Sleep(50 * time.Millisecond) // polling a kernel cache timeout
+	}
+	// sysfs still names it (as "<path> (deleted)": the dentry went
+	// stale with the connection).
+	if cur, err := sysfsBacking(dev); err != nil || cur != file {
+		t.Fatalf("sysfs: %s is bound to %q (%v), want %s", dev, cur, err, file)
+	}
+	if got, _ := findBySysfs(file); len(got) != 1 || got[0] != dev {
+		t.Errorf("driver workaround findBySysfs = %v, want [%s]", got, dev)
+	}
+
+	devs, err := loopdev.FindByBacking(file)
+	if err != nil {
+		t.Errorf("loopdev.FindByBacking(%s) with the FUSE server dead: %v; want [%s]", file, err, dev)
+	} else if len(devs) != 1 || devs[0].Path != dev {
+		t.Errorf("loopdev.FindByBacking = %v, want [%s]", devs, dev)
+	}
+	d, err := loopdev.Open(dev)
+	if err != nil {
+		t.Errorf("loopdev.Open(%s) with the FUSE server dead: %v", dev, err)
+		return
+	}
+	if err := d.Detach(); err != nil {
+		t.Errorf("Detach: %v", err)
+	}
+	if _, err := sysfsBacking(dev); err == nil {
+		t.Errorf("%s still bound after Detach", dev)
+	}
+}
