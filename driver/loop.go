@@ -89,10 +89,9 @@ func (loopDevices) BackingFile(dev string) (string, error) {
 	return cleanBacking(d.BackingFile), nil
 }
 
-// FindByBacking reads sysfs only: cow/loopdev.FindByBacking stats each
-// candidate's backing file and so fails on the stale devices a restarted
-// driver is looking for (TestEngineRepro_LoopdevStaleFUSE), and the kernel
-// may name such a file "path (deleted)".
+// FindByBacking reads sysfs only and matches by name: the stale devices a
+// restarted driver looks for have backing files on a dead FUSE mount, which
+// the kernel may name "path (deleted)" (TestLoopdevWithDeadFUSEServer).
 func (loopDevices) FindByBacking(backing string) ([]string, error) {
 	return findBySysfs(backing)
 }
@@ -101,9 +100,10 @@ func gone(err error) bool {
 	return errors.Is(err, unix.ENXIO) || errors.Is(err, fs.ErrNotExist) || errors.Is(err, unix.ENODEV)
 }
 
-// The fallbacks below read only sysfs, never the backing file, so they
-// work for loop devices whose FUSE file's server is gone. They work
-// around cow/loopdev failing on such devices (TestEngineRepro_LoopdevStaleFUSE).
+// The helpers below read only sysfs, never the backing file, so they work
+// for loop devices whose FUSE file's server is gone, and sameBacking also
+// matches the bare name the kernel reports once the FUSE mount above the
+// file was lazily detached (cow/loopdev compares exact paths).
 
 func sysfsBacking(dev string) (string, error) {
 	b, err := os.ReadFile(filepath.Join("/sys/block", filepath.Base(dev), "loop", "backing_file"))
