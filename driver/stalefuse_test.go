@@ -82,7 +82,7 @@ func reproFuseHelper(dir string) int {
 	select {} // serve until killed
 }
 
-// TestEngineRepro_LoopdevStaleFUSE: cow/loopdev cannot see or detach a
+// TestLoopdevWithDeadFUSEServer: cow/loopdev cannot see or detach a
 // loop device whose backing file lives on a FUSE mount whose server died
 // (the driver crashed) — exactly the device a restarted driver must clean
 // up. Open and FindByBacking call LOOP_GET_STATUS64, and the kernel's
@@ -92,7 +92,7 @@ func reproFuseHelper(dir string) int {
 // Found by the crash-recovery test leaking loop devices under load; the
 // driver works around it with sysfs (loop.go: clearStale, findBySysfs).
 // Expected: both find the device and Detach detaches it.
-func TestEngineRepro_LoopdevStaleFUSE(t *testing.T) {
+func TestLoopdevWithDeadFUSEServer(t *testing.T) {
 	requireRoot(t)
 	dir := filepath.Join(t.TempDir(), "fuse")
 	file := filepath.Join(dir, "vol")

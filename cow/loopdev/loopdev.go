@@ -266,13 +266,13 @@ func (d *Device) clearFD() error {
 		return err
 	}
 	defer unix.Close(fd)
-	info, err := unix.IoctlLoopGetStatus64(fd)
+	ours, err := d.boundToUs(fd)
 	if err != nil {
-		return err // ENXIO: not bound
+		return err
 	}
-	if idOf(info) != d.backing {
-		// The number was reused by someone else after our device went
-		// away (autoclear, an earlier Detach): ours is detached.
+	if !ours {
+		// Not bound, or the number was reused by someone else after our
+		// device went away (autoclear, an earlier Detach): ours is detached.
 		return unix.ENXIO
 	}
 	return unix.IoctlSetInt(fd, unix.LOOP_CLR_FD, 0)

@@ -91,6 +91,21 @@ func open(n int) (*Device, error) {
 	}
 	defer unix.Close(fd)
 	info, err := unix.IoctlLoopGetStatus64(fd)
+	if err != nil && !errors.Is(err, unix.ENXIO) {
+		// The kernel stats the backing file to answer LOOP_GET_STATUS64;
+		// with the file's FUSE server dead that fails (ENOTCONN), exactly
+		// for the devices a restarted driver must clean up. sysfs still
+		// describes the device: identify it by the path it reports.
+		bf, serr := backingFileOf(n)
+		if serr != nil {
+			return nil, fmt.Errorf("loopdev: LOOP_GET_STATUS64 %s: %w", d.Path, err)
+		}
+		d.BackingFile = bf
+		dio, _ := readSysfs(n, "loop/dio")
+		ro, _ := readSysfs(n, "ro")
+		d.directIO, d.ReadOnly = dio == "1", ro == "1"
+		return d, nil
+	}
 	if err != nil {
 		return nil, fmt.Errorf("loopdev: LOOP_GET_STATUS64 %s: %w", d.Path, err)
 	}
@@ -101,6 +116,27 @@ func open(n int) (*Device, error) {
 		d.BackingFile = bf
 	}
 	return d, nil
+}
+
+// boundToUs reports whether the device behind fd is still bound to d's
+// backing file: by device and inode when the kernel can tell them, else
+// (backing file unreachable, or d opened without them) by the sysfs path.
+func (d *Device) boundToUs(fd int) (bool, error) {
+	info, err := unix.IoctlLoopGetStatus64(fd)
+	if errors.Is(err, unix.ENXIO) {
+		return false, nil
+	}
+	if err == nil && d.backing != (fileID{}) {
+		return idOf(info) == d.backing, nil
+	}
+	cur, serr := backingFileOf(d.Number)
+	if errors.Is(serr, fs.ErrNotExist) {
+		return false, nil
+	}
+	if serr != nil {
+		return false, serr
+	}
+	return d.BackingFile == "" || cur == d.BackingFile, nil
 }
 
 // numberOfDev finds the loop device whose sysfs dev file is major:minor.
@@ -137,14 +173,7 @@ func (d *Device) stillBound() (bool, error) {
 		return false, err
 	}
 	defer unix.Close(fd)
-	info, err := unix.IoctlLoopGetStatus64(fd)
-	if errors.Is(err, unix.ENXIO) {
-		return false, nil
-	}
-	if err != nil {
-		return false, err
-	}
-	return idOf(info) == d.backing, nil
+	return d.boundToUs(fd)
 }
 
 // backingFileOf returns the backing file of bound loop device n, or an error
