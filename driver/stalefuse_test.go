@@ -82,16 +82,12 @@ func reproFuseHelper(dir string) int {
 	select {} // serve until killed
 }
 
-// TestLoopdevWithDeadFUSEServer: cow/loopdev cannot see or detach a
-// loop device whose backing file lives on a FUSE mount whose server died
-// (the driver crashed) — exactly the device a restarted driver must clean
-// up. Open and FindByBacking call LOOP_GET_STATUS64, and the kernel's
-// loop_get_status stats the backing file (vfs_getattr), which fails with
-// ENOTCONN once the FUSE attribute cache (1 s) has expired. FindByBacking
-// then fails as a whole, so one stale device hides all the others.
-// Found by the crash-recovery test leaking loop devices under load; the
-// driver works around it with sysfs (loop.go: clearStale, findBySysfs).
-// Expected: both find the device and Detach detaches it.
+// TestLoopdevWithDeadFUSEServer: cow/loopdev must see and detach a loop
+// device whose backing file lives on a FUSE mount whose server died (the
+// driver crashed) — exactly the device a restarted driver must clean up.
+// LOOP_GET_STATUS64 stats the backing file, which fails once the dead
+// mount's cached attributes expire, so loopdev falls back to sysfs. Found by
+// the crash-recovery test leaking loop devices under load.
 func TestLoopdevWithDeadFUSEServer(t *testing.T) {
 	requireRoot(t)
 	dir := filepath.Join(t.TempDir(), "fuse")
