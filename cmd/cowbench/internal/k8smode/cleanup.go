@@ -73,7 +73,7 @@ func (r *runner) waitNamespaceGone(ctx context.Context) error {
 		_, exists, err := store.GetByKey(r.ns)
 		return !exists, err
 	}, func(e watch.Event) (bool, error) {
-		return e.Type == watch.Deleted, nil
+		return e.Type == watch.Deleted && name(e.Object) == r.ns, nil
 	})
 	return err
 }

@@ -70,6 +70,11 @@ func Run(ctx context.Context, cfg Config, prog *bench.Progress, onNamespace func
 	if err != nil {
 		return nil, err
 	}
+	return run(ctx, cfg, c, started, prog, onNamespace)
+}
+
+// run is Run with the clients made.
+func run(ctx context.Context, cfg Config, c *clients, started time.Time, prog *bench.Progress, onNamespace func(string)) (res *bench.Result, err error) {
 	cl, err := preflight(ctx, c, &cfg)
 	if err != nil {
 		return nil, err
