@@ -120,7 +120,7 @@ func (c *cluster) stop() error { return c.cleanup.run() }
 func (c *cluster) dead() error {
 	for _, p := range c.procs {
 		if done, err := p.exited(); done {
-			return fmt.Errorf("%s exited (%v); log %s:\n%s", p.name, err, p.logPath, p.tail(20))
+			return permanentError{fmt.Errorf("%s exited (%v); log %s:\n%s", p.name, err, p.logPath, p.tail(20))}
 		}
 	}
 	return nil
@@ -202,6 +202,8 @@ func (c *cluster) startAPIServer(ctx context.Context, etcdURL string) error {
 		"--service-account-signing-key-file=" + c.pki.SAKeyFile,
 		"--service-cluster-ip-range=10.0.0.0/24",
 		"--allow-privileged=true",
+		// The kubernetes Service cannot point at a loopback address.
+		"--endpoint-reconciler-type=none",
 		"--profiling=false",
 		"--v=1",
 	}, nil)

@@ -134,7 +134,7 @@ func (n *node) connect(ctx context.Context) error {
 	defer cancel()
 	err := waitFor(wctx, 50*time.Millisecond, "cowcsi socket on "+n.name, func() (bool, error) {
 		if done, err := n.cowcsi.exited(); done {
-			return false, fmt.Errorf("cowcsi exited: %v\n%s", err, n.cowcsi.tail(20))
+			return false, permanentError{fmt.Errorf("cowcsi exited: %v\n%s", err, n.cowcsi.tail(20))}
 		}
 		_, err := os.Stat(n.socket())
 		return err == nil, nil
@@ -148,7 +148,18 @@ func (n *node) connect(ctx context.Context) error {
 	}
 	n.csi = conn
 	n.c.cleanup.add(conn.Close)
-	return nil
+	// The driver answers Unavailable until it has recovered its state; the
+	// sidecars wait for Probe to say ready, and so does the harness.
+	return waitFor(wctx, 50*time.Millisecond, "cowcsi Probe on "+n.name, func() (bool, error) {
+		if done, err := n.cowcsi.exited(); done {
+			return false, permanentError{fmt.Errorf("cowcsi exited: %v\n%s", err, n.cowcsi.tail(20))}
+		}
+		resp, err := csi.NewIdentityClient(conn).Probe(wctx, &csi.ProbeRequest{})
+		if err != nil {
+			return false, err
+		}
+		return resp.GetReady() == nil || resp.GetReady().GetValue(), nil
+	})
 }
 
 // register does what the kubelet does when node-driver-registrar reports the

@@ -112,14 +112,25 @@ func freePort() (int, error) {
 	return l.Addr().(*net.TCPAddr).Port, nil
 }
 
-// waitFor polls cond every interval until it returns true or an error, or ctx
-// ends. It is for readiness of processes; Kubernetes objects are watched.
+// permanentError ends a waitFor at once: waiting longer cannot help (a
+// process died).
+type permanentError struct{ error }
+
+func (e permanentError) Unwrap() error { return e.error }
+
+// waitFor polls cond every interval until it returns true, or a
+// permanentError, or ctx ends; other errors are kept for the message. It is
+// for readiness of processes and for things that have no watch.
 func waitFor(ctx context.Context, interval time.Duration, what string, cond func() (bool, error)) error {
 	var last error
 	for {
 		ok, err := cond()
 		if ok {
 			return nil
+		}
+		var perm permanentError
+		if errors.As(err, &perm) {
+			return fmt.Errorf("waiting for %s: %w", what, perm.error)
 		}
 		if err != nil {
 			last = err
