@@ -20,10 +20,11 @@ build:
 test: deps
 	$(GO) test $(TESTFLAGS) $(PKGS)
 
+# -tags e2e: the end-to-end harness is built only with that tag; lint it too.
 lint:
 	@test -z "$$(gofmt -l $$(git ls-files '*.go'))" || { echo "gofmt needed:"; gofmt -l $$(git ls-files '*.go'); exit 1; }
-	$(GO) vet $(PKGS)
-	$(GOBIN)/staticcheck $(PKGS)
+	$(GO) vet -tags e2e $(PKGS)
+	$(GOBIN)/staticcheck -tags e2e $(PKGS)
 
 fmt:
 	gofmt -w $$(git ls-files '*.go')
@@ -73,3 +74,15 @@ e2e-bench: deps e2e-tools
 	@mkdir -p $(BIN)
 	COWCSI_E2E_BENCH_OUT=$(CURDIR)/$(BIN)/e2e-bench.md $(GO) test $(E2EFLAGS) -run '^TestLatency$$' ./test/e2e/
 	@echo "report: $(BIN)/e2e-bench.md"
+
+# bench-io ----------------------------------------------------------------
+# The data path against its limit with fio (test/bench-io, docs/BENCHMARKS.md
+# "Data path (fio)"): about 15 minutes with the defaults. Results in
+# BENCH_IO_OUT; e.g. BENCH_IO_FLAGS='-only raw -rounds 5'.
+BENCH_IO_OUT   ?= /var/tmp/cowcsi-bench-io.json
+BENCH_IO_FLAGS ?=
+
+.PHONY: bench-io
+
+bench-io:
+	bash test/bench-io/bench-io.sh -out $(BENCH_IO_OUT) $(BENCH_IO_FLAGS)
