@@ -993,6 +993,8 @@ func killRepeatedly(t *testing.T, name string, rounds int, maxDelay time.Duratio
 //     ("journal header: 0 bytes"); or
 //   - a data file not yet truncated to the volume size: Open accepts the
 //     store and Check reports it corrupt ("head data file size wrong").
+//
+// Fixed in a2c7a15; kept as a regression test.
 func TestRepro_CrashInFirstWriteBreaksOpen(t *testing.T) {
 	killRepeatedly(t, "first-writes", 20, 30*time.Millisecond)
 }
@@ -1004,4 +1006,24 @@ func TestRepro_CrashInFirstWriteBreaksOpen(t *testing.T) {
 // a regression test.
 func TestRepro_CrashDuringExpandFailsCheck(t *testing.T) {
 	killRepeatedly(t, "expand", 20, 30*time.Millisecond)
+}
+
+// TestRepro_MergeIntoHeadLosesFlushedBlockOnCrash: deleting a snapshot whose
+// layer is merged into an open head skipped blocks the head held only in
+// memory (an unflushed copy-up), then removed the snapshot's layer. After
+// kill -9 the head's unflushed block was gone and the block read as the layer
+// below it (zeros), losing data that had been flushed. Fixed in be45191
+// ("durable merges into live heads"); kept as a regression test.
+func TestRepro_MergeIntoHeadLosesFlushedBlockOnCrash(t *testing.T) {
+	dir := t.TempDir()
+	killAfterScenario(t, dir, "merge-unflushed-head")
+	s := openStore(t, dir)
+	mustCheck(t, s)
+	got := readVolume(t.Context(), t, s, "v")[:cow.BlockSize]
+	flushed := bytes.Repeat([]byte{0xAA}, cow.BlockSize)
+	written := bytes.Clone(flushed)
+	copy(written[1024:], bytes.Repeat([]byte{0xBB}, 512))
+	if !bytes.Equal(got, flushed) && !bytes.Equal(got, written) {
+		t.Fatalf("block 0 after kill -9: %s (vs the flushed data); want the flushed block or the later write", diffAt(got, flushed))
+	}
 }
