@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"slices"
 	"strings"
+	"time"
 
 	snapv1 "github.com/kubernetes-csi/external-snapshotter/client/v8/apis/volumesnapshot/v1"
 	corev1 "k8s.io/api/core/v1"
@@ -20,8 +21,14 @@ import (
 // cleanup deletes the namespace, waits until it is gone, then until the PVs
 // and VolumeSnapshotContents of its claims and snapshots are gone too: the
 // volumes and snapshots in the storage are deleted only then.
-func (r *runner) cleanup(ctx context.Context) error {
+func (r *runner) cleanup(ctx context.Context) (err error) {
+	start := time.Now()
 	r.prog.Printf("cleanup: deleting namespace %s and everything in it", r.ns)
+	defer func() {
+		if err == nil {
+			r.prog.Printf("cleanup: namespace %s, its volumes and snapshots deleted in %v", r.ns, time.Since(start).Round(time.Millisecond))
+		}
+	}()
 	if r.cfg.WriterPod {
 		// Writers are killed at once; their data is written.
 		err := r.c.kube.CoreV1().Pods(r.ns).DeleteCollection(ctx, metav1.DeleteOptions{GracePeriodSeconds: ptr(int64(0))}, metav1.ListOptions{})
@@ -29,7 +36,7 @@ func (r *runner) cleanup(ctx context.Context) error {
 			return fmt.Errorf("deleting the writer pods of namespace %s: %w", r.ns, err)
 		}
 	}
-	err := r.c.kube.CoreV1().Namespaces().Delete(ctx, r.ns, metav1.DeleteOptions{})
+	err = r.c.kube.CoreV1().Namespaces().Delete(ctx, r.ns, metav1.DeleteOptions{})
 	if err != nil && !apierrors.IsNotFound(err) {
 		return fmt.Errorf("deleting namespace %s: %w (kubectl delete namespace %s)", r.ns, err, r.ns)
 	}
