@@ -13,7 +13,6 @@ import (
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/client-go/kubernetes"
 	"k8s.io/client-go/tools/clientcmd"
-
 )
 
 // The k8s mode against a control plane running cowcsi with deploy/'s
@@ -121,4 +120,3 @@ func TestK8sE2EPreflight(t *testing.T) {
 		t.Errorf("created before the checks: %v", left)
 	}
 }
-
