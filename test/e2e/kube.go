@@ -252,9 +252,15 @@ func (ns *testNS) events(ctx context.Context, kind, name string) string {
 // waitEvent waits for an event about the object whose reason is one of
 // reasons, and returns it.
 func (ns *testNS) waitEvent(ctx context.Context, kind, name string, reasons ...string) (*corev1.Event, error) {
+	return ns.c.waitEvent(ctx, ns.name, kind, name, reasons...)
+}
+
+// waitEvent waits for an event in namespace (for cluster-scoped objects:
+// "default") about the object, with one of the reasons.
+func (c *cluster) waitEvent(ctx context.Context, namespace, kind, name string, reasons ...string) (*corev1.Event, error) {
 	ctx, cancel := context.WithTimeout(ctx, defaultTimeout)
 	defer cancel()
-	api := ns.c.kube.CoreV1().Events(ns.name)
+	api := c.kube.CoreV1().Events(namespace)
 	sel := fields.Set{"involvedObject.kind": kind, "involvedObject.name": name}.String()
 	lw := &cache.ListWatch{
 		ListWithContextFunc: func(ctx context.Context, o metav1.ListOptions) (runtime.Object, error) {
@@ -275,7 +281,7 @@ func (ns *testNS) waitEvent(ctx context.Context, kind, name string, reasons ...s
 		return false, nil
 	})
 	if err != nil {
-		return nil, fmt.Errorf("event %v about %s %s: %w; events so far: %s", reasons, kind, name, err, ns.events(context.Background(), kind, name))
+		return nil, fmt.Errorf("event %v about %s %s: %w", reasons, kind, name, err)
 	}
 	return ev, nil
 }

@@ -196,6 +196,13 @@ func (r *podRun) args(name string) (args []string, env map[string]string, err er
 		return r.mapPaths(c, s)
 	}
 	for _, a := range append(append([]string{}, c.Command...), c.Args...) {
+		if v := os.Getenv("COWCSI_E2E_V"); v != "" && strings.HasPrefix(a, "--v=") {
+			a = "--v=" + v // more log detail for debugging
+		}
+		// To measure what the upstream defaults cost (docs/BENCHMARKS.md).
+		if os.Getenv("COWCSI_E2E_DEFAULT_QPS") != "" && (strings.HasPrefix(a, "--kube-api-qps=") || strings.HasPrefix(a, "--kube-api-burst=")) {
+			continue
+		}
 		args = append(args, expand(a))
 	}
 	for k, v := range env {

@@ -77,7 +77,7 @@ func (c *cluster) addNode(ctx context.Context, name string) (n *node, err error)
 	if err != nil {
 		return nil, err
 	}
-	if n.cowcsi, err = n.start("cowcsi", c.bins.cowcsi, args, env); err != nil {
+	if n.cowcsi, err = n.start("cowcsi", c.bins.cowcsi, args, env, ""); err != nil {
 		return nil, err
 	}
 	if err := n.connect(ctx); err != nil {
@@ -111,7 +111,7 @@ func (c *cluster) addNode(ctx context.Context, name string) (n *node, err error)
 		}
 		// In a pod the sidecars find the apiserver through the in-cluster
 		// config; here they get a kubeconfig with the same token.
-		if _, err := n.start(sc.container, c.bins.tool(sc.tool), append(args, "--kubeconfig="+kubeconfig), env); err != nil {
+		if _, err := n.start(sc.container, c.bins.tool(sc.tool), append(args, "--kubeconfig="+kubeconfig), env, pod.Name); err != nil {
 			return nil, err
 		}
 	}
@@ -119,7 +119,15 @@ func (c *cluster) addNode(ctx context.Context, name string) (n *node, err error)
 	return n, nil
 }
 
-func (n *node) start(container, bin string, args []string, env map[string]string) (*process, error) {
+// start runs one container of the node's pod. With a hostname, it runs in a
+// UTS namespace of its own with that hostname, as in a pod: leader election
+// takes the hostname as the candidate's identity, and two nodes' sidecars on
+// one machine would otherwise both "hold" the lease.
+func (n *node) start(container, bin string, args []string, env map[string]string, hostname string) (*process, error) {
+	if hostname != "" {
+		args = append([]string{"--uts", "--", "sh", "-c", `hostname "$1" && shift && exec "$@"`, "sh", hostname, bin}, args...)
+		bin = "unshare"
+	}
 	p, err := n.c.start(n.name+"-"+container, bin, args, envList(env))
 	if err != nil {
 		return nil, err

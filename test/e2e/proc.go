@@ -80,10 +80,18 @@ func (p *process) stop(grace time.Duration) error {
 		return nil
 	case <-time.After(grace):
 	}
+	// Go programs print every goroutine's stack on SIGQUIT: the log then
+	// says where it hung.
+	_ = syscall.Kill(p.cmd.Process.Pid, syscall.SIGQUIT)
+	select {
+	case <-p.done:
+		return fmt.Errorf("%s did not stop within %v of SIGTERM; stopped with SIGQUIT, stacks in %s", p.name, grace, p.logPath)
+	case <-time.After(2 * time.Second):
+	}
 	_ = syscall.Kill(-p.cmd.Process.Pid, syscall.SIGKILL)
 	select {
 	case <-p.done:
-		return fmt.Errorf("%s did not stop within %v of SIGTERM; killed", p.name, grace)
+		return fmt.Errorf("%s did not stop within %v of SIGTERM; killed (stacks in %s)", p.name, grace, p.logPath)
 	case <-time.After(10 * time.Second):
 		return fmt.Errorf("%s (pid %d) survives SIGKILL", p.name, p.cmd.Process.Pid)
 	}

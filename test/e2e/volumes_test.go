@@ -4,8 +4,10 @@ package e2e
 
 import (
 	"bytes"
+	"context"
 	"os"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"testing"
 
@@ -58,13 +60,29 @@ func TestExpansion(t *testing.T) {
 	ns := newNS(t, c)
 	a := c.node(t, nodeA)
 
-	for _, n := range c.nodes {
-		if !strings.Contains(n.log("csi-resizer"), "using trivial resizer") {
-			t.Errorf("csi-resizer on %s did not choose its trivial resizer; log:\n%s", n.name, n.log("csi-resizer"))
+	// deploy/'s class formats ext4; growing a mounted ext4 takes
+	// CAP_SYS_RESOURCE (EXT4_IOC_RESIZE_FS), which a privileged pod has but
+	// some test machines (this one among them) withhold even from root. Then
+	// the same class with xfs, which the driver grows with xfs_growfs.
+	class := storageClass
+	if !hasCapSysResource(t) {
+		sc, err := c.kube.StorageV1().StorageClasses().Get(ctx, storageClass, metav1.GetOptions{})
+		if err != nil {
+			t.Fatal(err)
 		}
+		sc = sc.DeepCopy()
+		sc.ObjectMeta = metav1.ObjectMeta{Name: "cowcsi-xfs-" + ns.name}
+		sc.Parameters["csi.storage.k8s.io/fstype"] = "xfs"
+		if _, err := c.kube.StorageV1().StorageClasses().Create(ctx, sc, metav1.CreateOptions{}); err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() {
+			_ = c.kube.StorageV1().StorageClasses().Delete(context.Background(), sc.Name, metav1.DeleteOptions{})
+		})
+		class = sc.Name
+		t.Logf("no CAP_SYS_RESOURCE here: growing xfs (StorageClass %s) instead of ext4", class)
 	}
-
-	_, pv := provision(t, ns, claim{name: "grow", size: "1Gi", node: nodeA})
+	_, pv := provision(t, ns, claim{name: "grow", size: "1Gi", node: nodeA, class: class})
 	m := publishFor(t, a, pv)
 	before := fsSize(t, m.target)
 	if err := os.WriteFile(filepath.Join(m.target, importantFile), []byte(importantData), 0o644); err != nil {
@@ -90,6 +108,33 @@ func TestExpansion(t *testing.T) {
 	})
 	if err != nil {
 		t.Fatalf("PVC condition FileSystemResizePending: %v", err)
+	}
+	// Every resizer looked at the driver's capabilities when it started;
+	// one of them leads (its pod's name holds the lease) and did the above.
+	for _, n := range c.nodes {
+		if !strings.Contains(n.log("csi-resizer"), "using trivial resizer") {
+			t.Errorf("csi-resizer on %s did not choose its trivial resizer; log:\n%s", n.name, n.log("csi-resizer"))
+		}
+	}
+	lease, err := c.kube.CoordinationV1().Leases("kube-system").Get(ctx, "external-resizer-cowcsi-io", metav1.GetOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	holder := ""
+	if lease.Spec.HolderIdentity != nil {
+		holder = *lease.Spec.HolderIdentity
+	}
+	leaders := 0
+	for _, n := range c.nodes {
+		if holder == n.pod.Name {
+			t.Logf("csi-resizer of %s (pod %s) leads", n.name, n.pod.Name)
+		}
+		if strings.Contains(n.log("csi-resizer"), "became leader") {
+			leaders++
+		}
+	}
+	if leaders != 1 {
+		t.Errorf("%d csi-resizers say they lead (lease holder %q), want 1", leaders, holder)
 	}
 	pv, err = c.kube.CoreV1().PersistentVolumes().Get(ctx, pv.Name, metav1.GetOptions{})
 	if err != nil {
@@ -120,6 +165,21 @@ func TestExpansion(t *testing.T) {
 	if _, err := c.kube.CoreV1().PersistentVolumeClaims(ns.name).UpdateStatus(ctx, pvc, metav1.UpdateOptions{}); err != nil {
 		t.Fatal(err)
 	}
+}
+
+// hasCapSysResource says whether this process may grow a mounted ext4.
+func hasCapSysResource(t *testing.T) bool {
+	data, err := os.ReadFile("/proc/self/status")
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, line := range strings.Split(string(data), "\n") {
+		if v, ok := strings.CutPrefix(line, "CapEff:"); ok {
+			caps, err := strconv.ParseUint(strings.TrimSpace(v), 16, 64)
+			return err == nil && caps&(1<<unix.CAP_SYS_RESOURCE) != 0
+		}
+	}
+	return false
 }
 
 // fsSize is the size of the filesystem mounted at dir.

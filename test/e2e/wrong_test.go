@@ -52,10 +52,14 @@ func TestWrongRequests(t *testing.T) {
 		if _, err := ns.createSnapshot(ctx, "of-nothing", "no-such-pvc", snapshotClass); err != nil {
 			t.Fatal(err)
 		}
-		vs := waitSnapshotError(t, ns, "of-nothing")
+		vs := waitSnapshotError(t, ns, "of-nothing", "claim")
 		t.Logf("status.error: %s", *vs.Status.Error.Message)
-		if !strings.Contains(*vs.Status.Error.Message, "no-such-pvc") {
-			t.Errorf("the error does not name the PVC: %s", *vs.Status.Error.Message)
+		// snapshot-controller's words; it does not name the claim.
+		if !strings.Contains(*vs.Status.Error.Message, "claim") {
+			t.Errorf("the error does not say the claim is the problem: %s", *vs.Status.Error.Message)
+		}
+		if _, err := ns.waitEvent(ctx, "VolumeSnapshot", "of-nothing", "SnapshotContentCreationFailed"); err != nil {
+			t.Error(err)
 		}
 		if vs.Status.BoundVolumeSnapshotContentName != nil {
 			t.Errorf("bound to content %s", *vs.Status.BoundVolumeSnapshotContentName)
@@ -110,29 +114,46 @@ func TestWrongRequests(t *testing.T) {
 		if _, err := ns.createSnapshot(ctx, "bad-param", "src", bad.Name); err != nil {
 			t.Fatal(err)
 		}
-		vs := waitSnapshotError(t, ns, "bad-param")
+		// A fresh class can be missing from snapshot-controller's cache
+		// for a moment ("not found", retried): wait for the driver's word.
+		vs := waitSnapshotError(t, ns, "bad-param", "cowcsi.io/freeze")
 		t.Logf("status.error: %s", *vs.Status.Error.Message)
 		if !strings.Contains(*vs.Status.Error.Message, "cowcsi.io/freeze") {
 			t.Errorf("the error does not name the parameter: %s", *vs.Status.Error.Message)
 		}
-		t.Logf("events:%s", ns.events(ctx, "VolumeSnapshot", "bad-param"))
+		// csi-snapshotter reports on the content; events about a
+		// cluster-scoped object go to the default namespace.
+		if vs.Status.BoundVolumeSnapshotContentName == nil {
+			t.Fatal("no content named in the snapshot's status")
+		}
+		content := *vs.Status.BoundVolumeSnapshotContentName
+		ev, err := c.waitEvent(ctx, metav1.NamespaceDefault, "VolumeSnapshotContent", content, "SnapshotCreationFailed")
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Logf("event on %s: %s %s: %s", content, ev.Reason, ev.Source.Component, ev.Message)
 		if after := storeContents(t, c); !slices.Equal(before, after) {
 			t.Errorf("stores changed: %v -> %v", before, after)
 		}
 	})
 }
 
-// waitSnapshotError waits for a VolumeSnapshot's status.error and checks
-// that it is not ready.
-func waitSnapshotError(t *testing.T, ns *testNS, name string) *snapv1.VolumeSnapshot {
+// waitSnapshotError waits for a VolumeSnapshot's status.error to contain
+// want and checks that it is not ready.
+func waitSnapshotError(t *testing.T, ns *testNS, name, want string) *snapv1.VolumeSnapshot {
 	t.Helper()
 	ctx, cancel := context.WithTimeout(t.Context(), defaultTimeout)
 	defer cancel()
+	var last string
 	vs, err := until(ctx, ns.snapshotLW(name), &snapv1.VolumeSnapshot{}, func(s *snapv1.VolumeSnapshot) (bool, error) {
-		return s.Status != nil && s.Status.Error != nil && s.Status.Error.Message != nil, nil
+		if s.Status != nil && s.Status.Error != nil && s.Status.Error.Message != nil {
+			last = *s.Status.Error.Message
+			return strings.Contains(last, want), nil
+		}
+		return false, nil
 	})
 	if err != nil {
-		t.Fatalf("VolumeSnapshot %s status.error: %v; events:%s", name, err, ns.events(context.Background(), "VolumeSnapshot", name))
+		t.Fatalf("VolumeSnapshot %s status.error with %q: %v (last error: %q); events:%s", name, want, err, last, ns.events(context.Background(), "VolumeSnapshot", name))
 	}
 	if vs.Status.ReadyToUse != nil && *vs.Status.ReadyToUse {
 		t.Errorf("VolumeSnapshot %s is readyToUse despite the error", name)
