@@ -544,30 +544,43 @@ func (s *Store) ExpandVolume(ctx context.Context, id string, size int64) (Volume
 
 // GetVolume looks a volume up.
 func (s *Store) GetVolume(id string) (VolumeInfo, error) {
-	if err := ValidateID(id); err != nil {
-		return VolumeInfo{}, err
-	}
-	s.topo.Lock()
-	defer s.topo.Unlock()
-	if err := s.checkOpen(); err != nil {
-		return VolumeInfo{}, err
-	}
-	rec, ok := s.cat.volumes[id]
-	if !ok {
-		return VolumeInfo{}, errf(ErrNotFound, "volume %s", id)
-	}
-	return volumeInfo(rec), nil
+	return getRecord(s, id, "volume", func() map[string]*ondisk.VolumeRec { return s.cat.volumes }, volumeInfo)
 }
 
 // ListVolumes lists every volume, sorted by ID.
 func (s *Store) ListVolumes() []VolumeInfo {
+	return listRecords(s, func() map[string]*ondisk.VolumeRec { return s.cat.volumes }, volumeInfo,
+		func(v VolumeInfo) string { return v.ID })
+}
+
+// getRecord looks id up in one of the catalog's tables (read under topo).
+func getRecord[R, I any](s *Store, id, kind string, table func() map[string]*R, info func(*R) I) (I, error) {
+	var zero I
+	if err := ValidateID(id); err != nil {
+		return zero, err
+	}
 	s.topo.Lock()
 	defer s.topo.Unlock()
-	out := make([]VolumeInfo, 0, len(s.cat.volumes))
-	for _, r := range s.cat.volumes {
-		out = append(out, volumeInfo(r))
+	if err := s.checkOpen(); err != nil {
+		return zero, err
 	}
-	sort.Slice(out, func(i, j int) bool { return out[i].ID < out[j].ID })
+	rec, ok := table()[id]
+	if !ok {
+		return zero, errf(ErrNotFound, "%s %s", kind, id)
+	}
+	return info(rec), nil
+}
+
+// listRecords lists one of the catalog's tables sorted by ID.
+func listRecords[R, I any](s *Store, table func() map[string]*R, info func(*R) I, id func(I) string) []I {
+	s.topo.Lock()
+	defer s.topo.Unlock()
+	recs := table()
+	out := make([]I, 0, len(recs))
+	for _, r := range recs {
+		out = append(out, info(r))
+	}
+	sort.Slice(out, func(i, j int) bool { return id(out[i]) < id(out[j]) })
 	return out
 }
 
@@ -698,31 +711,13 @@ func (s *Store) DeleteSnapshot(ctx context.Context, id string) error {
 
 // GetSnapshot looks a snapshot up.
 func (s *Store) GetSnapshot(id string) (SnapshotInfo, error) {
-	if err := ValidateID(id); err != nil {
-		return SnapshotInfo{}, err
-	}
-	s.topo.Lock()
-	defer s.topo.Unlock()
-	if err := s.checkOpen(); err != nil {
-		return SnapshotInfo{}, err
-	}
-	rec, ok := s.cat.snaps[id]
-	if !ok {
-		return SnapshotInfo{}, errf(ErrNotFound, "snapshot %s", id)
-	}
-	return snapshotInfo(rec), nil
+	return getRecord(s, id, "snapshot", func() map[string]*ondisk.SnapshotRec { return s.cat.snaps }, snapshotInfo)
 }
 
 // ListSnapshots lists every snapshot, sorted by ID.
 func (s *Store) ListSnapshots() []SnapshotInfo {
-	s.topo.Lock()
-	defer s.topo.Unlock()
-	out := make([]SnapshotInfo, 0, len(s.cat.snaps))
-	for _, r := range s.cat.snaps {
-		out = append(out, snapshotInfo(r))
-	}
-	sort.Slice(out, func(i, j int) bool { return out[i].ID < out[j].ID })
-	return out
+	return listRecords(s, func() map[string]*ondisk.SnapshotRec { return s.cat.snaps }, snapshotInfo,
+		func(v SnapshotInfo) string { return v.ID })
 }
 
 // Capacity reports the size and free space of the filesystem under the store.
