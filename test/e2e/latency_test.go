@@ -97,7 +97,8 @@ func measure(t *testing.T, c *cluster, s series, n int) seriesResult {
 		snap, rest := fmt.Sprintf("snap-%d", i), fmt.Sprintf("restore-%d", i)
 
 		t0 := time.Now()
-		if _, err := ns.createSnapshot(ctx, snap, "src", snapshotClass); err != nil {
+		vs, err := ns.createSnapshot(ctx, snap, "src", snapshotClass)
+		if err != nil {
 			t.Fatal(err)
 		}
 		_, vsc, err := ns.waitReady(ctx, snap)
@@ -107,7 +108,8 @@ func measure(t *testing.T, c *cluster, s series, n int) seriesResult {
 		res.ready = append(res.ready, time.Since(t0))
 
 		t1 := time.Now()
-		if _, err := ns.createPVC(ctx, claim{name: rest, size: s.size, node: nodeA, source: snapshotSource(snap)}); err != nil {
+		rpvc, err := ns.createPVC(ctx, claim{name: rest, size: s.size, node: nodeA, source: snapshotSource(snap)})
+		if err != nil {
 			t.Fatal(err)
 		}
 		_, rpv, err := ns.waitBound(ctx, rest)
@@ -117,8 +119,9 @@ func measure(t *testing.T, c *cluster, s series, n int) seriesResult {
 		res.bound = append(res.bound, time.Since(t1))
 		// The watches may trail the waits by a moment.
 		time.Sleep(50 * time.Millisecond)
-		res.snapSteps = append(res.snapSteps, tr.snapshotMilestones(ns.name, snap, t0))
-		res.restSteps = append(res.restSteps, tr.restoreMilestones(ns.name, rest, t1))
+		driverLog := a.logPath("cowcsi")
+		res.snapSteps = append(res.snapSteps, tr.snapshotMilestones(ns.name, snap, string(vs.UID), driverLog, t0))
+		res.restSteps = append(res.restSteps, tr.restoreMilestones(ns.name, rest, string(rpvc.UID), driverLog, t1))
 
 		// Each round starts from the same state: the restore and the
 		// snapshot are deleted, and gone from the store.

@@ -86,6 +86,7 @@ func run(m *testing.M) int {
 		code = 1
 	}
 	if code != 0 || os.Getenv("COWCSI_E2E_KEEP") != "" {
+		_ = os.WriteFile(filepath.Join(dir, "kept"), nil, 0o644)
 		fmt.Fprintf(os.Stderr, "e2e: kept %s for the logs\n", dir)
 	} else {
 		_ = os.RemoveAll(dir)

@@ -135,6 +135,10 @@ func sweepStale(base string) {
 		} else if len(released) > 0 {
 			fmt.Fprintf(os.Stderr, "e2e: swept a stale run: %s\n", strings.Join(released, ", "))
 		}
+		// A run that kept its directory for the logs says so.
+		if _, err := os.Stat(filepath.Join(d, "kept")); err == nil {
+			continue
+		}
 		_ = os.RemoveAll(d)
 	}
 }

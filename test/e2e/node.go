@@ -390,6 +390,10 @@ func (n *node) hasVolume(ctx context.Context, handle string) (bool, error) {
 
 // log returns the log of one of this node's containers.
 func (n *node) log(container string) string {
-	data, _ := os.ReadFile(filepath.Join(n.c.logDir, n.name+"-"+container+".log"))
+	data, _ := os.ReadFile(n.logPath(container))
 	return string(data)
+}
+
+func (n *node) logPath(container string) string {
+	return filepath.Join(n.c.logDir, n.name+"-"+container+".log")
 }

@@ -3,6 +3,7 @@ package e2e
 import (
 	"context"
 	"fmt"
+	"os"
 	"sort"
 	"strings"
 	"sync"
@@ -121,8 +122,10 @@ func (tr *tracer) first(match func(any) bool) (time.Time, bool) {
 }
 
 // snapshotMilestones: from creating VolumeSnapshot ns/name at t0 to
-// readyToUse, with who does each step.
-func (tr *tracer) snapshotMilestones(ns, name string, t0 time.Time) []milestone {
+// readyToUse, with who does each step. driverLog is the log of the cowcsi
+// that takes the snapshot; uid the VolumeSnapshot's (csi-snapshotter names
+// the CSI snapshot "snapshot-<uid>").
+func (tr *tracer) snapshotMilestones(ns, name, uid, driverLog string, t0 time.Time) []milestone {
 	content := func(f func(*snapv1.VolumeSnapshotContent) bool) func(any) bool {
 		return func(o any) bool {
 			c, ok := o.(*snapv1.VolumeSnapshotContent)
@@ -140,21 +143,39 @@ func (tr *tracer) snapshotMilestones(ns, name string, t0 time.Time) []milestone 
 		match func(any) bool
 	}{
 		{"snapshot-controller: VolumeSnapshotContent created", content(func(*snapv1.VolumeSnapshotContent) bool { return true })},
-		{"csi-snapshotter: CreateSnapshot done, snapshotHandle set", content(func(c *snapv1.VolumeSnapshotContent) bool {
-			return c.Status != nil && c.Status.SnapshotHandle != nil
-		})},
-		{"snapshot-controller: VolumeSnapshot bound", snap(func(s *snapv1.VolumeSnapshot) bool {
+		{"snapshot-controller: VolumeSnapshot bound to it", snap(func(s *snapv1.VolumeSnapshot) bool {
 			return s.Status != nil && s.Status.BoundVolumeSnapshotContentName != nil
+		})},
+		{"csi-snapshotter → cowcsi: CreateSnapshot call arrives", nil},
+		{"cowcsi: snapshot cut (content's status.creationTime)", nil},
+		{"csi-snapshotter: snapshotHandle set, content readyToUse", content(func(c *snapv1.VolumeSnapshotContent) bool {
+			return c.Status != nil && c.Status.SnapshotHandle != nil
 		})},
 		{"snapshot-controller: VolumeSnapshot readyToUse", snap(func(s *snapv1.VolumeSnapshot) bool {
 			return s.Status != nil && s.Status.ReadyToUse != nil && *s.Status.ReadyToUse
 		})},
 	}
-	return tr.milestones(t0, steps)
+	out := tr.milestones(t0, steps)
+	if at, ok := driverCall(driverLog, "/csi.v1.Controller/CreateSnapshot", "snapshot-"+uid); ok {
+		out[2].at = at.Sub(t0)
+	}
+	// The driver's own clock: the creation_time of its CreateSnapshot
+	// response, taken when the engine switched layers.
+	tr.mu.Lock()
+	for _, e := range tr.events {
+		if c, ok := e.obj.(*snapv1.VolumeSnapshotContent); ok && c.Spec.VolumeSnapshotRef.Namespace == ns &&
+			c.Spec.VolumeSnapshotRef.Name == name && c.Status != nil && c.Status.CreationTime != nil {
+			out[3].at = time.Unix(0, *c.Status.CreationTime).Sub(t0)
+			break
+		}
+	}
+	tr.mu.Unlock()
+	return out
 }
 
-// restoreMilestones: from creating PVC ns/name at t0 to Bound.
-func (tr *tracer) restoreMilestones(ns, name string, t0 time.Time) []milestone {
+// restoreMilestones: from creating PVC ns/name at t0 to Bound; uid is the
+// claim's (csi-provisioner names the CSI volume "pvc-<uid>").
+func (tr *tracer) restoreMilestones(ns, name, uid, driverLog string, t0 time.Time) []milestone {
 	claim := func(f func(*corev1.PersistentVolumeClaim) bool) func(any) bool {
 		return func(o any) bool {
 			p, ok := o.(*corev1.PersistentVolumeClaim)
@@ -174,11 +195,16 @@ func (tr *tracer) restoreMilestones(ns, name string, t0 time.Time) []milestone {
 		{"kube-controller-manager: claim handed to cowcsi.io", claim(func(p *corev1.PersistentVolumeClaim) bool {
 			return p.Annotations["volume.kubernetes.io/storage-provisioner"] != ""
 		})},
+		{"csi-provisioner → cowcsi: CreateVolume call arrives", nil},
 		{"csi-provisioner: CreateVolume done, PV created", vol(func(*corev1.PersistentVolume) bool { return true })},
 		{"kube-controller-manager: PV Bound", vol(func(p *corev1.PersistentVolume) bool { return p.Status.Phase == corev1.VolumeBound })},
 		{"kube-controller-manager: PVC Bound", claim(func(p *corev1.PersistentVolumeClaim) bool { return p.Status.Phase == corev1.ClaimBound })},
 	}
-	return tr.milestones(t0, steps)
+	out := tr.milestones(t0, steps)
+	if at, ok := driverCall(driverLog, "/csi.v1.Controller/CreateVolume", "pvc-"+uid); ok {
+		out[1].at = at.Sub(t0)
+	}
+	return out
 }
 
 func (tr *tracer) milestones(t0 time.Time, steps []struct {
@@ -187,6 +213,10 @@ func (tr *tracer) milestones(t0 time.Time, steps []struct {
 }) []milestone {
 	var out []milestone
 	for _, s := range steps {
+		if s.match == nil {
+			out = append(out, milestone{name: s.name, at: -1})
+			continue
+		}
 		at, ok := tr.first(s.match)
 		if !ok {
 			out = append(out, milestone{name: s.name, at: -1})
@@ -228,7 +258,7 @@ func stepTable(runs [][]milestone) string {
 		return ""
 	}
 	var b strings.Builder
-	b.WriteString("| step | reached at (p50) | time in this step (p50) |\n|---|---:|---:|\n")
+	b.WriteString("| step | reached at (p50) | since the previous step reached (p50) |\n|---|---:|---:|\n")
 	for i := range runs[0] {
 		var at, step []time.Duration
 		for _, r := range runs {
@@ -236,13 +266,40 @@ func stepTable(runs [][]milestone) string {
 				continue
 			}
 			at = append(at, r[i].at)
+			// Since the latest milestone before it in the list that was
+			// reached earlier (some steps overlap).
 			prev := time.Duration(0)
-			if i > 0 && r[i-1].at >= 0 {
-				prev = r[i-1].at
+			for j := 0; j < i; j++ {
+				if r[j].at >= 0 && r[j].at <= r[i].at && r[j].at > prev {
+					prev = r[j].at
+				}
 			}
 			step = append(step, r[i].at-prev)
 		}
 		fmt.Fprintf(&b, "| %s | %s | %s |\n", runs[0][i].name, ms(percentile(at, 50)), ms(percentile(step, 50)))
 	}
 	return b.String()
+}
+
+// driverCall returns when the driver logged the start of a CSI call whose
+// request carries the given name ("GRPC call" lines at --v=2; klog's header
+// has local time to the microsecond and no year).
+func driverCall(logPath, method, name string) (time.Time, bool) {
+	data, err := os.ReadFile(logPath)
+	if err != nil {
+		return time.Time{}, false
+	}
+	for _, line := range strings.Split(string(data), "\n") {
+		if !strings.Contains(line, `"GRPC call"`) || !strings.Contains(line, `method="`+method+`"`) ||
+			!strings.Contains(line, `\"name\":\"`+name+`\"`) || len(line) < 21 {
+			continue
+		}
+		ts, err := time.ParseInLocation("0102 15:04:05.000000", line[1:21], time.Local)
+		if err != nil {
+			return time.Time{}, false
+		}
+		now := time.Now()
+		return ts.AddDate(now.Year(), 0, 0), true
+	}
+	return time.Time{}, false
 }
