@@ -94,6 +94,28 @@ func TestWrongRequests(t *testing.T) {
 		}
 	})
 
+	// The scheduler knows nothing of where a snapshot lives: a restore can
+	// be asked of another node. That node's csi-provisioner takes it, and
+	// its driver has no such snapshot.
+	t.Run("RestoreOnOtherNode", func(t *testing.T) {
+		ctx := t.Context()
+		before := storeContents(t, c)
+		if _, err := ns.createPVC(ctx, claim{name: "elsewhere", size: "2Gi", node: nodeB, source: snapshotSource("snap")}); err != nil {
+			t.Fatal(err)
+		}
+		ev, err := ns.waitEvent(ctx, "PersistentVolumeClaim", "elsewhere", "ProvisioningFailed")
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Logf("event: %s %s: %s", ev.Reason, ev.Source.Component, ev.Message)
+		if !strings.Contains(ev.Message, "NotFound") {
+			t.Errorf("ProvisioningFailed does not say the snapshot is not found: %s", ev.Message)
+		}
+		if after := storeContents(t, c); !slices.Equal(before, after) {
+			t.Errorf("stores changed: %v -> %v", before, after)
+		}
+	})
+
 	t.Run("BadSnapshotClassParameter", func(t *testing.T) {
 		ctx := t.Context()
 		before := storeContents(t, c)
