@@ -159,7 +159,11 @@ func finish(res *bench.Result, runErr error, c *common, stdout, stderr io.Writer
 			for _, r := range res.Rows {
 				n += r.Errors
 			}
-			fmt.Fprintf(stderr, "%s: %d operations failed\n", prefix, n)
+			noun := "operations"
+			if n == 1 {
+				noun = "operation"
+			}
+			fmt.Fprintf(stderr, "%s: %d %s failed\n", prefix, n, noun)
 			code = exitFailed
 		}
 		if res.Interrupted != "" {

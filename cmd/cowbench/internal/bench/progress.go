@@ -139,10 +139,13 @@ func (p *Progress) draw() {
 		return
 	}
 	const barWidth = 30
-	frac := 1.0
-	if p.total > 0 {
-		frac = min(1, float64(p.done)/float64(p.total))
+	if p.total == 0 {
+		// Nothing planned yet: the driver or the cluster is being reached.
+		fmt.Fprintf(p.w, "\r\033[K%s %s  connecting", strings.Repeat("░", barWidth), clock(time.Since(p.started)))
+		p.drawn = true
+		return
 	}
+	frac := min(1, float64(p.done)/float64(p.total))
 	fill := int(frac * barWidth)
 	bar := strings.Repeat("█", fill) + strings.Repeat("░", barWidth-fill)
 	line := fmt.Sprintf("%s %3.0f%% %d/%d %s  %s", bar, frac*100, p.done, p.total, clock(time.Since(p.started)), p.label)
