@@ -109,7 +109,16 @@ func (c *cluster) start(name, bin string, args, env []string) (*process, error) 
 		return nil, err
 	}
 	c.procs = append(c.procs, p)
-	c.cleanup.add(func() error { return p.stop(15 * time.Second) })
+	c.cleanup.add(func() error {
+		err := p.stop(15 * time.Second)
+		if err != nil && !p.mustStopCleanly {
+			// Upstream programs: kube-apiserver's graceful termination
+			// sometimes outlasts the grace; not what is tested here.
+			fmt.Fprintf(os.Stderr, "e2e: teardown (not a failure): %v\n", err)
+			return nil
+		}
+		return err
+	})
 	return p, nil
 }
 

@@ -80,6 +80,7 @@ func (c *cluster) addNode(ctx context.Context, name string) (n *node, err error)
 	if n.cowcsi, err = n.start("cowcsi", c.bins.cowcsi, args, env, ""); err != nil {
 		return nil, err
 	}
+	n.cowcsi.mustStopCleanly = true
 	if err := n.connect(ctx); err != nil {
 		return nil, err
 	}

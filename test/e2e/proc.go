@@ -22,6 +22,9 @@ type process struct {
 	cmd     *exec.Cmd
 	logPath string
 	done    chan struct{}
+	// mustStopCleanly makes a slow or failed stop a test failure: set for
+	// cowcsi, whose graceful stop is under test.
+	mustStopCleanly bool
 
 	mu  sync.Mutex
 	err error // exit status once done is closed
