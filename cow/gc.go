@@ -33,6 +33,16 @@ func (s *Store) kickGC() {
 
 func (s *Store) gcLoop() {
 	defer close(s.gcDone)
+	// Close must not wait for a long merge: stopping one midway is safe
+	// (nothing is journaled until its copy is complete; blocks copied into
+	// the child's file that it does not own are never read and are copied
+	// again by the next merge).
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	go func() {
+		<-s.gcStop
+		cancel()
+	}()
 	for {
 		select {
 		case <-s.gcStop:
@@ -41,7 +51,7 @@ func (s *Store) gcLoop() {
 		}
 		if !s.opts.NoBackgroundMerge {
 			// Errors are retried on the next kick; WaitIdle reports them.
-			_ = s.runGC(context.Background())
+			_ = s.runGC(ctx)
 		}
 	}
 }
@@ -86,7 +96,7 @@ func (s *Store) runGC(ctx context.Context) error {
 			continue
 		}
 		s.topo.Unlock()
-		if err := s.merge(job); err != nil {
+		if err := s.merge(ctx, job); err != nil {
 			return err
 		}
 	}
@@ -151,7 +161,7 @@ func (s *Store) removeLayer(l *layer) error {
 // mergeBatch is how many blocks one copy step holds the stripe locks for.
 const mergeBatch = 256
 
-func (s *Store) merge(job gcJob) error {
+func (s *Store) merge(ctx context.Context, job gcJob) error {
 	f, c := job.layer, job.child
 	ranges, err := f.readRanges()
 	if err != nil {
@@ -166,6 +176,9 @@ func (s *Store) merge(job gcJob) error {
 	buf := make([]byte, mergeBatch*BlockSize)
 	for _, r := range coalesce(ranges) {
 		for start := r.Start; start < r.End(); start += mergeBatch {
+			if err := ctx.Err(); err != nil {
+				return err
+			}
 			end := min(start+mergeBatch, r.End())
 			got, err := s.mergeStep(job, start, end, buf)
 			if err != nil {
