@@ -383,3 +383,64 @@ func BenchmarkLookupVsDepth(b *testing.B) {
 	b.ReportMetric(float64(td.Nanoseconds())/n, "ns/lookup-depth257")
 	_ = sink
 }
+
+// BenchmarkRandomWriteAfterSequential: 4 KiB random writes to a volume just
+// filled with 1 MiB writes, against the same pattern on a plain file filled
+// the same way with pwrite(2), alternating batches. The plain file shows
+// what large page-cache folios do to small writes; the engine writes in
+// pieces of writePiece bytes with readahead off (layer.go), and should be
+// well ahead of it.
+func BenchmarkRandomWriteAfterSequential(b *testing.B) {
+	s := benchStore(b)
+	const size = 512 << 20
+	h := mustVolume(b, s, "v", size)
+	plain, err := os.Create(filepath.Join(b.TempDir(), "plain"))
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer plain.Close()
+	if err := plain.Truncate(size); err != nil {
+		b.Fatal(err)
+	}
+	buf := make([]byte, 1<<20)
+	for i := range buf {
+		buf[i] = byte(i)
+	}
+	for off := int64(0); off < size; off += 1 << 20 {
+		if _, err := h.WriteAt(buf, off); err != nil {
+			b.Fatal(err)
+		}
+		if _, err := plain.WriteAt(buf, off); err != nil {
+			b.Fatal(err)
+		}
+	}
+	if err := h.Flush(); err != nil {
+		b.Fatal(err)
+	}
+	if err := unix.Fdatasync(int(plain.Fd())); err != nil {
+		b.Fatal(err)
+	}
+	rng := rand.New(rand.NewPCG(5, 6))
+	blk := make([]byte, BlockSize)
+	const batch = 2048
+	var tEngine, tPlain time.Duration
+	b.ResetTimer()
+	for range b.N * 10 {
+		for _, side := range []struct {
+			w func([]byte, int64) (int, error)
+			t *time.Duration
+		}{{h.WriteAt, &tEngine}, {plain.WriteAt, &tPlain}} {
+			start := time.Now()
+			for range batch {
+				if _, err := side.w(blk, rng.Int64N(size/BlockSize)*BlockSize); err != nil {
+					b.Fatal(err)
+				}
+			}
+			*side.t += time.Since(start)
+		}
+	}
+	n := float64(b.N * 10 * batch)
+	b.ReportMetric(float64(tEngine.Nanoseconds())/n, "ns/write-engine")
+	b.ReportMetric(float64(tPlain.Nanoseconds())/n, "ns/write-plain-file")
+	b.ReportMetric(float64(tPlain)/float64(tEngine), "speed-ratio-engine/plain")
+}

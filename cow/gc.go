@@ -298,7 +298,7 @@ func writeOrPunch(l *layer, p []byte, off int64) error {
 		if zero {
 			err = unix.Fallocate(int(l.data.Fd()), unix.FALLOC_FL_PUNCH_HOLE|unix.FALLOC_FL_KEEP_SIZE, off+int64(i), int64(j-i))
 		} else {
-			_, err = l.data.WriteAt(p[i:j], off+int64(i))
+			err = l.writeData(p[i:j], off+int64(i))
 		}
 		if err != nil {
 			return ioErr(err)

@@ -214,8 +214,8 @@ func (h *Volume) WriteAt(p []byte, off int64) (int, error) {
 	head := v.head.Load()
 	first, last := uint64(off>>blockShift), uint64((off+int64(len(p))-1)>>blockShift)
 	if head.ownsAll(first, last) {
-		if _, err := head.data.WriteAt(p, off); err != nil {
-			return 0, ioErr(err)
+		if err := head.writeData(p, off); err != nil {
+			return 0, err
 		}
 		head.dirty.Store(true)
 		return len(p), nil
@@ -263,8 +263,8 @@ func (v *volume) writeOwning(head *layer, p []byte, off int64, first, last uint6
 		bOff := int64(b) << blockShift
 		from, to := max(off, bOff), min(end, bOff+BlockSize)
 		copy(blk[from-bOff:to-bOff], p[from-off:to-off])
-		if _, err := head.data.WriteAt(blk, bOff); err != nil {
-			return ioErr(err)
+		if err := head.writeData(blk, bOff); err != nil {
+			return err
 		}
 		return nil
 	}
@@ -281,8 +281,8 @@ func (v *volume) writeOwning(head *layer, p []byte, off int64, first, last uint6
 		hi = int64(last) << blockShift
 	}
 	if lo < hi {
-		if _, err := head.data.WriteAt(p[lo-off:hi-off], lo); err != nil {
-			return ioErr(err)
+		if err := head.writeData(p[lo-off:hi-off], lo); err != nil {
+			return err
 		}
 	}
 	head.dirty.Store(true)
