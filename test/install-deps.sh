@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # Installs what `make demo`, `make test` and `make lint` need on a fresh
 # Debian machine: filesystem tools for mkfs/mount/resize of volumes, FUSE
-# userspace (fusermount3 for unmount fallbacks), and the Go linters.
+# userspace (fusermount3 for unmount fallbacks), fio (test/bench-io's smoke
+# test), and the Go linters.
 # Idempotent; needs root for apt.
 set -euo pipefail
 
-PACKAGES=(e2fsprogs xfsprogs fuse3 util-linux mount kmod etcd-server)
+PACKAGES=(e2fsprogs xfsprogs fuse3 util-linux mount kmod etcd-server fio)
 STATICCHECK_VERSION=v0.8.2
 
 missing=()

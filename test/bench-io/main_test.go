@@ -1,0 +1,81 @@
+package main
+
+import (
+	"encoding/json"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"testing"
+	"time"
+)
+
+// TestSmoke runs every row once with tiny sizes and short runs: the tool
+// that guards the data path's speed must itself keep working. It checks
+// that every row measured both sides (fio verified the data of each run)
+// and that the report is complete; the figures themselves mean nothing at
+// this size.
+func TestSmoke(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Skip("needs root: loop devices, FUSE, mkfs and mount")
+	}
+	if testing.Short() {
+		t.Skip("-short")
+	}
+	if _, err := exec.LookPath("fio"); err != nil {
+		t.Fatal("fio is not installed (test/install-deps.sh installs it)")
+	}
+	dir := t.TempDir()
+	c := config{
+		Dir:       filepath.Join(dir, "work"),
+		Out:       filepath.Join(dir, "out.json"),
+		Rounds:    1,
+		Runtime:   time.Second,
+		Size:      128 << 20,
+		DepthSize: 64 << 20,
+		Depth:     4,
+		FSSize:    256 << 20,
+		FileSize:  64 << 20,
+		EndFsync:  true,
+	}
+	if err := run(t.Context(), c); err != nil {
+		t.Fatal(err)
+	}
+	b, err := os.ReadFile(c.Out)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var rep struct {
+		Rows []struct {
+			ID     string    `json:"id"`
+			Ratios []float64 `json:"ratios"`
+			AMed   float64   `json:"a_median"`
+			BMed   float64   `json:"b_median"`
+		} `json:"rows"`
+		RSS json.RawMessage `json:"rss"`
+	}
+	if err := json.Unmarshal(b, &rep); err != nil {
+		t.Fatal(err)
+	}
+	want := map[string]bool{}
+	for _, id := range []string{"raw-1m-write", "raw-4k-randread", "raw-4k-randwrite"} {
+		want[id] = true
+	}
+	for _, r := range rep.Rows {
+		delete(want, r.ID)
+		if len(r.Ratios) != 1 || r.AMed <= 0 || r.BMed <= 0 {
+			t.Errorf("row %s: medians %v / %v, ratios %v; want both sides measured once", r.ID, r.AMed, r.BMed, r.Ratios)
+		}
+	}
+	if len(want) > 0 {
+		t.Errorf("rows missing: %v (got %d rows)", want, len(rep.Rows))
+	}
+	if len(rep.Rows) < 8 {
+		t.Errorf("%d rows; want the raw, snapshot, depth and ext4 groups", len(rep.Rows))
+	}
+	if len(rep.RSS) == 0 || string(rep.RSS) == "null" {
+		t.Error("no RSS figures in the report")
+	}
+	if _, err := os.Stat(c.Dir); !os.IsNotExist(err) {
+		t.Errorf("work directory left behind: %v", err)
+	}
+}
