@@ -6,6 +6,8 @@
 package csimode
 
 import (
+	"github.com/cowcsi/cowcsi/cmd/cowbench/internal/bench"
+
 	"errors"
 	"fmt"
 	"time"
@@ -36,15 +38,10 @@ type Config struct {
 	// container needs paths it sees, such as /var/lib/kubelet.
 	StagingDir string
 
-	Sizes       []int64 // volume sizes in bytes
-	Concurrency []int   // operations in flight, one pass per level
-	// Volumes is the number of source volumes per size and concurrency
-	// level (0: twice the concurrency level, at least 4).
-	Volumes   int
-	Snapshots int   // snapshots of each source volume
-	Write     int64 // bytes written to each source volume before its snapshots
-	Access    string
-	FsType    string // for mount access; empty: the driver's default
+	bench.Plan
+	Write  int64 // bytes written to each source volume before its snapshots
+	Access string
+	FsType string // for mount access; empty: the driver's default
 	// Online takes the snapshots while the source volumes are staged and
 	// published, as with a running pod; otherwise they are unpublished and
 	// unstaged first.
@@ -61,14 +58,6 @@ type Config struct {
 	ReadyPoll time.Duration
 }
 
-// VolumesFor returns the number of source volumes at a concurrency level.
-func (c *Config) VolumesFor(conc int) int {
-	if c.Volumes > 0 {
-		return c.Volumes
-	}
-	return max(4, 2*conc)
-}
-
 // Validate checks the configuration before anything is created.
 func (c *Config) Validate() error {
 	var errs []error
@@ -78,28 +67,7 @@ func (c *Config) Validate() error {
 	if c.Endpoint != "" && c.StartDriver {
 		errs = append(errs, errors.New("--endpoint and --start-driver exclude each other"))
 	}
-	if len(c.Sizes) == 0 {
-		errs = append(errs, errors.New("--sizes: at least one size"))
-	}
-	for _, s := range c.Sizes {
-		if s <= 0 {
-			errs = append(errs, fmt.Errorf("--sizes: %d is not a positive size", s))
-		}
-	}
-	if len(c.Concurrency) == 0 {
-		errs = append(errs, errors.New("--concurrency: at least one level"))
-	}
-	for _, n := range c.Concurrency {
-		if n < 1 {
-			errs = append(errs, fmt.Errorf("--concurrency: %d is below 1", n))
-		}
-	}
-	if c.Volumes < 0 {
-		errs = append(errs, errors.New("--volumes must not be negative"))
-	}
-	if c.Snapshots < 1 {
-		errs = append(errs, errors.New("--snapshots must be at least 1"))
-	}
+	errs = append(errs, c.Plan.Validate()...)
 	switch c.Access {
 	case AccessBlock, AccessMount:
 	default:

@@ -7,6 +7,8 @@
 package k8smode
 
 import (
+	"github.com/cowcsi/cowcsi/cmd/cowbench/internal/bench"
+
 	"errors"
 	"fmt"
 	"time"
@@ -35,26 +37,15 @@ type Config struct {
 	WriterImage string
 	Write       int64
 
-	Sizes       []int64
-	Concurrency []int
-	Volumes     int // source volumes per size and concurrency level (0: 2×level, at least 4)
-	Snapshots   int
-	Access      string
-	Clone       bool
+	bench.Plan
+	Access string
+	Clone  bool
 
 	// NamespacePrefix starts the generated namespace name.
 	NamespacePrefix string
 	ConnectTimeout  time.Duration
 	OpTimeout       time.Duration
 	CleanupTimeout  time.Duration
-}
-
-// VolumesFor returns the number of source volumes at a concurrency level.
-func (c *Config) VolumesFor(conc int) int {
-	if c.Volumes > 0 {
-		return c.Volumes
-	}
-	return max(4, 2*conc)
 }
 
 // Validate checks the configuration before the cluster is contacted.
@@ -66,18 +57,7 @@ func (c *Config) Validate() error {
 	if c.SnapshotClass == "" {
 		errs = append(errs, errors.New("--snapshot-class is required"))
 	}
-	if len(c.Sizes) == 0 {
-		errs = append(errs, errors.New("--sizes: at least one size"))
-	}
-	if len(c.Concurrency) == 0 {
-		errs = append(errs, errors.New("--concurrency: at least one level"))
-	}
-	if c.Snapshots < 1 {
-		errs = append(errs, errors.New("--snapshots must be at least 1"))
-	}
-	if c.Volumes < 0 {
-		errs = append(errs, errors.New("--volumes must not be negative"))
-	}
+	errs = append(errs, c.Plan.Validate()...)
 	switch c.Access {
 	case AccessBlock, AccessMount:
 	default:

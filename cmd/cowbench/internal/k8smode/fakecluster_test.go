@@ -1,6 +1,8 @@
 package k8smode
 
 import (
+	"github.com/cowcsi/cowcsi/cmd/cowbench/internal/bench"
+
 	"context"
 	"fmt"
 	"os"
@@ -191,8 +193,8 @@ func (f *fakeCluster) left(t *testing.T) []string {
 }
 
 func testConfig() Config {
-	return Config{StorageClass: "fast", SnapshotClass: "snaps", Sizes: []int64{1 << 30, 4 << 30}, Concurrency: []int{1, 3},
-		Volumes: 3, Snapshots: 2, Access: AccessBlock, Clone: true, NamespacePrefix: "cowbench-",
+	return Config{StorageClass: "fast", SnapshotClass: "snaps",
+		Plan: bench.Plan{Sizes: []int64{1 << 30, 4 << 30}, Concurrency: []int{1, 3}, Volumes: 3, Snapshots: 2}, Access: AccessBlock, Clone: true, NamespacePrefix: "cowbench-",
 		ConnectTimeout: 10 * time.Second, OpTimeout: 10 * time.Second, CleanupTimeout: 10 * time.Second}
 }
 
