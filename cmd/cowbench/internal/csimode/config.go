@@ -6,11 +6,11 @@
 package csimode
 
 import (
-	"github.com/cowcsi/cowcsi/cmd/cowbench/internal/bench"
-
 	"errors"
 	"fmt"
 	"time"
+
+	"github.com/cowcsi/cowcsi/cmd/cowbench/internal/bench"
 )
 
 // Access types of the volumes.

@@ -7,11 +7,11 @@
 package k8smode
 
 import (
-	"github.com/cowcsi/cowcsi/cmd/cowbench/internal/bench"
-
 	"errors"
 	"fmt"
 	"time"
+
+	"github.com/cowcsi/cowcsi/cmd/cowbench/internal/bench"
 )
 
 // Access types, as volumeMode.

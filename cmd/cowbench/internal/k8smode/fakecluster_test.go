@@ -1,8 +1,6 @@
 package k8smode
 
 import (
-	"github.com/cowcsi/cowcsi/cmd/cowbench/internal/bench"
-
 	"context"
 	"fmt"
 	"os"
@@ -24,6 +22,8 @@ import (
 	"k8s.io/client-go/kubernetes/fake"
 	"k8s.io/client-go/rest"
 	k8stesting "k8s.io/client-go/testing"
+
+	"github.com/cowcsi/cowcsi/cmd/cowbench/internal/bench"
 )
 
 // fakeCluster plays the controllers of a cluster on fake clientsets: the
