@@ -117,7 +117,8 @@ func (l *layer) ensureFiles(dir string) error {
 // sequential pass (a 1 MiB fio job, mkfs, a restore) random 4 KiB writes to
 // the volume slowed to a fraction of what they were on a fresh file. Measured
 // here with 32 goroutines of 4 KiB pwrite(2) on a cached 2 GiB ext4 file,
-// after filling it with the write size on the left (one run, both columns):
+// after filling it with the write size on the left (one run, both columns;
+// the last row from another run):
 //
 //	fill write size      fill throughput    4 KiB random writes after
 //	1 MiB                10.4 GB/s            30k/s
