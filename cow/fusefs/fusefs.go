@@ -56,6 +56,14 @@ type Options struct {
 	// FUSE file (other than the loop device's own direct I/O) goes through
 	// the page cache. Off by default: see the measurements in rawfs.go.
 	PageCache bool
+	// IOURing serves requests through FUSE over io_uring when the kernel
+	// offers it (Linux 6.14+ with the fuse module's enable_uring
+	// parameter on); otherwise, or if setting the ring up fails, requests
+	// go through /dev/fuse as without it. See uring.go.
+	IOURing bool
+	// RingEntries is the number of requests each per-CPU queue holds at
+	// once (default 32); each entry has a buffer of MaxWrite bytes.
+	RingEntries int
 	// Debug logs every FUSE request (go-fuse's debug output).
 	Debug bool
 
@@ -95,6 +103,10 @@ type Server struct {
 	byIno    map[uint64]*node
 	nextIno  uint64
 	released chan struct{} // closed and replaced whenever a handle is released
+
+	ring     *ringServer   // nil when /dev/fuse serves everything
+	ringDone chan struct{} // closed when the ring's queues have ended
+	ringErr  error         // why the ring is not in use, if asked for
 
 	unmountOnce sync.Once
 	unmountErr  error
@@ -144,11 +156,25 @@ func Mount(ctx context.Context, dir string, opts Options) (*Server, error) {
 	if err != nil {
 		return nil, err
 	}
+	ringFD := -1
+	if opts.IOURing {
+		// The ring's own descriptor of the connection: go-fuse owns fd
+		// and closes it when its serve loop ends.
+		if ringFD, err = unix.Dup(fd); err != nil {
+			unix.Close(fd)
+			_ = unix.Unmount(dir, unix.MNT_DETACH)
+			return nil, fmt.Errorf("fusefs: dup /dev/fuse: %w", err)
+		}
+		unix.CloseOnExec(ringFD)
+	}
 	// "/dev/fd/N" makes go-fuse serve the connection we mounted instead
 	// of mounting itself.
 	srv, err := fuse.NewServer(s.fs, "/dev/fd/"+strconv.Itoa(fd), mo)
 	if err != nil {
 		// go-fuse closed fd; the mount is dead: detach it.
+		if ringFD >= 0 {
+			unix.Close(ringFD)
+		}
 		_ = unix.Unmount(dir, unix.MNT_DETACH)
 		return nil, fmt.Errorf("fusefs: serve %s: %w", dir, err)
 	}
@@ -158,11 +184,59 @@ func Mount(ctx context.Context, dir string, opts Options) (*Server, error) {
 		srv.Serve()
 	}()
 	if err := srv.WaitMount(); err != nil {
+		if ringFD >= 0 {
+			unix.Close(ringFD)
+		}
 		_ = s.Unmount()
 		return nil, fmt.Errorf("fusefs: mount %s: %w", dir, err)
 	}
+	// The ring goes first: once INIT has offered it, the kernel holds
+	// every request until all queues are registered or one registration
+	// failed (then /dev/fuse serves).
+	if ringFD >= 0 {
+		s.startRing(ringFD)
+	}
 	pollHack(dir)
 	return s, nil
+}
+
+// startRing moves request handling to FUSE over io_uring if the kernel
+// negotiated it; on any failure /dev/fuse keeps serving (ringErr says why).
+func (s *Server) startRing(fd int) {
+	if s.srv.KernelSettings().Flags64()&fuse.CAP_OVER_IO_URING == 0 {
+		unix.Close(fd)
+		s.ringErr = errors.New("fusefs: the kernel does not offer FUSE over io_uring (fuse module parameter enable_uring)")
+		return
+	}
+	entries := s.opts.RingEntries
+	if entries <= 0 {
+		entries = 32
+	}
+	rs, err := startRing(s.fs, fd, entries, maxWrite())
+	if err != nil {
+		s.ringErr = err
+		return
+	}
+	s.ring, s.ringDone = rs, make(chan struct{})
+	go func() {
+		defer close(s.ringDone)
+		<-s.served
+		// The connection is gone: every entry's command ends with an
+		// error and the queues end by themselves.
+		rs.wait()
+	}()
+}
+
+// IOURing reports whether requests are served through FUSE over io_uring,
+// and if not, why not (nil error when it was not asked for).
+func (s *Server) IOURing() (bool, error) { return s.ring != nil, s.ringErr }
+
+// ringRequests is how many requests the ring answered (tests).
+func (s *Server) ringRequests() uint64 {
+	if s.ring == nil {
+		return 0
+	}
+	return s.ring.requests.Load()
 }
 
 // Dir returns the mount point.
@@ -285,7 +359,10 @@ func (s *Server) unmount() error {
 		return fmt.Errorf("fusefs: unmount %s: %w", s.dir, err)
 	}
 	// After a plain unmount the kernel ends the connection, so the serve
-	// loop ends promptly.
+	// loop ends promptly, and so do the ring's queues.
 	<-s.served
+	if s.ringDone != nil {
+		<-s.ringDone
+	}
 	return nil
 }

@@ -70,8 +70,10 @@ func mountFS(t *testing.T, ctx context.Context, dev string, opts ...string) (dir
 
 // TestExt4OnLoop is the production stack: ext4 on a 4096-byte-sector loop
 // device with direct I/O, on a FUSE file, on a BlockFile.
-func TestExt4OnLoop(t *testing.T) {
-	s := mount(t, Options{})
+func TestExt4OnLoop(t *testing.T) { eachTransport(t, testExt4OnLoop) }
+
+func testExt4OnLoop(t *testing.T, o Options) {
+	s := mount(t, o)
 	for _, tool := range []string{"mkfs.ext4", "mount", "umount"} {
 		if _, err := exec.LookPath(tool); err != nil {
 			t.Skipf("needs %s (apt-get install e2fsprogs mount): %v", tool, err)
@@ -131,8 +133,10 @@ func TestExt4OnLoop(t *testing.T) {
 
 // TestLoopResize grows the BlockFile under an attached loop device, as
 // NodeExpandVolume does.
-func TestLoopResize(t *testing.T) {
-	s := mount(t, Options{})
+func TestLoopResize(t *testing.T) { eachTransport(t, testLoopResize) }
+
+func testLoopResize(t *testing.T, o Options) {
+	s := mount(t, o)
 	m := newMemFile(8 << 20)
 	add(t, s, "vol", m, false)
 	dev := attachLoop(t, s.Path("vol"), false)
@@ -155,8 +159,10 @@ func TestLoopResize(t *testing.T) {
 // TestUnmountWhileAttached: a loop device keeps the mount busy, so Unmount
 // detaches it lazily; the server keeps serving the loop device, and stops
 // once the loop device lets go of the file.
-func TestUnmountWhileAttached(t *testing.T) {
-	s := mount(t, Options{})
+func TestUnmountWhileAttached(t *testing.T) { eachTransport(t, testUnmountWhileAttached) }
+
+func testUnmountWhileAttached(t *testing.T, o Options) {
+	s := mount(t, o)
 	m := newMemFile(4 << 20)
 	add(t, s, "vol", m, false)
 	dev := attachLoop(t, s.Path("vol"), false)

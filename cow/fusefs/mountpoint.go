@@ -15,7 +15,10 @@ import (
 )
 
 // prepareMountpoint makes dir usable as a fresh mount point. A FUSE mount
-// whose server died (a crashed driver) answers every access with ENOTCONN;
+// whose server died (a crashed driver) answers every access with ENOTCONN
+// (with FUSE over io_uring the kernel aborts the connection a moment after
+// the server's exit: a request caught in between ends with ECANCELED or
+// ECONNABORTED);
 // it is detached lazily, so loop devices that still reference its files keep
 // their (failing) references without blocking the new mount. Mounts can
 // stack, so repeat until dir is reachable.
@@ -27,7 +30,7 @@ func prepareMountpoint(ctx context.Context, dir string) error {
 		var st unix.Stat_t
 		err := unix.Stat(dir, &st)
 		switch {
-		case errors.Is(err, unix.ENOTCONN):
+		case isDeadConn(err):
 			if err := unix.Unmount(dir, unix.MNT_DETACH); err != nil {
 				return fmt.Errorf("fusefs: detach stale mount at %s: %w", dir, err)
 			}
@@ -113,4 +116,10 @@ func pollHack(dir string) {
 	}
 	defer unix.Close(fd)
 	_, _ = unix.Poll([]unix.PollFd{{Fd: int32(fd), Events: unix.POLLIN | unix.POLLPRI | unix.POLLOUT}}, 0)
+}
+
+// isDeadConn reports whether err is what the kernel answers on a FUSE
+// connection whose server is gone.
+func isDeadConn(err error) bool {
+	return errors.Is(err, unix.ENOTCONN) || errors.Is(err, unix.ECONNABORTED) || errors.Is(err, unix.ECANCELED)
 }

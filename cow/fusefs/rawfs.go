@@ -92,6 +92,11 @@ func mountOptions(o Options) *fuse.MountOptions {
 		ExtraCapabilities:        fuse.CAP_ASYNC_DIO,
 		Debug:                    o.Debug,
 	}
+	if o.IOURing {
+		// Only an offer: the kernel keeps the flag only when its
+		// enable_uring parameter is on (Server.startRing checks).
+		mo.ExtraCapabilities |= fuse.CAP_OVER_IO_URING
+	}
 	if o.tune != nil {
 		o.tune(mo)
 	}

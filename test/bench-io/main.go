@@ -50,6 +50,7 @@ type config struct {
 	Cold       bool          `json:"cold"`
 	Only       []string      `json:"only,omitempty"`
 	CPUProfile string        `json:"-"`
+	IOURing    bool          `json:"fuse_io_uring"`
 }
 
 func main() {
@@ -68,6 +69,7 @@ func main() {
 	flag.BoolVar(&c.Cold, "cold", false, "also run the raw read rows with the engine volume's page cache dropped before each run")
 	flag.StringVar(&only, "only", "", "comma-separated row groups or row IDs to run (raw, snap, depth, ext4, raw-4k-randread, ...)")
 	flag.StringVar(&c.CPUProfile, "cpuprofile", "", "write a CPU profile of the serving process over all rounds")
+	flag.BoolVar(&c.IOURing, "fuse-io-uring", false, "serve the FUSE file through FUSE over io_uring (turns on the fuse module's enable_uring parameter)")
 	flag.Parse()
 	for _, p := range []struct {
 		s   string
@@ -180,7 +182,12 @@ func run(ctx context.Context, c config) error {
 	if os.Geteuid() != 0 {
 		return errors.New("needs root (FUSE mount, loop devices, mkfs)")
 	}
-	e, err := newEnv(ctx, c.Dir)
+	if c.IOURing {
+		if err := os.WriteFile("/sys/module/fuse/parameters/enable_uring", []byte("Y"), 0o644); err != nil {
+			return fmt.Errorf("enable FUSE over io_uring: %w", err)
+		}
+	}
+	e, err := newEnv(ctx, c.Dir, c.IOURing)
 	if err != nil {
 		return err
 	}

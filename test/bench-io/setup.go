@@ -95,7 +95,7 @@ func engineErrno(err error) syscall.Errno {
 	return 0
 }
 
-func newEnv(ctx context.Context, dir string) (*env, error) {
+func newEnv(ctx context.Context, dir string, ring bool) (*env, error) {
 	if err := cleanStale(dir); err != nil {
 		return nil, err
 	}
@@ -111,10 +111,14 @@ func newEnv(ctx context.Context, dir string) (*env, error) {
 	e.store = st
 	e.onClose("close store", st.Close)
 	// The driver's mount options (driver/export.go).
-	fs, err := fusefs.Mount(ctx, filepath.Join(dir, "fuse"), fusefs.Options{FsName: "cowcsi", Errno: engineErrno})
+	fs, err := fusefs.Mount(ctx, filepath.Join(dir, "fuse"), fusefs.Options{FsName: "cowcsi", Errno: engineErrno, IOURing: ring})
 	if err != nil {
 		e.close()
 		return nil, err
+	}
+	if on, err := fs.IOURing(); ring && !on {
+		e.close()
+		return nil, fmt.Errorf("FUSE over io_uring asked for but not in use: %w", err)
 	}
 	e.fuse = fs
 	e.onClose("unmount FUSE", fs.Unmount)

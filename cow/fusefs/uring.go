@@ -1,0 +1,579 @@
+package fusefs
+
+import (
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"os"
+	"runtime"
+	"sync"
+	"sync/atomic"
+	"syscall"
+	"unsafe"
+
+	"github.com/hanwen/go-fuse/v2/fuse"
+	"golang.org/x/sys/unix"
+
+	"github.com/cowcsi/cowcsi/cow/internal/uring"
+)
+
+// FUSE over io_uring (Linux 6.14+, include/uapi/linux/fuse.h).
+//
+// Why: on a /dev/fuse connection every request costs the server a read(2)
+// and a writev(2), each a wakeup of a thread blocked in the kernel. Over
+// io_uring the server registers buffers ("ring entries") per CPU queue; the
+// kernel copies a request into an entry of the queue of the CPU that issued
+// it and completes that entry's command. The server answers by committing
+// the entry, which also fetches the next request, and it commits every
+// entry it has answered and waits for the next requests in one
+// io_uring_enter(2). READ replies and WRITE data sit in the entry's payload
+// buffer, which the engine reads into and writes from directly.
+//
+// go-fuse (v2.12.1) only negotiates the capability; the ring side is here.
+// go-fuse still serves the /dev/fuse side: INIT, requests sent before every
+// queue is registered, FORGET and INTERRUPT, and it writes notifications.
+// docs/BENCHMARKS.md has the measurements.
+const (
+	uringCmdRegister       = 1 // FUSE_IO_URING_CMD_REGISTER
+	uringCmdCommitAndFetch = 2 // FUSE_IO_URING_CMD_COMMIT_AND_FETCH
+
+	// struct fuse_uring_req_header: in_out (fuse_in_header of a request,
+	// fuse_out_header of a reply), op_in (the request's first argument),
+	// ring_ent_in_out.
+	ringInOutSize = 128
+	ringOpInOff   = ringInOutSize
+	ringOpInSize  = 128
+	ringEntOff    = ringOpInOff + ringOpInSize
+	// struct fuse_uring_ent_in_out: flags u64, commit_id u64,
+	// payload_sz u32, padding u32, reserved u64.
+	ringEntCommitOff  = ringEntOff + 8
+	ringEntPayloadOff = ringEntOff + 16
+	ringHeaderSize    = ringEntOff + 32
+
+	inHeaderSize  = int(unsafe.Sizeof(fuse.InHeader{}))
+	outHeaderSize = int(unsafe.Sizeof(fuse.OutHeader{}))
+
+	// user_data of the eventfd read that wakes a queue for completions of
+	// requests answered off the ring thread.
+	wakeTag = 1 << 63
+)
+
+// FUSE opcodes the ring serves (include/uapi/linux/fuse.h).
+const (
+	opLookup     = 1
+	opGetattr    = 3
+	opSetattr    = 4
+	opOpen       = 14
+	opRead       = 15
+	opWrite      = 16
+	opStatfs     = 17
+	opRelease    = 18
+	opFsync      = 20
+	opFlush      = 25
+	opOpendir    = 27
+	opReaddir    = 28
+	opReleasedir = 29
+	opFallocate  = 43
+
+	// The namespace belongs to the Server: what rawFS answers EPERM.
+	opSymlink = 6
+	opMknod   = 8
+	opMkdir   = 9
+	opUnlink  = 10
+	opRmdir   = 11
+	opRename  = 12
+	opLink    = 13
+	opCreate  = 35
+	opRename2 = 45
+	opTmpfile = 51
+)
+
+// uringEnabled reports whether the kernel offers FUSE over io_uring to new
+// connections (the fuse module's enable_uring parameter, off by default).
+func uringEnabled() bool {
+	b, err := os.ReadFile("/sys/module/fuse/parameters/enable_uring")
+	return err == nil && len(b) > 0 && (b[0] == 'Y' || b[0] == '1')
+}
+
+// ringServer serves a connection's requests through one io_uring queue per
+// possible CPU (the kernel queues a request on the queue of the CPU that
+// sent it and uses the ring only once every queue has an entry).
+type ringServer struct {
+	rfs    *rawFS
+	fd     int // our own descriptor of the connection (a dup)
+	queues []*ringQueue
+	done   sync.WaitGroup // queue threads
+	// workers answer requests off the ring threads; entry buffers and
+	// eventfds stay until they are done.
+	workers sync.WaitGroup
+	// onExit, if set, is called with each queue's terminal error.
+	onExit func(qid int, err error)
+	// requests counts the requests answered through the ring.
+	requests atomic.Uint64
+}
+
+// ringQueue is one queue: a ring owned by one locked OS thread.
+type ringQueue struct {
+	rs      *ringServer
+	qid     int
+	entries []ringEnt
+	ring    *uring.Ring
+	mem     []byte // headers and payloads of all entries (mmap)
+	efd     int    // eventfd: completions from other goroutines, stop
+	efdBuf  []byte // the eventfd read's target (in mem: not moved by GC)
+	stop    atomic.Bool
+
+	mu       sync.Mutex
+	finished []int // entries answered off the ring thread, to commit
+}
+
+// ringEnt is one registered entry.
+type ringEnt struct {
+	hdr []byte // ringHeaderSize bytes
+	pay []byte
+	iov [2]unix.Iovec // what REGISTER points at; lives as long as the queue
+}
+
+// startRing registers entries ring entries per queue on the connection
+// whose /dev/fuse descriptor is fd (the ring server owns and closes it). It
+// returns once every queue has submitted its registrations; an error means
+// none of the ring is in use and the /dev/fuse side serves everything.
+func startRing(rfs *rawFS, fd, entries, payload int) (*ringServer, error) {
+	nq, err := possibleCPUs()
+	if err != nil {
+		return nil, err
+	}
+	rs := &ringServer{rfs: rfs, fd: fd}
+	started := make(chan error, nq)
+	for qid := range nq {
+		q := &ringQueue{rs: rs, qid: qid}
+		rs.queues = append(rs.queues, q)
+		rs.done.Add(1)
+		go q.run(entries, payload, started)
+	}
+	var first error
+	for range nq {
+		if err := <-started; err != nil && first == nil {
+			first = err
+		}
+	}
+	if first != nil {
+		// Requests wait until every queue has an entry or a
+		// registration failed: make one fail, so that /dev/fuse serves
+		// them, then drop the queues that did register.
+		if err := refuseRing(fd); err != nil {
+			first = fmt.Errorf("%w; and falling back to /dev/fuse: %v", first, err)
+		}
+		rs.stop()
+		return nil, first
+	}
+	return rs, nil
+}
+
+// refuseRing sends a registration the kernel must refuse (a queue that
+// does not exist); a refused registration turns the ring off for the
+// connection and releases the requests waiting for it.
+func refuseRing(fd int) error {
+	ring, err := uring.New(1, 0)
+	if err != nil {
+		return err
+	}
+	defer ring.Close()
+	// On the heap: the kernel reads the iovecs by address.
+	hdr, pay := make([]byte, ringHeaderSize), make([]byte, 4096)
+	iov := &[2]unix.Iovec{{Base: &hdr[0], Len: uint64(len(hdr))}, {Base: &pay[0], Len: uint64(len(pay))}}
+	sqe := ring.GetSQE()
+	sqe.PrepURingCmd(int32(fd), uringCmdRegister, uint64(uintptr(unsafe.Pointer(&iov[0]))), 2, 0)
+	cmd := sqe.Cmd()
+	binary.LittleEndian.PutUint16(cmd[16:], 0xffff)
+	c, err := ring.WaitCQE()
+	runtime.KeepAlive(iov)
+	runtime.KeepAlive(hdr)
+	runtime.KeepAlive(pay)
+	if err != nil {
+		return err
+	}
+	if c.Res >= 0 {
+		return errors.New("registration of queue 65535 was accepted")
+	}
+	return nil
+}
+
+// stop ends every queue and waits for them. The kernel keeps requests that
+// would have gone to the ring queued; only call it when the connection is
+// gone or about to go.
+func (rs *ringServer) stop() {
+	for _, q := range rs.queues {
+		q.wake(true)
+	}
+	rs.wait()
+}
+
+// wait waits for every queue to end (on its own when the connection ended)
+// and releases what they used.
+func (rs *ringServer) wait() {
+	rs.done.Wait()
+	rs.workers.Wait()
+	for _, q := range rs.queues {
+		if q.mem != nil {
+			_ = unix.Munmap(q.mem)
+		}
+		if q.efd > 0 {
+			unix.Close(q.efd)
+		}
+	}
+	unix.Close(rs.fd)
+}
+
+func (q *ringQueue) wake(stop bool) {
+	if stop {
+		q.stop.Store(true)
+	}
+	if q.efd <= 0 {
+		return
+	}
+	var one [8]byte
+	binary.LittleEndian.PutUint64(one[:], 1)
+	_, _ = unix.Write(q.efd, one[:])
+}
+
+// run is the queue's thread: register, then answer and commit until the
+// connection ends or stop.
+func (q *ringQueue) run(entries, payload int, started chan<- error) {
+	defer q.rs.done.Done()
+	// The ring is single-issuer with deferred task work: the kernel runs
+	// completions only in io_uring_enter of the thread that set it up.
+	runtime.LockOSThread()
+	defer runtime.UnlockOSThread()
+	err := q.setup(entries, payload)
+	started <- err
+	if err != nil {
+		q.teardown()
+		return
+	}
+	err = q.serve()
+	q.teardown()
+	if q.rs.onExit != nil {
+		q.rs.onExit(q.qid, err)
+	}
+}
+
+func (q *ringQueue) setup(entries, payload int) error {
+	efd, err := unix.Eventfd(0, unix.EFD_CLOEXEC|unix.EFD_NONBLOCK)
+	if err != nil {
+		return fmt.Errorf("fusefs: eventfd: %w", err)
+	}
+	q.efd = efd
+	// Pin the thread to its queue's CPU, as the kernel expects requests
+	// of a CPU to be answered there (cache-hot, no cross-CPU wakeup).
+	var set unix.CPUSet
+	set.Set(q.qid)
+	_ = unix.SchedSetaffinity(0, &set)
+
+	payload = (payload + 4095) &^ 4095
+	per := 4096 + payload // header page, payload
+	mem, err := unix.Mmap(-1, 0, entries*per+4096, unix.PROT_READ|unix.PROT_WRITE, unix.MAP_PRIVATE|unix.MAP_ANONYMOUS)
+	if err != nil {
+		return fmt.Errorf("fusefs: ring buffers: %w", err)
+	}
+	q.mem = mem
+	q.efdBuf = mem[entries*per : entries*per+8]
+	q.entries = make([]ringEnt, entries)
+	for i := range q.entries {
+		e := &q.entries[i]
+		base := i * per
+		e.hdr = mem[base : base+ringHeaderSize]
+		e.pay = mem[base+4096 : base+per]
+		e.iov[0].Base, e.iov[0].Len = &e.hdr[0], uint64(len(e.hdr))
+		e.iov[1].Base, e.iov[1].Len = &e.pay[0], uint64(len(e.pay))
+	}
+	ring, err := uring.New(uint32(entries+1), uring.SetupSingleIssuer|uring.SetupDeferTaskrun)
+	if err != nil {
+		return fmt.Errorf("fusefs: io_uring: %w", err)
+	}
+	q.ring = ring
+	for i := range q.entries {
+		e := &q.entries[i]
+		sqe := ring.GetSQE()
+		sqe.PrepURingCmd(int32(q.rs.fd), uringCmdRegister, uint64(uintptr(unsafe.Pointer(&e.iov[0]))), 2, uint64(i))
+		q.putCmdReq(sqe.Cmd(), 0)
+	}
+	q.armWake()
+	if _, err := ring.Submit(); err != nil {
+		return fmt.Errorf("fusefs: register ring entries: %w", err)
+	}
+	// A registration the kernel refuses completes at once.
+	var failed error
+	for {
+		c, ok := q.ring.PeekCQE()
+		if !ok {
+			break
+		}
+		if c.UserData != wakeTag && c.Res < 0 && failed == nil {
+			failed = fmt.Errorf("fusefs: register ring entry on queue %d: %w", q.qid, syscall.Errno(-c.Res))
+		}
+		q.ring.SeenCQE()
+	}
+	return failed
+}
+
+func (q *ringQueue) putCmdReq(cmd []byte, commitID uint64) {
+	// struct fuse_uring_cmd_req: flags u64, commit_id u64, qid u16.
+	clear(cmd[:24])
+	binary.LittleEndian.PutUint64(cmd[8:], commitID)
+	binary.LittleEndian.PutUint16(cmd[16:], uint16(q.qid))
+}
+
+func (q *ringQueue) armWake() {
+	sqe := q.ring.GetSQE()
+	sqe.PrepRead(int32(q.efd), q.efdBuf, 0, wakeTag)
+}
+
+// serve answers requests until every entry is gone (the connection ended)
+// or stop is set.
+func (q *ringQueue) serve() error {
+	live := len(q.entries)
+	var last error
+	for live > 0 {
+		if _, err := q.ring.SubmitAndWait(1); err != nil {
+			return fmt.Errorf("fusefs: io_uring_enter: %w", err)
+		}
+		for {
+			c, ok := q.ring.PeekCQE()
+			if !ok {
+				break
+			}
+			q.ring.SeenCQE()
+			if c.UserData == wakeTag {
+				if q.stop.Load() {
+					return last
+				}
+				q.commitFinished()
+				q.armWake()
+				continue
+			}
+			if c.Res < 0 {
+				// ENOTCONN and friends: the connection ended, the
+				// entry is gone.
+				live--
+				last = syscall.Errno(-c.Res)
+				continue
+			}
+			i := int(c.UserData)
+			q.rs.requests.Add(1)
+			if q.handle(i) {
+				q.commit(i)
+			}
+		}
+	}
+	if errors.Is(last, syscall.ENOTCONN) || errors.Is(last, syscall.ECANCELED) {
+		return nil
+	}
+	return last
+}
+
+// commit answers entry i and asks for its next request.
+func (q *ringQueue) commit(i int) {
+	e := &q.entries[i]
+	sqe := q.ring.GetSQE()
+	for sqe == nil {
+		// Cannot happen with one SQE per entry plus the wake read in a
+		// ring of entries+1; submitting frees the SQ anyway.
+		_, _ = q.ring.Submit()
+		sqe = q.ring.GetSQE()
+	}
+	sqe.PrepURingCmd(int32(q.rs.fd), uringCmdCommitAndFetch, 0, 0, uint64(i))
+	q.putCmdReq(sqe.Cmd(), binary.LittleEndian.Uint64(e.hdr[ringEntCommitOff:]))
+}
+
+func (q *ringQueue) commitFinished() {
+	q.mu.Lock()
+	done := q.finished
+	q.finished = nil
+	q.mu.Unlock()
+	for _, i := range done {
+		q.commit(i)
+	}
+}
+
+// finish is called off the ring thread when entry i has its reply.
+func (q *ringQueue) finish(i int) {
+	q.mu.Lock()
+	q.finished = append(q.finished, i)
+	q.mu.Unlock()
+	q.wake(false)
+}
+
+// teardown closes the ring, which cancels the entries' commands; buffers
+// and the eventfd go in ringServer.wait.
+func (q *ringQueue) teardown() {
+	if q.ring != nil {
+		q.ring.Close()
+	}
+}
+
+// reply sets entry e's answer: status and payload length.
+func reply(e *ringEnt, st fuse.Status, n int) {
+	unique := binary.LittleEndian.Uint64(e.hdr[8:]) // fuse_in_header.unique
+	if st != fuse.OK {
+		n = 0
+	}
+	out := e.hdr[:outHeaderSize]
+	binary.LittleEndian.PutUint32(out[0:], uint32(outHeaderSize+n))
+	binary.LittleEndian.PutUint32(out[4:], uint32(-int32(st)))
+	binary.LittleEndian.PutUint64(out[8:], unique)
+	binary.LittleEndian.PutUint32(e.hdr[ringEntPayloadOff:], uint32(n))
+}
+
+// inArg returns the request as go-fuse's struct T: the fuse_in_header from
+// in_out, the first argument from op_in.
+func inArg[T any](e *ringEnt) *T {
+	v := new(T)
+	b := unsafe.Slice((*byte)(unsafe.Pointer(v)), unsafe.Sizeof(*v))
+	copy(b[:inHeaderSize], e.hdr[:inHeaderSize])
+	copy(b[inHeaderSize:], e.hdr[ringOpInOff:ringOpInOff+ringOpInSize])
+	return v
+}
+
+// putOut copies a reply struct into the payload and returns its size.
+func putOut[T any](e *ringEnt, v *T) int {
+	return copy(e.pay, unsafe.Slice((*byte)(unsafe.Pointer(v)), unsafe.Sizeof(*v)))
+}
+
+func (e *ringEnt) payloadSize() int {
+	return int(binary.LittleEndian.Uint32(e.hdr[ringEntPayloadOff:]))
+}
+
+// handle answers entry i's request. It returns false when the answer comes
+// later from another goroutine (finish).
+func (q *ringQueue) handle(i int) bool {
+	e := &q.entries[i]
+	r := q.rs.rfs
+	h := (*fuse.InHeader)(unsafe.Pointer(&e.hdr[0]))
+	switch h.Opcode {
+	case opRead:
+		in := inArg[fuse.ReadIn](e)
+		res, st := r.Read(nil, in, e.pay[:min(int(in.Size), len(e.pay))])
+		n := 0
+		if st == fuse.OK {
+			b, _ := res.Bytes(e.pay)
+			n = len(b)
+			if n > 0 && &b[0] != &e.pay[0] {
+				n = copy(e.pay, b)
+			}
+		}
+		reply(e, st, n)
+	case opWrite:
+		in := inArg[fuse.WriteIn](e)
+		if int(in.Size) > e.payloadSize() {
+			reply(e, fuse.EINVAL, 0)
+			break
+		}
+		written, st := r.Write(nil, in, e.pay[:in.Size])
+		out := fuse.WriteOut{Size: written}
+		reply(e, st, putOut(e, &out))
+	case opFsync, opFallocate:
+		// Durability and hole punching can take milliseconds: off the
+		// ring thread, so the queue keeps serving.
+		op := h.Opcode
+		var fs *fuse.FsyncIn
+		var fa *fuse.FallocateIn
+		if op == opFsync {
+			fs = inArg[fuse.FsyncIn](e)
+		} else {
+			fa = inArg[fuse.FallocateIn](e)
+		}
+		q.rs.workers.Add(1)
+		go func() {
+			defer q.rs.workers.Done()
+			var st fuse.Status
+			if fs != nil {
+				st = r.Fsync(nil, fs)
+			} else {
+				st = r.Fallocate(nil, fa)
+			}
+			reply(e, st, 0)
+			q.finish(i)
+		}()
+		return false
+	case opGetattr:
+		var out fuse.AttrOut
+		st := r.GetAttr(nil, inArg[fuse.GetAttrIn](e), &out)
+		reply(e, st, putOut(e, &out))
+	case opSetattr:
+		var out fuse.AttrOut
+		st := r.SetAttr(nil, inArg[fuse.SetAttrIn](e), &out)
+		reply(e, st, putOut(e, &out))
+	case opLookup:
+		name := e.pay[:e.payloadSize()]
+		for k, c := range name {
+			if c == 0 {
+				name = name[:k]
+				break
+			}
+		}
+		var out fuse.EntryOut
+		st := r.Lookup(nil, h, string(name), &out)
+		reply(e, st, putOut(e, &out))
+	case opOpen, opOpendir:
+		in := inArg[fuse.OpenIn](e)
+		var out fuse.OpenOut
+		var st fuse.Status
+		if h.Opcode == opOpen {
+			st = r.Open(nil, in, &out)
+		} else {
+			st = r.OpenDir(nil, in, &out)
+		}
+		reply(e, st, putOut(e, &out))
+	case opRelease:
+		r.Release(nil, inArg[fuse.ReleaseIn](e))
+		reply(e, fuse.OK, 0)
+	case opReleasedir:
+		r.ReleaseDir(inArg[fuse.ReleaseIn](e))
+		reply(e, fuse.OK, 0)
+	case opFlush:
+		reply(e, r.Flush(nil, inArg[fuse.FlushIn](e)), 0)
+	case opReaddir:
+		in := inArg[fuse.ReadIn](e)
+		l := fuse.NewDirEntryList(e.pay[:min(int(in.Size), len(e.pay))], in.Offset)
+		st := r.ReadDir(nil, in, l)
+		reply(e, st, len(l.Bytes()))
+	case opStatfs:
+		var out fuse.StatfsOut
+		st := r.StatFs(nil, h, &out)
+		reply(e, st, putOut(e, &out))
+	case opSymlink, opMknod, opMkdir, opUnlink, opRmdir, opRename, opLink, opCreate, opRename2, opTmpfile:
+		reply(e, fuse.EPERM, 0)
+	default:
+		// What go-fuse answers for operations the filesystem lacks;
+		// the kernel stops sending most of them.
+		reply(e, fuse.ENOSYS, 0)
+	}
+	return true
+}
+
+// possibleCPUs is the kernel's nr_cpu_ids: the number of queues a ring
+// needs before the kernel uses it.
+func possibleCPUs() (int, error) {
+	b, err := os.ReadFile("/sys/devices/system/cpu/possible")
+	if err != nil {
+		return 0, fmt.Errorf("fusefs: %w", err)
+	}
+	// "0-N" or "0"; ranges with gaps still end at the highest CPU.
+	s := string(b)
+	for len(s) > 0 && (s[len(s)-1] == '\n') {
+		s = s[:len(s)-1]
+	}
+	last := s
+	for k := len(s) - 1; k >= 0; k-- {
+		if s[k] == '-' || s[k] == ',' {
+			last = s[k+1:]
+			break
+		}
+	}
+	var n int
+	if _, err := fmt.Sscan(last, &n); err != nil {
+		return 0, fmt.Errorf("fusefs: possible CPUs %q: %w", s, err)
+	}
+	return n + 1, nil
+}

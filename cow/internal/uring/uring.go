@@ -1,0 +1,487 @@
+//go:build linux
+
+// Package uring is a minimal raw io_uring binding: one ring with 128-byte
+// SQEs and 32-byte CQEs (IORING_SETUP_SQE128|IORING_SETUP_CQE32), which is
+// what IORING_OP_URING_CMD on /dev/fuse needs, plus plain reads and writes.
+// It does no buffer management and keeps no per-request state.
+//
+// # Goroutines and threads
+//
+// A Ring is not safe for concurrent use; one goroutine owns it. The kernel
+// tracks the submitting *thread*, not the goroutine, and Go moves goroutines
+// between threads, so:
+//
+//   - Without SetupSingleIssuer/SetupDeferTaskrun any thread may submit; the
+//     only requirement is that calls are not concurrent.
+//   - With SetupSingleIssuer the thread that called New is the only one the
+//     kernel accepts submissions from (others get EEXIST). Call
+//     runtime.LockOSThread before New and use the Ring only from that
+//     goroutine until after Close. SetupDeferTaskrun additionally requires
+//     that thread to be the one that waits for completions.
+//   - Do not let a goroutine that is locked to the submitting thread exit
+//     while still locked: Go then kills the thread, and the kernel cancels
+//     the requests that thread issued.
+//
+// # Buffers
+//
+// The caller owns every buffer an SQE refers to. The kernel may read or
+// write it at any time until the matching CQE is reaped, so it must stay
+// referenced (the Ring does not retain it) and must not live on a goroutine
+// stack. Mmapped memory or long-lived heap slices are the intended use.
+package uring
+
+import (
+	"errors"
+	"fmt"
+	"sync/atomic"
+	"unsafe"
+
+	"golang.org/x/sys/unix"
+)
+
+// SetupFlags are io_uring_setup(2) flags a caller may add. SQE128 and CQE32
+// are always set and are not exposed.
+type SetupFlags uint32
+
+const (
+	// SetupCQSize is implied by NewWithCQSize; New rejects it because the
+	// kernel needs an explicit CQ size alongside it.
+	SetupCQSize SetupFlags = 1 << 3
+	// SetupClamp clamps oversized entry counts instead of failing.
+	SetupClamp SetupFlags = 1 << 4
+	// SetupSubmitAll keeps submitting a batch after one SQE fails to prep.
+	SetupSubmitAll SetupFlags = 1 << 7
+	// SetupCoopTaskrun defers completion task work until the submitter next
+	// enters the kernel, instead of interrupting it.
+	SetupCoopTaskrun SetupFlags = 1 << 8
+	// SetupTaskrunFlag makes the kernel raise a flag in the SQ ring when such
+	// deferred work is pending; PeekCQE and ForEachCQE then enter the kernel
+	// to run it. Needs SetupCoopTaskrun or SetupDeferTaskrun.
+	SetupTaskrunFlag SetupFlags = 1 << 9
+	// SetupSingleIssuer promises one submitting thread; see the package doc.
+	SetupSingleIssuer SetupFlags = 1 << 12
+	// SetupDeferTaskrun runs completion work only when the submitter waits
+	// (SubmitAndWait, WaitCQE). Requires SetupSingleIssuer.
+	SetupDeferTaskrun SetupFlags = 1 << 13
+
+	setupSQE128 = 1 << 10
+	setupCQE32  = 1 << 11
+
+	// Everything else (SQPOLL, IOPOLL, NO_MMAP, NO_SQARRAY, ...) changes how
+	// the rings must be driven or mapped, which this package does not do.
+	allowedSetup = SetupCQSize | SetupClamp | SetupSubmitAll | SetupCoopTaskrun |
+		SetupTaskrunFlag | SetupSingleIssuer | SetupDeferTaskrun
+)
+
+// Feature bits reported by Ring.Features (IORING_FEAT_*).
+const (
+	FeatSingleMMap     uint32 = 1 << 0
+	FeatNoDrop         uint32 = 1 << 1
+	FeatSubmitStable   uint32 = 1 << 2
+	FeatRWCurPos       uint32 = 1 << 3
+	FeatCurPersonality uint32 = 1 << 4
+	FeatFastPoll       uint32 = 1 << 5
+	FeatExtArg         uint32 = 1 << 8
+)
+
+// CQE.Flags bits (IORING_CQE_F_*).
+const (
+	CQEFBuffer uint32 = 1 << 0
+	// CQEFMore means the request stays armed and will post more CQEs.
+	CQEFMore  uint32 = 1 << 1
+	CQEFNotif uint32 = 1 << 3
+)
+
+const (
+	offSQRing = 0
+	offCQRing = 0x8000000
+	offSQEs   = 0x10000000
+
+	enterGetEvents = 1 << 0
+
+	sqCQOverflow = 1 << 1
+	sqTaskrun    = 1 << 2
+)
+
+// ErrClosed is returned by operations on a closed Ring.
+var ErrClosed = errors.New("uring: ring closed")
+
+// CQE is one 32-byte completion queue entry (struct io_uring_cqe under
+// IORING_SETUP_CQE32). It is returned by value because the ring slot is
+// reused by the kernel as soon as the head moves past it.
+type CQE struct {
+	UserData uint64    // @0, from the SQE
+	Res      int32     // @8, result or -errno
+	Flags    uint32    // @12, CQEF* bits
+	BigCQE   [2]uint64 // @16, extra data some URING_CMD drivers return
+}
+
+// struct io_sqring_offsets / io_cqring_offsets / io_uring_params.
+type sqringOffsets struct {
+	head, tail, ringMask, ringEntries, flags, dropped, array, resv1 uint32
+	userAddr                                                        uint64
+}
+
+type cqringOffsets struct {
+	head, tail, ringMask, ringEntries, overflow, cqes, flags, resv1 uint32
+	userAddr                                                        uint64
+}
+
+type params struct {
+	sqEntries, cqEntries, flags, sqThreadCPU, sqThreadIdle, features, wqFd uint32
+	resv                                                                   [3]uint32
+	sqOff                                                                  sqringOffsets
+	cqOff                                                                  cqringOffsets
+}
+
+// Ring is one io_uring instance. See the package documentation for the
+// threading and buffer-ownership rules.
+type Ring struct {
+	open     bool
+	fd       int
+	flags    uint32
+	features uint32
+
+	sqRing []byte
+	cqRing []byte // same mapping as sqRing under FeatSingleMMap
+	sqeMem []byte
+
+	// Pointers into the shared rings. Kernel-written fields are only read
+	// with atomic loads (acquire), ours only written with atomic stores
+	// (release), so that SQE contents are visible before the tail that
+	// publishes them and CQE contents are read before the head that frees
+	// their slot.
+	sqHead  *uint32 // kernel writes
+	sqTail  *uint32 // we write
+	sqFlags *uint32 // kernel writes
+	sqMask  uint32
+	sqLen   uint32
+	sqes    []SQE
+	// sqeTail is the next slot GetSQE hands out. It runs ahead of *sqTail
+	// until the next submit publishes it.
+	sqeTail uint32
+
+	cqHead *uint32 // we write
+	cqTail *uint32 // kernel writes
+	cqMask uint32
+	cqLen  uint32
+	cqes   []CQE
+	// cqHeadLocal mirrors *cqHead; only this side writes it, so there is no
+	// need to read it back from shared memory.
+	cqHeadLocal uint32
+}
+
+// New creates a ring with at least entries SQEs (rounded up to a power of
+// two by the kernel) and a CQ twice that size. The error wraps the errno, so
+// errors.Is(err, unix.ENOSYS) / unix.EPERM detect a kernel without io_uring
+// or with it disabled by sysctl.
+func New(entries uint32, flags SetupFlags) (*Ring, error) {
+	if flags&SetupCQSize != 0 {
+		return nil, fmt.Errorf("uring: SetupCQSize needs a CQ size, use NewWithCQSize: %w", unix.EINVAL)
+	}
+	return newRing(entries, 0, flags)
+}
+
+// NewWithCQSize is New with an explicit CQ size (IORING_SETUP_CQSIZE), which
+// must be at least entries. A larger CQ lets more requests be in flight than
+// there are SQE slots, which matters for long-lived URING_CMD fetches.
+func NewWithCQSize(entries, cqEntries uint32, flags SetupFlags) (*Ring, error) {
+	if cqEntries == 0 {
+		return nil, fmt.Errorf("uring: zero CQ size: %w", unix.EINVAL)
+	}
+	return newRing(entries, cqEntries, flags|SetupCQSize)
+}
+
+func newRing(entries, cqEntries uint32, flags SetupFlags) (*Ring, error) {
+	if flags&^allowedSetup != 0 {
+		return nil, fmt.Errorf("uring: unsupported setup flags %#x: %w", uint32(flags&^allowedSetup), unix.EINVAL)
+	}
+	p := params{flags: uint32(flags) | setupSQE128 | setupCQE32, cqEntries: cqEntries}
+	fd, _, errno := unix.Syscall(unix.SYS_IO_URING_SETUP, uintptr(entries), uintptr(unsafe.Pointer(&p)), 0)
+	if errno != 0 {
+		return nil, fmt.Errorf("io_uring_setup: %w", errno)
+	}
+	r := &Ring{open: true, fd: int(fd), flags: p.flags, features: p.features}
+	if err := r.mapRings(&p); err != nil {
+		_ = r.Close()
+		return nil, err
+	}
+	return r, nil
+}
+
+func (r *Ring) mapRings(p *params) error {
+	const prot = unix.PROT_READ | unix.PROT_WRITE
+	const mflags = unix.MAP_SHARED | unix.MAP_POPULATE
+
+	sqSize := int(p.sqOff.array) + int(p.sqEntries)*4
+	cqSize := int(p.cqOff.cqes) + int(p.cqEntries)*int(unsafe.Sizeof(CQE{}))
+	single := p.features&FeatSingleMMap != 0
+	if single {
+		// One mapping backs both rings, so it must cover the larger.
+		sqSize = max(sqSize, cqSize)
+	}
+	var err error
+	if r.sqRing, err = unix.Mmap(r.fd, offSQRing, sqSize, prot, mflags); err != nil {
+		return fmt.Errorf("mmap SQ ring: %w", err)
+	}
+	if single {
+		r.cqRing = r.sqRing
+	} else if r.cqRing, err = unix.Mmap(r.fd, offCQRing, cqSize, prot, mflags); err != nil {
+		return fmt.Errorf("mmap CQ ring: %w", err)
+	}
+	sqeBytes := int(p.sqEntries) * int(unsafe.Sizeof(SQE{}))
+	if r.sqeMem, err = unix.Mmap(r.fd, offSQEs, sqeBytes, prot, mflags); err != nil {
+		return fmt.Errorf("mmap SQEs: %w", err)
+	}
+
+	r.sqHead = ringU32(r.sqRing, p.sqOff.head)
+	r.sqTail = ringU32(r.sqRing, p.sqOff.tail)
+	r.sqFlags = ringU32(r.sqRing, p.sqOff.flags)
+	r.sqMask = *ringU32(r.sqRing, p.sqOff.ringMask)
+	r.sqLen = *ringU32(r.sqRing, p.sqOff.ringEntries)
+	r.sqes = unsafe.Slice((*SQE)(unsafe.Pointer(&r.sqeMem[0])), p.sqEntries)
+	r.sqeTail = atomic.LoadUint32(r.sqTail)
+
+	// SQE slot i is always used for ring position i&mask, so the
+	// indirection array is the identity and is written once.
+	array := unsafe.Slice(ringU32(r.sqRing, p.sqOff.array), p.sqEntries)
+	for i := range array {
+		array[i] = uint32(i)
+	}
+
+	r.cqHead = ringU32(r.cqRing, p.cqOff.head)
+	r.cqTail = ringU32(r.cqRing, p.cqOff.tail)
+	r.cqMask = *ringU32(r.cqRing, p.cqOff.ringMask)
+	r.cqLen = *ringU32(r.cqRing, p.cqOff.ringEntries)
+	r.cqes = unsafe.Slice((*CQE)(unsafe.Pointer(&r.cqRing[p.cqOff.cqes])), p.cqEntries)
+	r.cqHeadLocal = atomic.LoadUint32(r.cqHead)
+	return nil
+}
+
+func ringU32(mem []byte, off uint32) *uint32 {
+	// Slicing checks that all four bytes lie inside the mapping.
+	return (*uint32)(unsafe.Pointer(&mem[off : off+4][0]))
+}
+
+// Fd is the ring's file descriptor, for io_uring_register(2) or polling.
+func (r *Ring) Fd() int { return r.fd }
+
+// Features returns the IORING_FEAT_* bits the kernel reported.
+func (r *Ring) Features() uint32 { return r.features }
+
+// SQEntries is the SQ size the kernel chose (entries rounded up).
+func (r *Ring) SQEntries() uint32 { return r.sqLen }
+
+// CQEntries is the CQ size the kernel chose.
+func (r *Ring) CQEntries() uint32 { return r.cqLen }
+
+// GetSQE returns a zeroed free submission slot, or nil if all slots are
+// queued but not yet consumed by the kernel (submit, then retry) or the ring
+// is closed. The slot is queued for the next submit as soon as it is
+// returned; an SQE that is not wanted after all must still be filled, e.g.
+// with PrepNop.
+func (r *Ring) GetSQE() *SQE {
+	if !r.open {
+		return nil
+	}
+	if r.sqeTail-atomic.LoadUint32(r.sqHead) >= r.sqLen {
+		return nil
+	}
+	s := &r.sqes[r.sqeTail&r.sqMask]
+	r.sqeTail++
+	*s = SQE{}
+	return s
+}
+
+// SQReady is the number of SQEs obtained from GetSQE and not yet consumed by
+// the kernel.
+func (r *Ring) SQReady() uint32 {
+	if !r.open {
+		return 0
+	}
+	return r.sqeTail - atomic.LoadUint32(r.sqHead)
+}
+
+// flushSQ publishes queued SQEs to the kernel and returns how many it has
+// not consumed yet.
+func (r *Ring) flushSQ() uint32 {
+	atomic.StoreUint32(r.sqTail, r.sqeTail)
+	return r.sqeTail - atomic.LoadUint32(r.sqHead)
+}
+
+// enter wraps io_uring_enter(2). A signal can interrupt it only before
+// anything was submitted (otherwise the kernel returns the count), so
+// retrying EINTR with the same arguments cannot double-submit.
+func (r *Ring) enter(toSubmit, minComplete, flags uint32) (int, error) {
+	for {
+		n, _, errno := unix.Syscall6(unix.SYS_IO_URING_ENTER, uintptr(r.fd),
+			uintptr(toSubmit), uintptr(minComplete), uintptr(flags), 0, 0)
+		if errno == unix.EINTR {
+			continue
+		}
+		if errno != 0 {
+			return 0, errno
+		}
+		return int(n), nil
+	}
+}
+
+// Submit hands all queued SQEs to the kernel without waiting and returns how
+// many it consumed. The kernel can stop early (resource shortage, or a
+// failed SQE without SetupSubmitAll); the rest stay queued for the next call.
+func (r *Ring) Submit() (int, error) {
+	if !r.open {
+		return 0, ErrClosed
+	}
+	n := r.flushSQ()
+	if n == 0 {
+		return 0, nil
+	}
+	return r.enter(n, 0, 0)
+}
+
+// SubmitAndWait submits all queued SQEs and waits until at least waitNr
+// CQEs are in the completion ring (counting ones already there and not yet
+// reaped), then returns how many SQEs were consumed. waitNr is capped at the
+// CQ size, which is all the kernel can ever report at once.
+func (r *Ring) SubmitAndWait(waitNr uint32) (int, error) {
+	if !r.open {
+		return 0, ErrClosed
+	}
+	if waitNr == 0 {
+		return r.Submit()
+	}
+	waitNr = min(waitNr, r.cqLen)
+	total := 0
+	for {
+		n, err := r.enter(r.flushSQ(), waitNr, enterGetEvents)
+		total += n
+		if err != nil {
+			return total, err
+		}
+		// The kernel skips the wait when it submitted only part of the
+		// batch, and a signal after a successful submit ends the wait early
+		// without an error; in both cases go round again.
+		if r.cqReady() >= waitNr {
+			return total, nil
+		}
+	}
+}
+
+// CQReady is the number of CQEs in the ring not yet reaped. It does not
+// enter the kernel, so with SetupCoopTaskrun/SetupDeferTaskrun completions
+// whose task work has not run yet are not counted.
+func (r *Ring) CQReady() uint32 {
+	if !r.open {
+		return 0
+	}
+	return r.cqReady()
+}
+
+func (r *Ring) cqReady() uint32 {
+	return atomic.LoadUint32(r.cqTail) - r.cqHeadLocal
+}
+
+// cqTailFlushed loads the CQ tail. If the ring is empty but the kernel has
+// flagged overflowed CQEs or pending task work (SetupTaskrunFlag), it enters
+// the kernel once to get them posted; without that a poller would never see
+// them.
+func (r *Ring) cqTailFlushed() uint32 {
+	tail := atomic.LoadUint32(r.cqTail)
+	if tail != r.cqHeadLocal || atomic.LoadUint32(r.sqFlags)&(sqCQOverflow|sqTaskrun) == 0 {
+		return tail
+	}
+	// Errors (e.g. EEXIST from the wrong thread under SetupDeferTaskrun)
+	// leave the ring as it was; the caller just sees no CQE.
+	_, _ = r.enter(0, 0, enterGetEvents)
+	return atomic.LoadUint32(r.cqTail)
+}
+
+// PeekCQE returns the oldest unreaped CQE without consuming it; call
+// SeenCQE to release it. It does not wait; under SetupDeferTaskrun without
+// SetupTaskrunFlag it cannot see completions until something waits
+// (SubmitAndWait, WaitCQE).
+func (r *Ring) PeekCQE() (CQE, bool) {
+	if !r.open {
+		return CQE{}, false
+	}
+	if r.cqTailFlushed() == r.cqHeadLocal {
+		return CQE{}, false
+	}
+	return r.cqes[r.cqHeadLocal&r.cqMask], true
+}
+
+// SeenCQE consumes the CQE last returned by PeekCQE or WaitCQE, letting the
+// kernel reuse its slot.
+func (r *Ring) SeenCQE() {
+	if !r.open || atomic.LoadUint32(r.cqTail) == r.cqHeadLocal {
+		return
+	}
+	r.cqHeadLocal++
+	atomic.StoreUint32(r.cqHead, r.cqHeadLocal)
+}
+
+// ForEachCQE calls fn for every CQE currently in the ring, oldest first,
+// then consumes them all with one head update, and returns how many there
+// were. fn may queue and submit new SQEs but must not reap CQEs itself.
+func (r *Ring) ForEachCQE(fn func(CQE)) int {
+	if !r.open {
+		return 0
+	}
+	head, tail := r.cqHeadLocal, r.cqTailFlushed()
+	for h := head; h != tail; h++ {
+		fn(r.cqes[h&r.cqMask])
+	}
+	if tail != head {
+		r.cqHeadLocal = tail
+		atomic.StoreUint32(r.cqHead, tail)
+	}
+	return int(tail - head)
+}
+
+// WaitCQE returns the oldest unreaped CQE, blocking until one arrives. It
+// does not consume it; call SeenCQE. Queued SQEs are submitted first, since
+// waiting on a completion that was never submitted would block forever.
+func (r *Ring) WaitCQE() (CQE, error) {
+	for {
+		if !r.open {
+			return CQE{}, ErrClosed
+		}
+		if c, ok := r.PeekCQE(); ok {
+			return c, nil
+		}
+		if _, err := r.enter(r.flushSQ(), 1, enterGetEvents); err != nil {
+			return CQE{}, err
+		}
+	}
+}
+
+// Close unmaps the rings and closes the ring fd; further calls do nothing.
+// The kernel cancels requests still in flight asynchronously, so buffers
+// they refer to may still be accessed for a moment after Close returns:
+// reap everything (or cancel and reap) first if those buffers will be
+// reused.
+func (r *Ring) Close() error {
+	if !r.open {
+		return nil
+	}
+	r.open = false
+	var errs []error
+	unmap := func(b []byte) {
+		if b != nil {
+			if err := unix.Munmap(b); err != nil {
+				errs = append(errs, err)
+			}
+		}
+	}
+	unmap(r.sqeMem)
+	if r.cqRing != nil && (r.sqRing == nil || &r.cqRing[0] != &r.sqRing[0]) {
+		unmap(r.cqRing)
+	}
+	unmap(r.sqRing)
+	if err := unix.Close(r.fd); err != nil {
+		errs = append(errs, err)
+	}
+	*r = Ring{fd: -1}
+	return errors.Join(errs...)
+}
