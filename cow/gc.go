@@ -154,7 +154,9 @@ func (s *Store) removeLayer(l *layer) error {
 		s.slots.set(a, nil)
 	}
 	l.close()
+	l.treeMu.Lock()
 	l.tree = tree{}
+	l.treeMu.Unlock()
 	return removeLayerFiles(s.layerFS, l.num)
 }
 
