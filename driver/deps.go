@@ -88,8 +88,9 @@ type FSResizer interface {
 type Deps struct {
 	// OpenEngine opens the store in dir.
 	OpenEngine func(dir string) (Engine, error)
-	// MountExport mounts the driver's FUSE filesystem at dir.
-	MountExport func(ctx context.Context, dir string) (FileExport, error)
+	// MountExport mounts the driver's FUSE filesystem at dir; ioURing is
+	// Options.FuseIOURing.
+	MountExport func(ctx context.Context, dir, ioURing string) (FileExport, error)
 	Loop        LoopDevices
 	Mounter     Mounter
 	Resizer     FSResizer

@@ -92,6 +92,11 @@ func testOptions(env *testEnv) Options {
 	o.StoreDir = env.storeDir
 	o.DefaultVolumeSize = 64 << 20
 	o.StopTimeout = 10 * time.Second
+	// Where the kernel has FUSE over io_uring, the tests require it, so
+	// that a silent fallback to /dev/fuse shows as a failure.
+	if _, err := os.Stat("/sys/module/fuse/parameters/enable_uring"); err == nil {
+		o.FuseIOURing = FuseIOURingOn
+	}
 	return o
 }
 

@@ -47,7 +47,23 @@ type Options struct {
 	// StopTimeout bounds the graceful gRPC stop; in-flight calls are
 	// cancelled after it.
 	StopTimeout time.Duration
+	// FuseIOURing selects how the kernel's FUSE requests reach the driver:
+	// FUSE over io_uring (fast, Linux 6.14+) or /dev/fuse. See the
+	// FuseIOURing* constants.
+	FuseIOURing string
 }
+
+// FuseIOURing values.
+const (
+	// FuseIOURingAuto turns on the fuse module's enable_uring parameter
+	// if it can and uses the ring when the kernel offers it, /dev/fuse
+	// otherwise.
+	FuseIOURingAuto = "auto"
+	// FuseIOURingOn is auto, but the driver does not start without it.
+	FuseIOURingOn = "on"
+	// FuseIOURingOff always uses /dev/fuse.
+	FuseIOURingOff = "off"
+)
 
 // DefaultOptions returns the options the binary starts from.
 func DefaultOptions() Options {
@@ -59,6 +75,7 @@ func DefaultOptions() Options {
 		DefaultVolumeSize: 1 << 30,
 		FreezeTimeout:     10 * time.Second,
 		StopTimeout:       30 * time.Second,
+		FuseIOURing:       FuseIOURingAuto,
 	}
 }
 
@@ -74,6 +91,7 @@ func (o *Options) AddFlags(fs *flag.FlagSet) {
 	fs.Int64Var(&o.DefaultVolumeSize, "default-volume-size", o.DefaultVolumeSize, "size in bytes of a volume created without a capacity range")
 	fs.DurationVar(&o.FreezeTimeout, "freeze-timeout", o.FreezeTimeout, "bound on freezing a filesystem for a snapshot")
 	fs.DurationVar(&o.StopTimeout, "stop-timeout", o.StopTimeout, "bound on the graceful stop of the gRPC server")
+	fs.StringVar(&o.FuseIOURing, "fuse-io-uring", o.FuseIOURing, "serve the volumes' FUSE file through FUSE over io_uring: auto (if the kernel has it; turns on the fuse module's enable_uring), on (required), off (/dev/fuse)")
 }
 
 // Validate checks the options and returns every problem found.
@@ -107,6 +125,11 @@ func (o *Options) Validate() error {
 	}
 	if o.StopTimeout <= 0 {
 		errs = append(errs, fmt.Errorf("--stop-timeout %v must be positive", o.StopTimeout))
+	}
+	switch o.FuseIOURing {
+	case FuseIOURingAuto, FuseIOURingOn, FuseIOURingOff:
+	default:
+		errs = append(errs, fmt.Errorf("--fuse-io-uring %q must be auto, on or off", o.FuseIOURing))
 	}
 	return errors.Join(errs...)
 }

@@ -30,7 +30,7 @@ func (n *nodeService) start(ctx context.Context) error {
 	for _, sv := range vols {
 		n.teardownStale(ctx, fuseDir, sv)
 	}
-	exp, err := n.d.deps.MountExport(ctx, fuseDir)
+	exp, err := n.d.deps.MountExport(ctx, fuseDir, n.d.opts.FuseIOURing)
 	if err != nil {
 		return fmt.Errorf("mount FUSE filesystem at %s: %w", fuseDir, err)
 	}

@@ -202,6 +202,7 @@ func TestOptions(t *testing.T) {
 		func(o *Options) { o.DefaultVolumeSize = 0 },
 		func(o *Options) { o.FreezeTimeout = 0 },
 		func(o *Options) { o.MaxVolumesPerNode = -1 },
+		func(o *Options) { o.FuseIOURing = "yes" },
 	} {
 		o2 := o
 		bad(&o2)

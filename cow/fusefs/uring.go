@@ -88,11 +88,30 @@ const (
 	opTmpfile = 51
 )
 
+const uringParam = "/sys/module/fuse/parameters/enable_uring"
+
 // uringEnabled reports whether the kernel offers FUSE over io_uring to new
 // connections (the fuse module's enable_uring parameter, off by default).
 func uringEnabled() bool {
-	b, err := os.ReadFile("/sys/module/fuse/parameters/enable_uring")
+	b, err := os.ReadFile(uringParam)
 	return err == nil && len(b) > 0 && (b[0] == 'Y' || b[0] == '1')
+}
+
+// EnableIOURing turns on the fuse module's enable_uring parameter (root),
+// so that the kernel offers FUSE over io_uring to new connections. Only
+// connections whose server asks for it (Options.IOURing) use it; others
+// are unaffected. It fails on kernels without FUSE over io_uring.
+func EnableIOURing() error {
+	if uringEnabled() {
+		return nil
+	}
+	if _, err := os.Stat(uringParam); err != nil {
+		return fmt.Errorf("fusefs: kernel without FUSE over io_uring (Linux 6.14+, CONFIG_FUSE_IO_URING): %w", err)
+	}
+	if err := os.WriteFile(uringParam, []byte("Y"), 0o644); err != nil {
+		return fmt.Errorf("fusefs: turn on FUSE over io_uring: %w", err)
+	}
+	return nil
 }
 
 // ringServer serves a connection's requests through one io_uring queue per

@@ -14,14 +14,11 @@ import (
 func requireRing(t *testing.T) {
 	t.Helper()
 	requireRoot(t)
-	const p = "/sys/module/fuse/parameters/enable_uring"
-	if _, err := os.Stat(p); err != nil {
+	if _, err := os.Stat(uringParam); err != nil {
 		t.Skipf("kernel without FUSE over io_uring: %v", err)
 	}
-	if !uringEnabled() {
-		if err := os.WriteFile(p, []byte("Y"), 0o644); err != nil {
-			t.Fatalf("enable FUSE over io_uring: %v", err)
-		}
+	if err := EnableIOURing(); err != nil {
+		t.Fatal(err)
 	}
 }
 

@@ -34,6 +34,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/cowcsi/cowcsi/cow"
+	"github.com/cowcsi/cowcsi/cow/fusefs"
 )
 
 type config struct {
@@ -183,8 +184,8 @@ func run(ctx context.Context, c config) error {
 		return errors.New("needs root (FUSE mount, loop devices, mkfs)")
 	}
 	if c.IOURing {
-		if err := os.WriteFile("/sys/module/fuse/parameters/enable_uring", []byte("Y"), 0o644); err != nil {
-			return fmt.Errorf("enable FUSE over io_uring: %w", err)
+		if err := fusefs.EnableIOURing(); err != nil {
+			return err
 		}
 	}
 	e, err := newEnv(ctx, c.Dir, c.IOURing)
