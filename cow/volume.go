@@ -112,13 +112,39 @@ func (h *Volume) ReadAt(p []byte, off int64) (int, error) {
 	if int64(n) > size-off {
 		n, eof = int(size-off), io.EOF
 	}
-	if err := h.v.read(p[:n], off); err != nil {
+	if err := h.v.read(p[:n], off, false); err != nil {
 		return 0, err
 	}
 	return n, eof
 }
 
-func (v *volume) read(p []byte, off int64) error {
+// ReadAtNoWait is ReadAt, but it fails with an error wrapping
+// syscall.EAGAIN, having read nothing useful, when the data is not in
+// memory (a layer file's page cache): the caller can then do the read where
+// blocking costs nothing (the FUSE ring answers such reads off its thread).
+func (h *Volume) ReadAtNoWait(p []byte, off int64) (int, error) {
+	if err := h.check(); err != nil {
+		return 0, err
+	}
+	if off < 0 {
+		return 0, errf(ErrInvalid, "negative offset %d", off)
+	}
+	size := h.v.size.Load()
+	if off >= size {
+		return 0, io.EOF
+	}
+	n := len(p)
+	var eof error
+	if int64(n) > size-off {
+		n, eof = int(size-off), io.EOF
+	}
+	if err := h.v.read(p[:n], off, true); err != nil {
+		return 0, err
+	}
+	return n, eof
+}
+
+func (v *volume) read(p []byte, off int64, nowait bool) error {
 	// The barrier keeps the head this read resolves through the head until
 	// the read is done: without it, a read that loaded the head before a
 	// snapshot could still be walking that layer's tree when the snapshot
@@ -165,15 +191,16 @@ func (v *volume) read(p []byte, off int64) error {
 	}
 	head.treeMu.RUnlock()
 	for _, r := range runs {
-		if err := v.s.readOwner(r.owner, p[r.from:r.to], off+int64(r.from)); err != nil {
+		if err := v.s.readOwner(r.owner, p[r.from:r.to], off+int64(r.from), nowait); err != nil {
 			return err
 		}
 	}
 	return nil
 }
 
-// readOwner reads p at off from the data file of the layer a tree entry names.
-func (s *Store) readOwner(owner uint32, p []byte, off int64) error {
+// readOwner reads p at off from the data file of the layer a tree entry
+// names. With nowait it fails (EAGAIN) rather than wait for the disk.
+func (s *Store) readOwner(owner uint32, p []byte, off int64, nowait bool) error {
 	if owner == 0 {
 		clear(p)
 		return nil
@@ -191,6 +218,16 @@ func (s *Store) readOwner(owner uint32, p []byte, off int64) error {
 				return errf(ErrClosed, "layer %d", l.num)
 			}
 			continue
+		}
+		if nowait {
+			n, err := unix.Preadv2(int(l.data.Fd()), [][]byte{p}, off, unix.RWF_NOWAIT)
+			l.ioMu.RUnlock()
+			if err == nil && n < len(p) {
+				// Partly in memory, or the end of a shorter layer's
+				// file: the blocking read tells them apart.
+				err = unix.EAGAIN
+			}
+			return err
 		}
 		n, err := l.data.ReadAt(p, off)
 		l.ioMu.RUnlock()
@@ -302,7 +339,7 @@ func (v *volume) readBlock(head *layer, b uint64, dst []byte) error {
 	head.treeMu.RLock()
 	owner := head.tree.get(b)
 	head.treeMu.RUnlock()
-	return v.s.readOwner(owner, dst, int64(b)<<blockShift)
+	return v.s.readOwner(owner, dst, int64(b)<<blockShift, false)
 }
 
 // own marks blocks [first, last] as owned by the layer and queues the journal

@@ -39,6 +39,15 @@ type BlockFile interface {
 	Size() int64
 }
 
+// NoWaitReader is implemented by BlockFiles that can tell a read that
+// would wait for the disk: ReadAtNoWait fails with an error wrapping
+// syscall.EAGAIN instead. Over FUSE over io_uring, reads are answered on the
+// queue's own thread when they need not wait, and on another goroutine when
+// they must, so that a read from disk does not hold up the queue.
+type NoWaitReader interface {
+	ReadAtNoWait(p []byte, off int64) (int, error)
+}
+
 // ErrBusy is wrapped by Server.Remove when the file is still open, for
 // instance by a loop device.
 var ErrBusy = errors.New("file is busy")

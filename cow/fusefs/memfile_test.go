@@ -3,6 +3,7 @@ package fusefs
 import (
 	"io"
 	"sync"
+	"syscall"
 )
 
 // memFile is an in-memory BlockFile: the engine's contract without the
@@ -14,9 +15,26 @@ type memFile struct {
 	discards int
 	// err, if set, is returned by WriteAt and Flush (error mapping tests).
 	err error
+	// noWaits counts ReadAtNoWait calls; every other one "would block",
+	// so that ring tests take both read paths.
+	noWaits int
 }
 
-var _ BlockFile = (*memFile)(nil)
+var (
+	_ BlockFile    = (*memFile)(nil)
+	_ NoWaitReader = (*memFile)(nil)
+)
+
+func (m *memFile) ReadAtNoWait(p []byte, off int64) (int, error) {
+	m.mu.Lock()
+	m.noWaits++
+	wait := m.noWaits%2 == 1
+	m.mu.Unlock()
+	if wait {
+		return 0, syscall.EAGAIN
+	}
+	return m.ReadAt(p, off)
+}
 
 func newMemFile(size int) *memFile { return &memFile{data: make([]byte, size)} }
 

@@ -278,6 +278,27 @@ func (r *rawFS) Read(_ <-chan struct{}, in *fuse.ReadIn, buf []byte) (fuse.ReadR
 	return fuse.ReadResultData(buf[:got]), fuse.OK
 }
 
+// readNoWait is Read for a ring queue's thread: wait is true, and nothing
+// was read, when the file would have to wait for the disk.
+func (r *rawFS) readNoWait(in *fuse.ReadIn, buf []byte) (n int, st fuse.Status, wait bool) {
+	nd := r.node(in.NodeId)
+	if nd == nil {
+		return 0, fuse.ENOENT, false
+	}
+	nw, ok := nd.f.(NoWaitReader)
+	if !ok {
+		return 0, fuse.OK, true
+	}
+	got, err := nw.ReadAtNoWait(buf[:min(int(in.Size), len(buf))], int64(in.Offset))
+	switch {
+	case errors.Is(err, syscall.EAGAIN):
+		return 0, fuse.OK, true
+	case err != nil && !errors.Is(err, io.EOF):
+		return 0, r.errno(err), false
+	}
+	return got, fuse.OK, false
+}
+
 func (r *rawFS) Write(_ <-chan struct{}, in *fuse.WriteIn, data []byte) (uint32, fuse.Status) {
 	n := r.node(in.NodeId)
 	if n == nil {

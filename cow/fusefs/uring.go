@@ -444,6 +444,20 @@ func reply(e *ringEnt, st fuse.Status, n int) {
 	binary.LittleEndian.PutUint32(e.hdr[ringEntPayloadOff:], uint32(n))
 }
 
+// readInto answers a READ with a (blocking) read into the entry's payload.
+func readInto(r *rawFS, e *ringEnt, in *fuse.ReadIn) {
+	res, st := r.Read(nil, in, e.pay[:min(int(in.Size), len(e.pay))])
+	n := 0
+	if st == fuse.OK {
+		b, _ := res.Bytes(e.pay)
+		n = len(b)
+		if n > 0 && &b[0] != &e.pay[0] {
+			n = copy(e.pay, b)
+		}
+	}
+	reply(e, st, n)
+}
+
 // inArg returns the request as go-fuse's struct T: the fuse_in_header from
 // in_out, the first argument from op_in.
 func inArg[T any](e *ringEnt) *T {
@@ -472,16 +486,18 @@ func (q *ringQueue) handle(i int) bool {
 	switch h.Opcode {
 	case opRead:
 		in := inArg[fuse.ReadIn](e)
-		res, st := r.Read(nil, in, e.pay[:min(int(in.Size), len(e.pay))])
-		n := 0
-		if st == fuse.OK {
-			b, _ := res.Bytes(e.pay)
-			n = len(b)
-			if n > 0 && &b[0] != &e.pay[0] {
-				n = copy(e.pay, b)
-			}
+		if n, st, wait := r.readNoWait(in, e.pay); !wait {
+			reply(e, st, n)
+			break
 		}
-		reply(e, st, n)
+		// From disk: another goroutine waits for it.
+		q.rs.workers.Add(1)
+		go func() {
+			defer q.rs.workers.Done()
+			readInto(r, e, in)
+			q.finish(i)
+		}()
+		return false
 	case opWrite:
 		in := inArg[fuse.WriteIn](e)
 		if int(in.Size) > e.payloadSize() {
