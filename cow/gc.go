@@ -241,7 +241,9 @@ func (s *Store) merge(ctx context.Context, job gcJob) error {
 	}
 	c.owned.Add(added)
 	f.close()
+	f.treeMu.Lock()
 	f.tree = tree{}
+	f.treeMu.Unlock()
 	return removeLayerFiles(s.layerFS, f.num)
 }
 

@@ -33,6 +33,9 @@ type layer struct {
 	// removal takes it exclusively before closing.
 	ioMu   sync.RWMutex
 	closed bool
+	// pins counts read plans (Volume.PlanRead) that will still read the
+	// data file; close waits for them.
+	pins sync.WaitGroup
 	// data and journal are created on first use (filesMu), not with the
 	// layer: a file creation put into the same ext4 journal commit as the
 	// catalog's fdatasync doubled CreateSnapshot's latency. Only a layer that
@@ -341,14 +344,18 @@ func (l *layer) flush(dir string) error {
 	return nil
 }
 
-// close releases the files; it waits for in-flight reads.
+// close releases the files; it waits for in-flight reads, those under
+// ioMu and those of read plans that pinned the data file.
 func (l *layer) close() {
 	l.ioMu.Lock()
-	defer l.ioMu.Unlock()
 	if l.closed {
+		l.ioMu.Unlock()
 		return
 	}
 	l.closed = true
+	l.ioMu.Unlock()
+	// No pin is taken once closed is set (pins are taken under ioMu).
+	l.pins.Wait()
 	l.filesMu.Lock()
 	defer l.filesMu.Unlock()
 	if l.data != nil {

@@ -152,9 +152,18 @@ func (v *volume) read(p []byte, off int64, nowait bool) error {
 	// race detector found under FUSE over io_uring).
 	v.barrier.RLock()
 	defer v.barrier.RUnlock()
+	return v.resolveRuns(p, off, func(owner uint32, q []byte, at int64) error {
+		return v.s.readOwner(owner, q, at, nowait)
+	})
+}
+
+// resolveRuns splits a read of p at off into runs of blocks with one owner
+// each (0: zeros) and calls fn for each, in order. The caller holds the
+// barrier shared. Owners are resolved under the head's tree lock, fn runs
+// without it: a write racing with the read may land before or after, as on
+// any disk.
+func (v *volume) resolveRuns(p []byte, off int64, fn func(owner uint32, q []byte, at int64) error) error {
 	head := v.head.Load()
-	// Resolve owners under the tree lock, then read without it: a write
-	// racing with this read may land before or after, as on any disk.
 	type run struct {
 		owner    uint32
 		from, to int // byte range of p
@@ -191,7 +200,7 @@ func (v *volume) read(p []byte, off int64, nowait bool) error {
 	}
 	head.treeMu.RUnlock()
 	for _, r := range runs {
-		if err := v.s.readOwner(r.owner, p[r.from:r.to], off+int64(r.from), nowait); err != nil {
+		if err := fn(r.owner, p[r.from:r.to], off+int64(r.from)); err != nil {
 			return err
 		}
 	}

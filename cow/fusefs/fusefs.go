@@ -24,6 +24,8 @@ import (
 
 	"github.com/hanwen/go-fuse/v2/fuse"
 	"golang.org/x/sys/unix"
+
+	"github.com/cowcsi/cowcsi/cow/internal/blockio"
 )
 
 // BlockFile is one volume as the engine exposes it.
@@ -46,6 +48,14 @@ type BlockFile interface {
 // they must, so that a read from disk does not hold up the queue.
 type NoWaitReader interface {
 	ReadAtNoWait(p []byte, off int64) (int, error)
+}
+
+// ReadPlanner is implemented by BlockFiles that can hand a read over as
+// reads of files (cow.Volume): over FUSE over io_uring, a read that would
+// wait for the disk is then submitted to the queue's ring, so it occupies
+// no thread while the disk works.
+type ReadPlanner interface {
+	PlanRead(p []byte, off int64) (*blockio.Plan, error)
 }
 
 // ErrBusy is wrapped by Server.Remove when the file is still open, for

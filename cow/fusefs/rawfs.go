@@ -9,6 +9,8 @@ import (
 
 	"github.com/hanwen/go-fuse/v2/fuse"
 	"golang.org/x/sys/unix"
+
+	"github.com/cowcsi/cowcsi/cow/internal/blockio"
 )
 
 // Why the raw API and these options.
@@ -297,6 +299,27 @@ func (r *rawFS) readNoWait(in *fuse.ReadIn, buf []byte) (n int, st fuse.Status, 
 		return 0, r.errno(err), false
 	}
 	return got, fuse.OK, false
+}
+
+// planRead asks the file for a read plan (ok is false if it cannot make
+// one); the plan's reads go into buf.
+func (r *rawFS) planRead(in *fuse.ReadIn, buf []byte) (pl *blockio.Plan, st fuse.Status, ok bool) {
+	nd := r.node(in.NodeId)
+	if nd == nil {
+		return nil, fuse.ENOENT, true
+	}
+	rp, ok := nd.f.(ReadPlanner)
+	if !ok {
+		return nil, fuse.OK, false
+	}
+	pl, err := rp.PlanRead(buf[:min(int(in.Size), len(buf))], int64(in.Offset))
+	if errors.Is(err, io.EOF) {
+		return &blockio.Plan{Release: func() {}}, fuse.OK, true
+	}
+	if err != nil {
+		return nil, r.errno(err), true
+	}
+	return pl, fuse.OK, true
 }
 
 func (r *rawFS) Write(_ <-chan struct{}, in *fuse.WriteIn, data []byte) (uint32, fuse.Status) {

@@ -14,6 +14,7 @@ import (
 	"github.com/hanwen/go-fuse/v2/fuse"
 	"golang.org/x/sys/unix"
 
+	"github.com/cowcsi/cowcsi/cow/internal/blockio"
 	"github.com/cowcsi/cowcsi/cow/internal/uring"
 )
 
@@ -56,6 +57,9 @@ const (
 	// user_data of the eventfd read that wakes a queue for completions of
 	// requests answered off the ring thread.
 	wakeTag = 1 << 63
+	// user_data of a read of a layer file: readTag | entry<<segBits | seg.
+	readTag = 1 << 62
+	segBits = 24
 )
 
 // FUSE opcodes the ring serves (include/uapi/linux/fuse.h).
@@ -151,6 +155,12 @@ type ringEnt struct {
 	hdr []byte // ringHeaderSize bytes
 	pay []byte
 	iov [2]unix.Iovec // what REGISTER points at; lives as long as the queue
+
+	// A READ answered from files through the ring: the plan, its reads
+	// still in flight, and the status so far.
+	plan    *blockio.Plan
+	pending int
+	status  fuse.Status
 }
 
 // startRing registers entries ring entries per queue on the connection
@@ -306,7 +316,9 @@ func (q *ringQueue) setup(entries, payload int) error {
 		e.iov[0].Base, e.iov[0].Len = &e.hdr[0], uint64(len(e.hdr))
 		e.iov[1].Base, e.iov[1].Len = &e.pay[0], uint64(len(e.pay))
 	}
-	ring, err := uring.New(uint32(entries+1), uring.SetupSingleIssuer|uring.SetupDeferTaskrun)
+	// Room for a commit per entry, the wake read and the file reads of
+	// planned READs (more are submitted when it fills up).
+	ring, err := uring.New(uint32(4*entries+1), uring.SetupSingleIssuer|uring.SetupDeferTaskrun)
 	if err != nil {
 		return fmt.Errorf("fusefs: io_uring: %w", err)
 	}
@@ -363,6 +375,10 @@ func (q *ringQueue) serve() error {
 				break
 			}
 			q.ring.SeenCQE()
+			if c.UserData&readTag != 0 {
+				q.readDone(c)
+				continue
+			}
 			if c.UserData == wakeTag {
 				if q.stop.Load() {
 					return last
@@ -391,15 +407,106 @@ func (q *ringQueue) serve() error {
 	return last
 }
 
+// getSQE returns a free SQE, submitting what is queued if the ring is full.
+func (q *ringQueue) getSQE() *uring.SQE {
+	for {
+		if sqe := q.ring.GetSQE(); sqe != nil {
+			return sqe
+		}
+		if _, err := q.ring.Submit(); err != nil && !errors.Is(err, syscall.EAGAIN) && !errors.Is(err, syscall.EBUSY) {
+			// The ring itself failed; nothing more can be queued.
+			return nil
+		}
+	}
+}
+
+// startReads submits the plan's file reads for entry i; readDone answers
+// the entry when the last one completes.
+func (q *ringQueue) startReads(i int, pl *blockio.Plan) {
+	e := &q.entries[i]
+	e.plan, e.pending, e.status = pl, 0, fuse.OK
+	for k, sg := range pl.Segs {
+		sqe := q.getSQE()
+		if sqe == nil {
+			e.status = fuse.EIO
+			break
+		}
+		sqe.PrepRead(int32(sg.Fd), sg.Buf, uint64(sg.Off), readTag|uint64(i)<<segBits|uint64(k))
+		e.pending++
+	}
+	if e.pending == 0 {
+		q.endRead(i)
+	}
+}
+
+func (q *ringQueue) readDone(c uring.CQE) {
+	i := int(c.UserData&^readTag) >> segBits
+	k := int(c.UserData & (1<<segBits - 1))
+	e := &q.entries[i]
+	sg := e.plan.Segs[k]
+	switch {
+	case c.Res < 0:
+		e.status = q.rs.rfs.errno(syscall.Errno(-c.Res))
+	case int(c.Res) < len(sg.Buf):
+		clear(sg.Buf[c.Res:]) // past the end of a shorter layer's file
+	}
+	e.pending--
+	if e.pending == 0 {
+		q.endRead(i)
+	}
+}
+
+func (q *ringQueue) endRead(i int) {
+	e := &q.entries[i]
+	e.plan.Release()
+	n := e.plan.N
+	e.plan = nil
+	reply(e, e.status, n)
+	q.commit(i)
+}
+
+// drainReads waits for the file reads still in flight (their buffers and
+// files must outlive them) and releases their plans.
+func (q *ringQueue) drainReads() {
+	inflight := 0
+	for i := range q.entries {
+		inflight += q.entries[i].pending
+	}
+	for inflight > 0 {
+		if _, err := q.ring.SubmitAndWait(1); err != nil {
+			break
+		}
+		for {
+			c, ok := q.ring.PeekCQE()
+			if !ok {
+				break
+			}
+			q.ring.SeenCQE()
+			if c.UserData&readTag != 0 {
+				e := &q.entries[int(c.UserData&^readTag)>>segBits]
+				e.pending--
+				inflight--
+				if e.pending == 0 && e.plan != nil {
+					e.plan.Release()
+					e.plan = nil
+				}
+			}
+		}
+	}
+	for i := range q.entries {
+		if e := &q.entries[i]; e.plan != nil {
+			e.plan.Release()
+			e.plan = nil
+		}
+	}
+}
+
 // commit answers entry i and asks for its next request.
 func (q *ringQueue) commit(i int) {
 	e := &q.entries[i]
-	sqe := q.ring.GetSQE()
-	for sqe == nil {
-		// Cannot happen with one SQE per entry plus the wake read in a
-		// ring of entries+1; submitting frees the SQ anyway.
-		_, _ = q.ring.Submit()
-		sqe = q.ring.GetSQE()
+	sqe := q.getSQE()
+	if sqe == nil {
+		return // the ring failed; the connection's end cancels the entry
 	}
 	sqe.PrepURingCmd(int32(q.rs.fd), uringCmdCommitAndFetch, 0, 0, uint64(i))
 	q.putCmdReq(sqe.Cmd(), binary.LittleEndian.Uint64(e.hdr[ringEntCommitOff:]))
@@ -427,6 +534,7 @@ func (q *ringQueue) finish(i int) {
 // and the eventfd go in ringServer.wait.
 func (q *ringQueue) teardown() {
 	if q.ring != nil {
+		q.drainReads()
 		q.ring.Close()
 	}
 }
@@ -490,7 +598,16 @@ func (q *ringQueue) handle(i int) bool {
 			reply(e, st, n)
 			break
 		}
-		// From disk: another goroutine waits for it.
+		// From disk: through the ring if the file can plan the read,
+		// else another goroutine waits for it.
+		if pl, st, ok := r.planRead(in, e.pay); ok {
+			if st != fuse.OK {
+				reply(e, st, 0)
+				break
+			}
+			q.startReads(i, pl)
+			return false
+		}
 		q.rs.workers.Add(1)
 		go func() {
 			defer q.rs.workers.Done()

@@ -3,9 +3,14 @@ package fusefs
 import (
 	"bytes"
 	"os"
+	"path/filepath"
+	"sync/atomic"
+	"syscall"
 	"testing"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/cowcsi/cowcsi/cow/internal/blockio"
 )
 
 // requireRing turns on the fuse module's enable_uring parameter (it only
@@ -74,5 +79,69 @@ func TestRingReadWrite(t *testing.T) {
 	// /dev/fuse.
 	if n := s.ringRequests(); n < 4 {
 		t.Fatalf("ring answered %d requests, want at least 4", n)
+	}
+}
+
+// plannedFile is a BlockFile on a plain file whose reads always "would
+// wait" and are planned as reads of that file, as cow.Volume plans reads of
+// its layers: the ring reads them through io_uring.
+type plannedFile struct {
+	f        *os.File
+	size     int64
+	plans    atomic.Int32
+	releases atomic.Int32
+}
+
+func (b *plannedFile) ReadAt(p []byte, off int64) (int, error)  { return b.f.ReadAt(p, off) }
+func (b *plannedFile) WriteAt(p []byte, off int64) (int, error) { return b.f.WriteAt(p, off) }
+func (b *plannedFile) Flush() error                             { return b.f.Sync() }
+func (b *plannedFile) Size() int64                              { return b.size }
+func (b *plannedFile) Discard(off, length int64) error          { return nil }
+func (b *plannedFile) ReadAtNoWait([]byte, int64) (int, error)  { return 0, syscall.EAGAIN }
+
+// PlanRead reads the first half of p from the file and zero-fills the
+// rest itself, so the test sees both parts of a plan.
+func (b *plannedFile) PlanRead(p []byte, off int64) (*blockio.Plan, error) {
+	b.plans.Add(1)
+	n := min(int64(len(p)), b.size-off)
+	half := n / 2 &^ 511
+	clear(p[half:n])
+	return &blockio.Plan{
+		Segs:    []blockio.Seg{{Fd: int(b.f.Fd()), Off: off, Buf: p[:half]}},
+		N:       int(n),
+		Release: func() { b.releases.Add(1) },
+	}, nil
+}
+
+func TestRingPlannedReads(t *testing.T) {
+	s := mountRing(t, Options{})
+	const size = 1 << 20
+	f, err := os.Create(filepath.Join(t.TempDir(), "backing"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	w := pattern(size, 9)
+	if _, err := f.WriteAt(w, 0); err != nil {
+		t.Fatal(err)
+	}
+	b := &plannedFile{f: f, size: size}
+	add(t, s, "vol", b, false)
+	fd := openFile(t, s.Path("vol"), unix.O_RDONLY)
+	for _, c := range []struct{ off, n int }{{0, 4096}, {8192, 65536}, {size - 4096, 4096}, {12288, size - 12288}} {
+		got := make([]byte, c.n)
+		n, err := unix.Pread(fd, got, int64(c.off))
+		if err != nil || n != c.n {
+			t.Fatalf("pread %d at %d: %d, %v", c.n, c.off, n, err)
+		}
+		// Direct I/O with max_read 1 MiB: one READ request per pread,
+		// its first half from the file, the rest zeros.
+		half := c.n / 2 &^ 511
+		if !bytes.Equal(got[:half], w[c.off:c.off+half]) || !bytes.Equal(got[half:], make([]byte, c.n-half)) {
+			t.Fatalf("read of %d at %d: not the file's first half and zeros", c.n, c.off)
+		}
+	}
+	if p, r := b.plans.Load(), b.releases.Load(); p == 0 || p != r {
+		t.Fatalf("%d plans, %d released", p, r)
 	}
 }

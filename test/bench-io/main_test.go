@@ -37,6 +37,10 @@ func TestSmoke(t *testing.T) {
 		FileSize:  64 << 20,
 		EndFsync:  true,
 	}
+	// The driver's default transport where the kernel has it.
+	if _, err := os.Stat("/sys/module/fuse/parameters/enable_uring"); err == nil {
+		c.IOURing = true
+	}
 	if err := run(t.Context(), c); err != nil {
 		t.Fatal(err)
 	}
