@@ -146,6 +146,7 @@ func adviseRandom(f *os.File) {
 // writeData writes all of p at off into the layer's data file, in pieces of
 // at most writePiece bytes.
 func (l *layer) writeData(p []byte, off int64) error {
+	start, length := off, int64(len(p))
 	for len(p) > 0 {
 		n := min(len(p), writePiece)
 		if _, err := l.data.WriteAt(p[:n], off); err != nil {
@@ -153,8 +154,19 @@ func (l *layer) writeData(p []byte, off int64) error {
 		}
 		p, off = p[n:], off+int64(n)
 	}
+	if length >= writebackStart {
+		// Start writing large writes back now, without waiting: a
+		// sequential stream then never piles up dirty pages until the
+		// kernel throttles the writer, and the next flush has little
+		// left to do. Small writes stay in the page cache, where
+		// rewrites of a block cost nothing.
+		_ = unix.SyncFileRange(int(l.data.Fd()), start, length, unix.SYNC_FILE_RANGE_WRITE)
+	}
 	return nil
 }
+
+// writebackStart is the write size from which writeData starts writeback.
+const writebackStart = 256 << 10
 
 // hasFiles reports whether the layer's files exist.
 func (l *layer) hasFiles() bool {

@@ -15,6 +15,10 @@ import (
 
 // Why the raw API and these options.
 //
+// The table below measured the /dev/fuse transport. FUSE over io_uring
+// (uring.go), used where the kernel has it, keeps these options and
+// replaces how requests travel; its figures are in docs/BENCHMARKS.md.
+//
 // The raw go-fuse API is used instead of the fs package: the filesystem is
 // flat with a handful of files, so the fs package's inode tree buys nothing,
 // and the raw API leaves the hot path (READ/WRITE) at one map lookup under a

@@ -70,7 +70,10 @@ func main() {
 	flag.BoolVar(&c.Cold, "cold", false, "also run the raw read rows with the engine volume's page cache dropped before each run")
 	flag.StringVar(&only, "only", "", "comma-separated row groups or row IDs to run (raw, snap, depth, ext4, raw-4k-randread, ...)")
 	flag.StringVar(&c.CPUProfile, "cpuprofile", "", "write a CPU profile of the serving process over all rounds")
-	flag.BoolVar(&c.IOURing, "fuse-io-uring", false, "serve the FUSE file through FUSE over io_uring (turns on the fuse module's enable_uring parameter)")
+	// The driver's default (--fuse-io-uring=auto): the ring where the
+	// kernel has it.
+	_, noRing := os.Stat("/sys/module/fuse/parameters/enable_uring")
+	flag.BoolVar(&c.IOURing, "fuse-io-uring", noRing == nil, "serve the FUSE file through FUSE over io_uring, as the driver does by default where the kernel has it (turns on the fuse module's enable_uring parameter); false: /dev/fuse")
 	flag.Parse()
 	for _, p := range []struct {
 		s   string

@@ -120,6 +120,11 @@ func printTable(w io.Writer, c config, rows []*row, rss rssStats) {
 	fmt.Fprintf(w, "\nfio libaio, direct=1, iodepth=32, numjobs=1, verify=crc32c on every run; 4k reads %v, 1M reads one pass,\n"+
 		"writes sized to last about %v then read back and verified; %d rounds, sides alternated; medians, B/A = median of per-round ratios\n\n",
 		c.Runtime, c.Runtime, c.Rounds)
+	transport := "/dev/fuse"
+	if c.IOURing {
+		transport = "FUSE over io_uring"
+	}
+	fmt.Fprintf(w, "cowcsi's FUSE file served through %s\n\n", transport)
 	fmt.Fprintf(w, "%-52s %-26s  %-34s  %5s  %-11s  %-12s %s\n", "row", "A", "B", "B/A", "[min-max]", "target", "B end flush")
 	for _, r := range rows {
 		lo, hi := slices.Min(r.Ratios), slices.Max(r.Ratios)
