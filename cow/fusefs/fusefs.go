@@ -14,6 +14,7 @@ import (
 	"errors"
 	"fmt"
 	"io/fs"
+	"log"
 	"os"
 	"path/filepath"
 	"strconv"
@@ -230,18 +231,42 @@ func (s *Server) startRing(fd int) {
 		s.ringErr = errors.New("fusefs: the kernel does not offer FUSE over io_uring (fuse module parameter enable_uring)")
 		return
 	}
+	// From here on the kernel holds every request until all queues are
+	// registered or a registration failed: a failure before rs.start
+	// (which handles its own) must refuse the ring explicitly.
+	fail := func(err error) {
+		if rerr := refuseRing(fd); rerr != nil {
+			err = fmt.Errorf("%w; and falling back to /dev/fuse: %v", err, rerr)
+		}
+		unix.Close(fd)
+		s.ringErr = err
+	}
+	nq, err := possibleCPUs()
+	if err != nil {
+		fail(err)
+		return
+	}
 	entries := s.opts.RingEntries
 	if entries <= 0 {
-		nq, err := possibleCPUs()
-		if err != nil {
-			unix.Close(fd)
-			s.ringErr = err
-			return
-		}
 		entries = min(max(256/nq, 8), 32)
 	}
-	rs, err := startRing(s.fs, fd, entries, maxWrite())
+	// The connection's number, from the mount table: a stat of the mount
+	// would be a request, and requests wait for the ring (deadlock).
+	conn, err := connID(s.dir)
 	if err != nil {
+		fail(err)
+		return
+	}
+	rs := &ringServer{rfs: s.fs, fd: fd}
+	// A queue that fails while the connection is up would leave its CPU's
+	// requests waiting forever: abort the connection, so that they fail.
+	rs.onExit = func(qid int, err error) {
+		log.Printf("fusefs: %s: ring queue %d failed, aborting the connection: %v", s.dir, qid, err)
+		if err := abortConn(conn); err != nil {
+			log.Printf("fusefs: %s: abort: %v", s.dir, err)
+		}
+	}
+	if err := rs.start(nq, entries, maxWrite()); err != nil {
 		s.ringErr = err
 		return
 	}

@@ -123,3 +123,34 @@ func pollHack(dir string) {
 func isDeadConn(err error) bool {
 	return errors.Is(err, unix.ENOTCONN) || errors.Is(err, unix.ECONNABORTED) || errors.Is(err, unix.ECANCELED)
 }
+
+// connID is the FUSE connection number of the mount at dir (its device
+// minor: /sys/fs/fuse/connections/<N>), read from the mount table without
+// a request to the filesystem.
+func connID(dir string) (int, error) {
+	ms, err := mountinfo.GetMounts(mountinfo.SingleEntryFilter(dir))
+	if err != nil {
+		return 0, fmt.Errorf("fusefs: mount table: %w", err)
+	}
+	if len(ms) == 0 {
+		return 0, fmt.Errorf("fusefs: %s is not in the mount table", dir)
+	}
+	return ms[len(ms)-1].Minor, nil
+}
+
+// abortConn aborts FUSE connection conn through the fusectl filesystem: its
+// requests fail from then on instead of waiting. fusectl is mounted at its
+// usual place if nothing mounted it yet (containers, minimal hosts).
+func abortConn(conn int) error {
+	const ctl = "/sys/fs/fuse/connections"
+	p := fmt.Sprintf("%s/%d/abort", ctl, conn)
+	if _, err := os.Stat(p); errors.Is(err, os.ErrNotExist) {
+		if err := unix.Mount("fusectl", ctl, "fusectl", 0, ""); err != nil && !errors.Is(err, unix.EBUSY) {
+			return fmt.Errorf("fusefs: mount fusectl at %s: %w", ctl, err)
+		}
+	}
+	if err := os.WriteFile(p, []byte("1"), 0o200); err != nil {
+		return fmt.Errorf("fusefs: abort connection %d: %w", conn, err)
+	}
+	return nil
+}

@@ -129,7 +129,9 @@ type ringServer struct {
 	// workers answer requests off the ring threads; entry buffers and
 	// eventfds stay until they are done.
 	workers sync.WaitGroup
-	// onExit, if set, is called with each queue's terminal error.
+	// onExit, if set, is called when a queue ends with an error while
+	// the connection may still be up: that CPU's requests would wait for
+	// it forever.
 	onExit func(qid int, err error)
 	// requests counts the requests answered through the ring.
 	requests atomic.Uint64
@@ -163,16 +165,13 @@ type ringEnt struct {
 	status  fuse.Status
 }
 
-// startRing registers entries ring entries per queue on the connection
-// whose /dev/fuse descriptor is fd (the ring server owns and closes it). It
-// returns once every queue has submitted its registrations; an error means
-// none of the ring is in use and the /dev/fuse side serves everything.
-func startRing(rfs *rawFS, fd, entries, payload int) (*ringServer, error) {
-	nq, err := possibleCPUs()
-	if err != nil {
-		return nil, err
-	}
-	rs := &ringServer{rfs: rfs, fd: fd}
+// start registers entries ring entries on each of nq queues (the number of
+// possible CPUs) of the connection whose /dev/fuse descriptor is rs.fd (the
+// ring server owns and closes it). It returns once every queue has
+// submitted its registrations; an error means none of the ring is in use
+// and the /dev/fuse side serves everything.
+func (rs *ringServer) start(nq, entries, payload int) error {
+	fd := rs.fd
 	started := make(chan error, nq)
 	for qid := range nq {
 		q := &ringQueue{rs: rs, qid: qid}
@@ -194,9 +193,9 @@ func startRing(rfs *rawFS, fd, entries, payload int) (*ringServer, error) {
 			first = fmt.Errorf("%w; and falling back to /dev/fuse: %v", first, err)
 		}
 		rs.stop()
-		return nil, first
+		return first
 	}
-	return rs, nil
+	return nil
 }
 
 // refuseRing sends a registration the kernel must refuse (a queue that
@@ -282,7 +281,7 @@ func (q *ringQueue) run(entries, payload int, started chan<- error) {
 	}
 	err = q.serve()
 	q.teardown()
-	if q.rs.onExit != nil {
+	if err != nil && q.rs.onExit != nil {
 		q.rs.onExit(q.qid, err)
 	}
 }
@@ -367,38 +366,36 @@ func (q *ringQueue) serve() error {
 	var last error
 	for live > 0 {
 		if _, err := q.ring.SubmitAndWait(1); err != nil {
-			return fmt.Errorf("fusefs: io_uring_enter: %w", err)
+			// EAGAIN, EBUSY: out of resources for now, or completions
+			// to reap first; reap and go round again.
+			if !errors.Is(err, syscall.EAGAIN) && !errors.Is(err, syscall.EBUSY) {
+				return fmt.Errorf("fusefs: io_uring_enter: %w", err)
+			}
 		}
-		for {
-			c, ok := q.ring.PeekCQE()
-			if !ok {
-				break
-			}
-			q.ring.SeenCQE()
-			if c.UserData&readTag != 0 {
+		stop := false
+		q.ring.ForEachCQE(func(c uring.CQE) {
+			switch {
+			case c.UserData&readTag != 0:
 				q.readDone(c)
-				continue
-			}
-			if c.UserData == wakeTag {
-				if q.stop.Load() {
-					return last
-				}
+			case c.UserData == wakeTag:
+				stop = stop || q.stop.Load()
 				q.commitFinished()
 				q.armWake()
-				continue
-			}
-			if c.Res < 0 {
+			case c.Res < 0:
 				// ENOTCONN and friends: the connection ended, the
 				// entry is gone.
 				live--
 				last = syscall.Errno(-c.Res)
-				continue
+			default:
+				i := int(c.UserData)
+				q.rs.requests.Add(1)
+				if q.handle(i) {
+					q.commit(i)
+				}
 			}
-			i := int(c.UserData)
-			q.rs.requests.Add(1)
-			if q.handle(i) {
-				q.commit(i)
-			}
+		})
+		if stop {
+			return last
 		}
 	}
 	if errors.Is(last, syscall.ENOTCONN) || errors.Is(last, syscall.ECANCELED) {
@@ -476,22 +473,18 @@ func (q *ringQueue) drainReads() {
 		if _, err := q.ring.SubmitAndWait(1); err != nil {
 			break
 		}
-		for {
-			c, ok := q.ring.PeekCQE()
-			if !ok {
-				break
+		q.ring.ForEachCQE(func(c uring.CQE) {
+			if c.UserData&readTag == 0 {
+				return
 			}
-			q.ring.SeenCQE()
-			if c.UserData&readTag != 0 {
-				e := &q.entries[int(c.UserData&^readTag)>>segBits]
-				e.pending--
-				inflight--
-				if e.pending == 0 && e.plan != nil {
-					e.plan.Release()
-					e.plan = nil
-				}
+			e := &q.entries[int(c.UserData&^readTag)>>segBits]
+			e.pending--
+			inflight--
+			if e.pending == 0 && e.plan != nil {
+				e.plan.Release()
+				e.plan = nil
 			}
-		}
+		})
 	}
 	for i := range q.entries {
 		if e := &q.entries[i]; e.plan != nil {

@@ -2,11 +2,13 @@ package fusefs
 
 import (
 	"bytes"
+	"errors"
 	"os"
 	"path/filepath"
 	"sync/atomic"
 	"syscall"
 	"testing"
+	"time"
 
 	"golang.org/x/sys/unix"
 
@@ -144,4 +146,71 @@ func TestRingPlannedReads(t *testing.T) {
 	if p, r := b.plans.Load(), b.releases.Load(); p == 0 || p != r {
 		t.Fatalf("%d plans, %d released", p, r)
 	}
+}
+
+// TestRingQueueFailureAborts: a queue that ends with an error while the
+// connection is up aborts the connection, so that requests fail instead of
+// waiting for that queue forever.
+func TestRingQueueFailureAborts(t *testing.T) {
+	s := mountRing(t, Options{})
+	add(t, s, "vol", newMemFile(8192), false)
+	fd := openFile(t, s.Path("vol"), unix.O_RDONLY)
+	buf := make([]byte, 4096)
+	if _, err := unix.Pread(fd, buf, 0); err != nil {
+		t.Fatal(err)
+	}
+	s.ring.onExit(0, errors.New("injected failure"))
+	// A direct-I/O read is always a request (a stat could come from the
+	// attribute cache).
+	if _, err := unix.Pread(fd, buf, 0); !isDeadConn(err) {
+		t.Fatalf("read after the abort: %v, want a dead connection", err)
+	}
+}
+
+// TestRingSetupFailureFallsBack: once INIT offered the ring the kernel holds
+// every request until all queues are registered or one registration failed;
+// a queue that cannot even be set up must still release them to /dev/fuse.
+func TestRingSetupFailureFallsBack(t *testing.T) {
+	requireRing(t)
+	dir := filepath.Join(t.TempDir(), "mnt")
+	// Mount touches the mount (pollHack) and the read below does: either
+	// would wait forever if the ring were left half set up. Guard both,
+	// and abort the connection rather than leave the test in the kernel.
+	guard := func(what string, f func() error) {
+		t.Helper()
+		done := make(chan error, 1)
+		go func() { done <- f() }()
+		select {
+		case err := <-done:
+			if err != nil {
+				t.Fatalf("%s: %v", what, err)
+			}
+		case <-time.After(20 * time.Second):
+			if conn, err := connID(dir); err == nil {
+				_ = abortConn(conn)
+			}
+			_ = unix.Unmount(dir, unix.MNT_DETACH)
+			t.Fatalf("%s still waits for the ring after 20 s", what)
+		}
+	}
+	var s *Server
+	// No ring of 2^20 entries per queue can be set up (io_uring's limit is
+	// 32768; the buffers would need a TiB per queue).
+	guard("Mount", func() (err error) {
+		s, err = Mount(t.Context(), dir, Options{IOURing: true, RingEntries: 1 << 20})
+		return err
+	})
+	t.Cleanup(func() {
+		if err := s.Unmount(); err != nil {
+			t.Errorf("cleanup Unmount: %v", err)
+		}
+	})
+	if on, err := s.IOURing(); on || err == nil {
+		t.Fatalf("IOURing() = %v, %v; want false and why", on, err)
+	}
+	add(t, s, "vol", newMemFile(8192), false)
+	guard("read", func() error {
+		_, err := os.ReadFile(s.Path("vol"))
+		return err
+	})
 }
