@@ -1,8 +1,6 @@
 package cow
 
 import (
-	"io"
-
 	"github.com/cowcsi/cowcsi/cow/internal/blockio"
 )
 
@@ -14,20 +12,11 @@ import (
 // of the call; writes after it may or may not show, as with any read that
 // races a write.
 func (h *Volume) PlanRead(p []byte, off int64) (*blockio.Plan, error) {
-	if err := h.check(); err != nil {
+	n, eof, err := h.clip(p, off)
+	if err != nil {
 		return nil, err
 	}
-	if off < 0 {
-		return nil, errf(ErrInvalid, "negative offset %d", off)
-	}
-	size := h.v.size.Load()
-	if off >= size {
-		return nil, io.EOF
-	}
-	pl := &blockio.Plan{N: len(p)}
-	if int64(pl.N) > size-off {
-		pl.N, pl.EOF = int(size-off), true
-	}
+	pl := &blockio.Plan{N: n, EOF: eof}
 	var pinned []*layer
 	release := func() {
 		for _, l := range pinned {
@@ -36,34 +25,23 @@ func (h *Volume) PlanRead(p []byte, off int64) (*blockio.Plan, error) {
 	}
 	v := h.v
 	v.barrier.RLock()
-	err := v.resolveRuns(p[:pl.N], off, func(owner uint32, q []byte, at int64) error {
+	err = v.resolveRuns(p[:pl.N], off, func(owner uint32, q []byte, at int64) error {
 		if owner == 0 {
 			clear(q)
 			return nil
 		}
-		for {
-			l := v.s.resolve(owner)
-			if l == nil {
-				return errf(ErrCorrupt, "block at %d owned by unknown layer %d", at, owner)
-			}
-			l.ioMu.RLock()
-			if l.closed {
-				// Merged away between resolve and lock: resolve again.
-				l.ioMu.RUnlock()
-				if l.mergedInto.Load() == nil {
-					return errf(ErrClosed, "layer %d", l.num)
-				}
-				continue
-			}
-			// A pin keeps the file open after the locks are gone; the
-			// merge leaves the blocks in place until it closes the file.
-			l.pins.Add(1)
-			fd := int(l.data.Fd())
-			l.ioMu.RUnlock()
-			pinned = append(pinned, l)
-			pl.Segs = append(pl.Segs, blockio.Seg{Fd: fd, Off: at, Buf: q})
-			return nil
+		l, err := v.s.lockOwner(owner, at)
+		if err != nil {
+			return err
 		}
+		// A pin keeps the file open after the lock is gone; a merge
+		// leaves the blocks in place until it closes the file.
+		l.pins.Add(1)
+		fd := int(l.data.Fd())
+		l.ioMu.RUnlock()
+		pinned = append(pinned, l)
+		pl.Segs = append(pl.Segs, blockio.Seg{Fd: fd, Off: at, Buf: q})
+		return nil
 	})
 	v.barrier.RUnlock()
 	if err != nil {

@@ -96,52 +96,46 @@ func (h *Volume) Close() error {
 
 // ReadAt reads from the volume's view: for each block, the newest layer of
 // its chain that owns it, or zeros.
-func (h *Volume) ReadAt(p []byte, off int64) (int, error) {
-	if err := h.check(); err != nil {
-		return 0, err
-	}
-	if off < 0 {
-		return 0, errf(ErrInvalid, "negative offset %d", off)
-	}
-	size := h.v.size.Load()
-	if off >= size {
-		return 0, io.EOF
-	}
-	n := len(p)
-	var eof error
-	if int64(n) > size-off {
-		n, eof = int(size-off), io.EOF
-	}
-	if err := h.v.read(p[:n], off, false); err != nil {
-		return 0, err
-	}
-	return n, eof
-}
+func (h *Volume) ReadAt(p []byte, off int64) (int, error) { return h.readAt(p, off, false) }
 
 // ReadAtNoWait is ReadAt, but it fails with an error wrapping
 // syscall.EAGAIN, having read nothing useful, when the data is not in
 // memory (a layer file's page cache): the caller can then do the read where
 // blocking costs nothing (the FUSE ring answers such reads off its thread).
-func (h *Volume) ReadAtNoWait(p []byte, off int64) (int, error) {
-	if err := h.check(); err != nil {
+func (h *Volume) ReadAtNoWait(p []byte, off int64) (int, error) { return h.readAt(p, off, true) }
+
+func (h *Volume) readAt(p []byte, off int64, nowait bool) (int, error) {
+	n, eof, err := h.clip(p, off)
+	if err != nil {
 		return 0, err
 	}
+	if err := h.v.read(p[:n], off, nowait); err != nil {
+		return 0, err
+	}
+	if eof {
+		return n, io.EOF
+	}
+	return n, nil
+}
+
+// clip checks a read of p at off and returns how many bytes of it are
+// inside the volume; eof when that is fewer than len(p). A read at or past
+// the end is io.EOF.
+func (h *Volume) clip(p []byte, off int64) (n int, eof bool, err error) {
+	if err := h.check(); err != nil {
+		return 0, false, err
+	}
 	if off < 0 {
-		return 0, errf(ErrInvalid, "negative offset %d", off)
+		return 0, false, errf(ErrInvalid, "negative offset %d", off)
 	}
 	size := h.v.size.Load()
 	if off >= size {
-		return 0, io.EOF
+		return 0, false, io.EOF
 	}
-	n := len(p)
-	var eof error
-	if int64(n) > size-off {
-		n, eof = int(size-off), io.EOF
+	if int64(len(p)) > size-off {
+		return int(size - off), true, nil
 	}
-	if err := h.v.read(p[:n], off, true); err != nil {
-		return 0, err
-	}
-	return n, eof
+	return len(p), false, nil
 }
 
 func (v *volume) read(p []byte, off int64, nowait bool) error {
@@ -214,37 +208,47 @@ func (s *Store) readOwner(owner uint32, p []byte, off int64, nowait bool) error 
 		clear(p)
 		return nil
 	}
+	l, err := s.lockOwner(owner, off)
+	if err != nil {
+		return err
+	}
+	if nowait {
+		n, err := unix.Preadv2(int(l.data.Fd()), [][]byte{p}, off, unix.RWF_NOWAIT)
+		l.ioMu.RUnlock()
+		if err == nil && n < len(p) {
+			// Partly in memory, or the end of a shorter layer's file:
+			// the blocking read tells them apart.
+			err = unix.EAGAIN
+		}
+		return err
+	}
+	n, err := l.data.ReadAt(p, off)
+	l.ioMu.RUnlock()
+	if err == io.EOF || (err == nil && n < len(p)) {
+		clear(p[n:]) // past the end of a shorter (older) layer's file
+		return nil
+	}
+	return err
+}
+
+// lockOwner returns the layer whose data file holds the blocks a tree entry
+// names (owner, not 0), with its ioMu held shared: the file stays open until
+// the caller's RUnlock.
+func (s *Store) lockOwner(owner uint32, off int64) (*layer, error) {
 	for {
 		l := s.resolve(owner)
 		if l == nil {
-			return errf(ErrCorrupt, "block at %d owned by unknown layer %d", off, owner)
+			return nil, errf(ErrCorrupt, "block at %d owned by unknown layer %d", off, owner)
 		}
 		l.ioMu.RLock()
-		if l.closed {
-			// Merged away between resolve and lock: resolve again.
-			l.ioMu.RUnlock()
-			if l.mergedInto.Load() == nil {
-				return errf(ErrClosed, "layer %d", l.num)
-			}
-			continue
+		if !l.closed {
+			return l, nil
 		}
-		if nowait {
-			n, err := unix.Preadv2(int(l.data.Fd()), [][]byte{p}, off, unix.RWF_NOWAIT)
-			l.ioMu.RUnlock()
-			if err == nil && n < len(p) {
-				// Partly in memory, or the end of a shorter layer's
-				// file: the blocking read tells them apart.
-				err = unix.EAGAIN
-			}
-			return err
-		}
-		n, err := l.data.ReadAt(p, off)
+		// Merged away between resolve and lock: resolve again.
 		l.ioMu.RUnlock()
-		if err == io.EOF || (err == nil && n < len(p)) {
-			clear(p[n:]) // past the end of a shorter (older) layer's file
-			return nil
+		if l.mergedInto.Load() == nil {
+			return nil, errf(ErrClosed, "layer %d", l.num)
 		}
-		return err
 	}
 }
 
