@@ -18,6 +18,8 @@ import (
 	"golang.org/x/sys/unix"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials/insecure"
+
+	"github.com/cowcsi/cowcsi/cow/fusefs"
 )
 
 // requireRoot skips tests that need root, FUSE, loop devices and mkfs.ext4,
@@ -94,7 +96,7 @@ func testOptions(env *testEnv) Options {
 	o.StopTimeout = 10 * time.Second
 	// Where the kernel has FUSE over io_uring, the tests require it, so
 	// that a silent fallback to /dev/fuse shows as a failure.
-	if _, err := os.Stat("/sys/module/fuse/parameters/enable_uring"); err == nil {
+	if fusefs.IOURingSupported() {
 		o.FuseIOURing = FuseIOURingOn
 	}
 	return o

@@ -45,8 +45,9 @@ type BlockFile interface {
 // NoWaitReader is implemented by BlockFiles that can tell a read that
 // would wait for the disk: ReadAtNoWait fails with an error wrapping
 // syscall.EAGAIN instead. Over FUSE over io_uring, reads are answered on the
-// queue's own thread when they need not wait, and on another goroutine when
-// they must, so that a read from disk does not hold up the queue.
+// queue's own thread when they need not wait; the others go through the
+// ring (ReadPlanner) or to another goroutine, so that a read from disk does
+// not hold up the queue.
 type NoWaitReader interface {
 	ReadAtNoWait(p []byte, off int64) (int, error)
 }

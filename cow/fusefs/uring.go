@@ -101,6 +101,13 @@ func uringEnabled() bool {
 	return err == nil && len(b) > 0 && (b[0] == 'Y' || b[0] == '1')
 }
 
+// IOURingSupported reports whether the kernel has FUSE over io_uring (the
+// fuse module's enable_uring parameter exists, on or off).
+func IOURingSupported() bool {
+	_, err := os.Stat(uringParam)
+	return err == nil
+}
+
 // EnableIOURing turns on the fuse module's enable_uring parameter (root),
 // so that the kernel offers FUSE over io_uring to new connections. Only
 // connections whose server asks for it (Options.IOURing) use it; others
@@ -109,8 +116,8 @@ func EnableIOURing() error {
 	if uringEnabled() {
 		return nil
 	}
-	if _, err := os.Stat(uringParam); err != nil {
-		return fmt.Errorf("fusefs: kernel without FUSE over io_uring (Linux 6.14+, CONFIG_FUSE_IO_URING): %w", err)
+	if !IOURingSupported() {
+		return errors.New("fusefs: kernel without FUSE over io_uring (Linux 6.14+, CONFIG_FUSE_IO_URING)")
 	}
 	if err := os.WriteFile(uringParam, []byte("Y"), 0o644); err != nil {
 		return fmt.Errorf("fusefs: turn on FUSE over io_uring: %w", err)
@@ -398,7 +405,9 @@ func (q *ringQueue) serve() error {
 			return last
 		}
 	}
-	if errors.Is(last, syscall.ENOTCONN) || errors.Is(last, syscall.ECANCELED) {
+	// The connection ended (unmount, abort, the server's own exit): not a
+	// failure to report.
+	if errors.Is(last, syscall.ENOTCONN) || errors.Is(last, syscall.ECANCELED) || errors.Is(last, syscall.ECONNABORTED) {
 		return nil
 	}
 	return last
@@ -601,10 +610,13 @@ func (q *ringQueue) handle(i int) bool {
 			q.startReads(i, pl)
 			return false
 		}
+		// A copy for the goroutine, so that the request itself stays on
+		// this thread's stack (no allocation per READ).
+		cp := *in
 		q.rs.workers.Add(1)
 		go func() {
 			defer q.rs.workers.Done()
-			readInto(r, e, in)
+			readInto(r, e, &cp)
 			q.finish(i)
 		}()
 		return false

@@ -21,8 +21,8 @@ import (
 func requireRing(t *testing.T) {
 	t.Helper()
 	requireRoot(t)
-	if _, err := os.Stat(uringParam); err != nil {
-		t.Skipf("kernel without FUSE over io_uring: %v", err)
+	if !IOURingSupported() {
+		t.Skip("kernel without FUSE over io_uring (no fuse module parameter enable_uring)")
 	}
 	if err := EnableIOURing(); err != nil {
 		t.Fatal(err)

@@ -72,8 +72,7 @@ func main() {
 	flag.StringVar(&c.CPUProfile, "cpuprofile", "", "write a CPU profile of the serving process over all rounds")
 	// The driver's default (--fuse-io-uring=auto): the ring where the
 	// kernel has it.
-	_, noRing := os.Stat("/sys/module/fuse/parameters/enable_uring")
-	flag.BoolVar(&c.IOURing, "fuse-io-uring", noRing == nil, "serve the FUSE file through FUSE over io_uring, as the driver does by default where the kernel has it (turns on the fuse module's enable_uring parameter); false: /dev/fuse")
+	flag.BoolVar(&c.IOURing, "fuse-io-uring", fusefs.IOURingSupported(), "serve the FUSE file through FUSE over io_uring, as the driver does by default where the kernel has it (turns on the fuse module's enable_uring parameter); false: /dev/fuse")
 	flag.Parse()
 	for _, p := range []struct {
 		s   string

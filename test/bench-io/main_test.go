@@ -7,6 +7,8 @@ import (
 	"path/filepath"
 	"testing"
 	"time"
+
+	"github.com/cowcsi/cowcsi/cow/fusefs"
 )
 
 // TestSmoke runs every row once with tiny sizes and short runs: the tool
@@ -38,9 +40,7 @@ func TestSmoke(t *testing.T) {
 		EndFsync:  true,
 	}
 	// The driver's default transport where the kernel has it.
-	if _, err := os.Stat("/sys/module/fuse/parameters/enable_uring"); err == nil {
-		c.IOURing = true
-	}
+	c.IOURing = fusefs.IOURingSupported()
 	if err := run(t.Context(), c); err != nil {
 		t.Fatal(err)
 	}
