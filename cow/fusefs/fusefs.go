@@ -220,7 +220,10 @@ func Mount(ctx context.Context, dir string, opts Options) (*Server, error) {
 	if ringFD >= 0 {
 		s.startRing(ringFD)
 	}
-	pollHack(dir)
+	if err := pollHack(dir); err != nil {
+		_ = s.Unmount()
+		return nil, err
+	}
 	return s, nil
 }
 
@@ -284,6 +287,14 @@ func (s *Server) startRing(fd int) {
 // IOURing reports whether requests are served through FUSE over io_uring,
 // and if not, why not (nil error when it was not asked for).
 func (s *Server) IOURing() (bool, error) { return s.ring != nil, s.ringErr }
+
+// ringPolls is how many FUSE_POLL requests the ring answered (tests).
+func (s *Server) ringPolls() uint64 {
+	if s.ring == nil {
+		return 0
+	}
+	return s.ring.polls.Load()
+}
 
 // ringRequests is how many requests the ring answered (tests).
 func (s *Server) ringRequests() uint64 {

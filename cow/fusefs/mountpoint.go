@@ -104,18 +104,35 @@ func maxWrite() int {
 	return min(want, limit)
 }
 
+// go-fuse's poll-hack file (its fuse/poll.go): go-fuse answers for it on
+// /dev/fuse, pollHackReply on the ring.
+const (
+	pollHackName = ".go-fuse-epoll-hack"
+	pollHackIno  = ^uint64(0)
+)
+
 // pollHack does what go-fuse's WaitMount does for mounts it made itself:
 // it opens go-fuse's magic file and polls it, so that the kernel learns at
-// once that this filesystem does not implement POLL (go-fuse answers
-// ENOSYS). Otherwise the first poll of a file on the mount by this very
-// process (the Go netpoller registers files it opens) can deadlock.
-func pollHack(dir string) {
-	fd, err := unix.Open(filepath.Join(dir, ".go-fuse-epoll-hack"), unix.O_RDONLY|unix.O_CLOEXEC, 0)
+// once that this filesystem does not implement POLL (ENOSYS).
+//
+// Why it matters: Go's os.Open registers every file with the runtime's
+// epoll, and epoll_ctl on a FUSE file sends FUSE_POLL and waits for the
+// answer inside the runtime, holding its P (GOMAXPROCS slot) and blocking
+// any stop-the-world. The answer needs a Go thread of this very process
+// (a ring queue or go-fuse's reader) to run: a garbage collection that
+// starts in that window, or the other Ps taken the same way, deadlocks the
+// process. Here the poll is a plain blocking syscall, which releases its P.
+func pollHack(dir string) error {
+	fd, err := unix.Open(filepath.Join(dir, pollHackName), unix.O_RDONLY|unix.O_CLOEXEC, 0)
 	if err != nil {
-		return
+		return fmt.Errorf("fusefs: poll hack: %w", err)
 	}
 	defer unix.Close(fd)
-	_, _ = unix.Poll([]unix.PollFd{{Fd: int32(fd), Events: unix.POLLIN | unix.POLLPRI | unix.POLLOUT}}, 0)
+	_, err = unix.Poll([]unix.PollFd{{Fd: int32(fd), Events: unix.POLLIN | unix.POLLPRI | unix.POLLOUT}}, 0)
+	if err != nil {
+		return fmt.Errorf("fusefs: poll hack: %w", err)
+	}
+	return nil
 }
 
 // isDeadConn reports whether err is what the kernel answers on a FUSE

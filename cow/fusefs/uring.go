@@ -77,6 +77,7 @@ const (
 	opOpendir    = 27
 	opReaddir    = 28
 	opReleasedir = 29
+	opPoll       = 40
 	opFallocate  = 43
 
 	// The namespace belongs to the Server: what rawFS answers EPERM.
@@ -140,8 +141,10 @@ type ringServer struct {
 	// the connection may still be up: that CPU's requests would wait for
 	// it forever.
 	onExit func(qid int, err error)
-	// requests counts the requests answered through the ring.
+	// requests counts the requests answered through the ring; polls the
+	// FUSE_POLL requests among them (tests: pollHack must reach the ring).
 	requests atomic.Uint64
+	polls    atomic.Uint64
 }
 
 // ringQueue is one queue: a ring owned by one locked OS thread.
@@ -593,6 +596,13 @@ func (q *ringQueue) handle(i int) bool {
 	e := &q.entries[i]
 	r := q.rs.rfs
 	h := (*fuse.InHeader)(unsafe.Pointer(&e.hdr[0]))
+	if h.Opcode == opPoll {
+		q.rs.polls.Add(1)
+	}
+	if h.NodeId == pollHackIno || (h.Opcode == opLookup && h.NodeId == rootIno && lookupName(e) == pollHackName) {
+		pollHackReply(e, h)
+		return true
+	}
 	switch h.Opcode {
 	case opRead:
 		in := inArg[fuse.ReadIn](e)
@@ -662,15 +672,8 @@ func (q *ringQueue) handle(i int) bool {
 		st := r.SetAttr(nil, inArg[fuse.SetAttrIn](e), &out)
 		reply(e, st, putOut(e, &out))
 	case opLookup:
-		name := e.pay[:e.payloadSize()]
-		for k, c := range name {
-			if c == 0 {
-				name = name[:k]
-				break
-			}
-		}
 		var out fuse.EntryOut
-		st := r.Lookup(nil, h, string(name), &out)
+		st := r.Lookup(nil, h, lookupName(e), &out)
 		reply(e, st, putOut(e, &out))
 	case opOpen, opOpendir:
 		in := inArg[fuse.OpenIn](e)
@@ -707,6 +710,46 @@ func (q *ringQueue) handle(i int) bool {
 		reply(e, fuse.ENOSYS, 0)
 	}
 	return true
+}
+
+// lookupName is a LOOKUP request's name (NUL-terminated in the payload).
+func lookupName(e *ringEnt) string {
+	name := e.pay[:e.payloadSize()]
+	for k, c := range name {
+		if c == 0 {
+			name = name[:k]
+			break
+		}
+	}
+	return string(name)
+}
+
+// pollHackReply answers a request for go-fuse's poll-hack file as go-fuse
+// does on /dev/fuse (its poll.go): on the ring the requests come here, not
+// to go-fuse, and without this pollHack would find no file, the kernel
+// would keep sending FUSE_POLL, and the first Go open of a volume file in
+// this process would deadlock it (see pollHack).
+func pollHackReply(e *ringEnt, h *fuse.InHeader) {
+	attr := fuse.Attr{Ino: pollHackIno, Mode: syscall.S_IFREG | 0o644, Nlink: 1}
+	switch h.Opcode {
+	case opLookup:
+		out := fuse.EntryOut{NodeId: pollHackIno, Attr: attr}
+		reply(e, fuse.OK, putOut(e, &out))
+	case opOpen:
+		out := fuse.OpenOut{Fh: pollHackIno}
+		reply(e, fuse.OK, putOut(e, &out))
+	case opGetattr, opSetattr:
+		out := fuse.AttrOut{Attr: attr}
+		reply(e, fuse.OK, putOut(e, &out))
+	case opPoll:
+		reply(e, fuse.ENOSYS, 0) // what the hack is for: no more POLLs
+	case opFlush, opRelease:
+		reply(e, fuse.OK, 0)
+	default:
+		// Not ENOSYS: that would turn the operation off for the whole
+		// connection.
+		reply(e, fuse.Status(syscall.ERANGE), 0)
+	}
 }
 
 // possibleCPUs is the kernel's nr_cpu_ids: the number of queues a ring

@@ -214,3 +214,26 @@ func TestRingSetupFailureFallsBack(t *testing.T) {
 		return err
 	})
 }
+
+// TestRingPollHack: Mount's poll of go-fuse's magic file must reach the
+// ring and turn POLL off for the connection, so that Go opens of volume
+// files in this process (epoll_ctl inside the runtime, holding a P) never
+// wait for a FUSE_POLL answer: that wait can deadlock the process against
+// a garbage collection (pollHack).
+func TestRingPollHack(t *testing.T) {
+	s := mountRing(t, Options{})
+	if got := s.ringPolls(); got != 1 {
+		t.Fatalf("POLL requests on the ring after Mount: %d, want 1 (the poll hack's)", got)
+	}
+	add(t, s, "vol", newMemFile(1<<20), false)
+	for range 3 {
+		f, err := os.Open(s.Path("vol")) // registers with the netpoller
+		if err != nil {
+			t.Fatal(err)
+		}
+		f.Close()
+	}
+	if got := s.ringPolls(); got != 1 {
+		t.Fatalf("POLL requests on the ring after Go opens: %d, want still 1", got)
+	}
+}
