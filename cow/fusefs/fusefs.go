@@ -94,6 +94,9 @@ type Options struct {
 	// tune, if set, adjusts the go-fuse mount options (benchmarks compare
 	// settings with it).
 	tune func(*fuse.MountOptions)
+	// refuseEntry, if set, makes the kernel refuse the registration of
+	// ring entry i of queue qid (tests).
+	refuseEntry func(qid, i int) bool
 }
 
 const (
@@ -261,7 +264,7 @@ func (s *Server) startRing(fd int) {
 		fail(err)
 		return
 	}
-	rs := &ringServer{rfs: s.fs, fd: fd}
+	rs := &ringServer{rfs: s.fs, fd: fd, refuseEntry: s.opts.refuseEntry}
 	// A queue that fails while the connection is up would leave its CPU's
 	// requests waiting forever: abort the connection, so that they fail.
 	rs.onExit = func(qid int, err error) {

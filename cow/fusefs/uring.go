@@ -4,6 +4,7 @@ import (
 	"encoding/binary"
 	"errors"
 	"fmt"
+	"log"
 	"os"
 	"runtime"
 	"sync"
@@ -141,6 +142,10 @@ type ringServer struct {
 	// the connection may still be up: that CPU's requests would wait for
 	// it forever.
 	onExit func(qid int, err error)
+	// refuseEntry: Options.refuseEntry. badCommit makes the next commit
+	// name a request the kernel does not know (tests).
+	refuseEntry func(qid, i int) bool
+	badCommit   atomic.Bool
 	// requests counts the requests answered through the ring; polls the
 	// FUSE_POLL requests among them (tests: pollHack must reach the ring).
 	requests atomic.Uint64
@@ -157,6 +162,12 @@ type ringQueue struct {
 	efd     int    // eventfd: completions from other goroutines, stop
 	efdBuf  []byte // the eventfd read's target (in mem: not moved by GC)
 	stop    atomic.Bool
+
+	// live is the number of entries registered and not yet ended.
+	live int
+	// failed is set when the ring itself fails (no SQE can be had):
+	// an answer that cannot be committed strands its request.
+	failed error
 
 	mu       sync.Mutex
 	finished []int // entries answered off the ring thread, to commit
@@ -180,6 +191,12 @@ type ringEnt struct {
 // ring server owns and closes it). It returns once every queue has
 // submitted its registrations; an error means none of the ring is in use
 // and the /dev/fuse side serves everything.
+//
+// The kernel uses the ring for good once every queue has an entry, even if
+// other registrations were refused (a refusal only stops requests from
+// waiting for the ring). So a queue that kept some entries serves with
+// them; only a queue left with none fails, and then the ring never became
+// ready and /dev/fuse serves.
 func (rs *ringServer) start(nq, entries, payload int) error {
 	fd := rs.fd
 	started := make(chan error, nq)
@@ -334,6 +351,9 @@ func (q *ringQueue) setup(entries, payload int) error {
 	q.ring = ring
 	for i := range q.entries {
 		e := &q.entries[i]
+		if q.rs.refuseEntry != nil && q.rs.refuseEntry(q.qid, i) {
+			e.iov[1].Len = 4096 // below the connection's payload size
+		}
 		sqe := ring.GetSQE()
 		sqe.PrepURingCmd(int32(q.rs.fd), uringCmdRegister, uint64(uintptr(unsafe.Pointer(&e.iov[0]))), 2, uint64(i))
 		q.putCmdReq(sqe.Cmd(), 0)
@@ -342,19 +362,30 @@ func (q *ringQueue) setup(entries, payload int) error {
 	if _, err := ring.Submit(); err != nil {
 		return fmt.Errorf("fusefs: register ring entries: %w", err)
 	}
-	// A registration the kernel refuses completes at once.
-	var failed error
+	// A registration the kernel refuses completes at once (posted during
+	// the submit, DEFER_TASKRUN or not); an accepted one stays pending.
+	q.live = len(q.entries)
+	var refused error
 	for {
 		c, ok := q.ring.PeekCQE()
 		if !ok {
 			break
 		}
-		if c.UserData != wakeTag && c.Res < 0 && failed == nil {
-			failed = fmt.Errorf("fusefs: register ring entry on queue %d: %w", q.qid, syscall.Errno(-c.Res))
+		if c.UserData != wakeTag && c.Res < 0 {
+			q.live--
+			if refused == nil {
+				refused = fmt.Errorf("fusefs: register ring entry %d on queue %d: %w", c.UserData, q.qid, syscall.Errno(-c.Res))
+			}
 		}
 		q.ring.SeenCQE()
 	}
-	return failed
+	if refused != nil {
+		if q.live == 0 {
+			return refused
+		}
+		log.Printf("%v; the queue serves with %d of %d entries", refused, q.live, len(q.entries))
+	}
+	return nil
 }
 
 func (q *ringQueue) putCmdReq(cmd []byte, commitID uint64) {
@@ -365,16 +396,18 @@ func (q *ringQueue) putCmdReq(cmd []byte, commitID uint64) {
 }
 
 func (q *ringQueue) armWake() {
-	sqe := q.ring.GetSQE()
+	sqe := q.getSQE()
+	if sqe == nil {
+		return
+	}
 	sqe.PrepRead(int32(q.efd), q.efdBuf, 0, wakeTag)
 }
 
 // serve answers requests until every entry is gone (the connection ended)
 // or stop is set.
 func (q *ringQueue) serve() error {
-	live := len(q.entries)
 	var last error
-	for live > 0 {
+	for q.live > 0 {
 		if _, err := q.ring.SubmitAndWait(1); err != nil {
 			// EAGAIN, EBUSY: out of resources for now, or completions
 			// to reap first; reap and go round again.
@@ -383,6 +416,7 @@ func (q *ringQueue) serve() error {
 			}
 		}
 		stop := false
+		var broken error
 		q.ring.ForEachCQE(func(c uring.CQE) {
 			switch {
 			case c.UserData&readTag != 0:
@@ -392,10 +426,13 @@ func (q *ringQueue) serve() error {
 				q.commitFinished()
 				q.armWake()
 			case c.Res < 0:
-				// ENOTCONN and friends: the connection ended, the
-				// entry is gone.
-				live--
+				q.live--
 				last = syscall.Errno(-c.Res)
+				if !connEnded(last) && broken == nil {
+					// The kernel refused a commit: the entry is
+					// gone, and its request may never be answered.
+					broken = fmt.Errorf("fusefs: queue %d: commit of entry %d: %w", q.qid, c.UserData, last)
+				}
 			default:
 				i := int(c.UserData)
 				q.rs.requests.Add(1)
@@ -404,16 +441,28 @@ func (q *ringQueue) serve() error {
 				}
 			}
 		})
+		if broken != nil {
+			return broken
+		}
+		if q.failed != nil {
+			return q.failed
+		}
 		if stop {
-			return last
+			return nil
 		}
 	}
 	// The connection ended (unmount, abort, the server's own exit): not a
 	// failure to report.
-	if errors.Is(last, syscall.ENOTCONN) || errors.Is(last, syscall.ECANCELED) || errors.Is(last, syscall.ECONNABORTED) {
+	if connEnded(last) {
 		return nil
 	}
 	return last
+}
+
+// connEnded reports whether an entry's command ended because the
+// connection did (unmount, abort, the server's exit, the ring closing).
+func connEnded(err error) bool {
+	return errors.Is(err, syscall.ENOTCONN) || errors.Is(err, syscall.ECANCELED) || errors.Is(err, syscall.ECONNABORTED)
 }
 
 // getSQE returns a free SQE, submitting what is queued if the ring is full.
@@ -423,7 +472,11 @@ func (q *ringQueue) getSQE() *uring.SQE {
 			return sqe
 		}
 		if _, err := q.ring.Submit(); err != nil && !errors.Is(err, syscall.EAGAIN) && !errors.Is(err, syscall.EBUSY) {
-			// The ring itself failed; nothing more can be queued.
+			// The ring itself failed; nothing more can be queued, and
+			// serve ends with the error (the connection is aborted).
+			if q.failed == nil {
+				q.failed = fmt.Errorf("fusefs: queue %d: io_uring submit: %w", q.qid, err)
+			}
 			return nil
 		}
 	}
@@ -511,10 +564,14 @@ func (q *ringQueue) commit(i int) {
 	e := &q.entries[i]
 	sqe := q.getSQE()
 	if sqe == nil {
-		return // the ring failed; the connection's end cancels the entry
+		return // the ring failed (q.failed): serve ends and aborts
+	}
+	id := binary.LittleEndian.Uint64(e.hdr[ringEntCommitOff:])
+	if q.rs.badCommit.CompareAndSwap(true, false) {
+		id += 1 << 40
 	}
 	sqe.PrepURingCmd(int32(q.rs.fd), uringCmdCommitAndFetch, 0, 0, uint64(i))
-	q.putCmdReq(sqe.Cmd(), binary.LittleEndian.Uint64(e.hdr[ringEntCommitOff:]))
+	q.putCmdReq(sqe.Cmd(), id)
 }
 
 func (q *ringQueue) commitFinished() {

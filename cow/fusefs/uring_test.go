@@ -167,36 +167,35 @@ func TestRingQueueFailureAborts(t *testing.T) {
 	}
 }
 
+// TestRingRefusedCommitAborts: a commit the kernel refuses leaves its
+// request unanswered for good; the queue must end and abort the connection,
+// so that the request fails instead of waiting forever.
+func TestRingRefusedCommitAborts(t *testing.T) {
+	s := mountRing(t, Options{})
+	add(t, s, "vol", newMemFile(8192), false)
+	fd := openFile(t, s.Path("vol"), unix.O_RDONLY)
+	buf := make([]byte, 4096)
+	s.ring.badCommit.Store(true)
+	var err error
+	guard(t, s.Dir(), "read", func() error {
+		_, err = unix.Pread(fd, buf, 0)
+		return nil
+	})
+	if !isDeadConn(err) {
+		t.Fatalf("read answered by a refused commit: %v, want a dead connection", err)
+	}
+}
+
 // TestRingSetupFailureFallsBack: once INIT offered the ring the kernel holds
 // every request until all queues are registered or one registration failed;
 // a queue that cannot even be set up must still release them to /dev/fuse.
 func TestRingSetupFailureFallsBack(t *testing.T) {
 	requireRing(t)
 	dir := filepath.Join(t.TempDir(), "mnt")
-	// Mount touches the mount (pollHack) and the read below does: either
-	// would wait forever if the ring were left half set up. Guard both,
-	// and abort the connection rather than leave the test in the kernel.
-	guard := func(what string, f func() error) {
-		t.Helper()
-		done := make(chan error, 1)
-		go func() { done <- f() }()
-		select {
-		case err := <-done:
-			if err != nil {
-				t.Fatalf("%s: %v", what, err)
-			}
-		case <-time.After(20 * time.Second):
-			if conn, err := connID(dir); err == nil {
-				_ = abortConn(conn)
-			}
-			_ = unix.Unmount(dir, unix.MNT_DETACH)
-			t.Fatalf("%s still waits for the ring after 20 s", what)
-		}
-	}
 	var s *Server
 	// No ring of 2^20 entries per queue can be set up (io_uring's limit is
 	// 32768; the buffers would need a TiB per queue).
-	guard("Mount", func() (err error) {
+	guard(t, dir, "Mount", func() (err error) {
 		s, err = Mount(t.Context(), dir, Options{IOURing: true, RingEntries: 1 << 20})
 		return err
 	})
@@ -209,10 +208,91 @@ func TestRingSetupFailureFallsBack(t *testing.T) {
 		t.Fatalf("IOURing() = %v, %v; want false and why", on, err)
 	}
 	add(t, s, "vol", newMemFile(8192), false)
-	guard("read", func() error {
+	guard(t, dir, "read", func() error {
 		_, err := os.ReadFile(s.Path("vol"))
 		return err
 	})
+}
+
+// guard runs f, which touches the mount at dir (Mount's poll hack, a read)
+// and would wait forever if the ring were left half set up; after 20 s it
+// aborts the connection rather than leave the test in the kernel.
+func guard(t *testing.T, dir, what string, f func() error) {
+	t.Helper()
+	done := make(chan error, 1)
+	go func() { done <- f() }()
+	select {
+	case err := <-done:
+		if err != nil {
+			t.Fatalf("%s: %v", what, err)
+		}
+	case <-time.After(20 * time.Second):
+		if conn, err := connID(dir); err == nil {
+			_ = abortConn(conn)
+		}
+		_ = unix.Unmount(dir, unix.MNT_DETACH)
+		t.Fatalf("%s still waits for the ring after 20 s", what)
+	}
+}
+
+// TestRingRefusedRegistrations: the kernel uses the ring for good once
+// every queue holds an entry, whatever registrations it refused; a queue
+// left with none keeps the ring from ever being used. Either way requests
+// must be answered.
+func TestRingRefusedRegistrations(t *testing.T) {
+	requireRing(t)
+	nq, err := possibleCPUs()
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, c := range []struct {
+		name   string
+		refuse func(qid, i int) bool
+		ring   bool
+	}{
+		{"one entry of every queue", func(_, i int) bool { return i == 1 }, true},
+		{"every entry of the last queue", func(qid, _ int) bool { return qid == nq-1 }, false},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			dir := filepath.Join(t.TempDir(), "mnt")
+			var s *Server
+			guard(t, dir, "Mount", func() (err error) {
+				s, err = Mount(t.Context(), dir, Options{IOURing: true, RingEntries: 4, refuseEntry: c.refuse})
+				return err
+			})
+			t.Cleanup(func() {
+				if err := s.Unmount(); err != nil {
+					t.Errorf("cleanup Unmount: %v", err)
+				}
+			})
+			if on, why := s.IOURing(); on != c.ring {
+				t.Fatalf("IOURing() = %v (%v), want %v", on, why, c.ring)
+			}
+			m := newMemFile(1 << 20)
+			add(t, s, "vol", m, false)
+			want := pattern(64<<10, 7)
+			var got []byte
+			guard(t, dir, "write and read", func() error {
+				f, err := os.OpenFile(s.Path("vol"), os.O_RDWR, 0)
+				if err != nil {
+					return err
+				}
+				defer f.Close()
+				if _, err := f.WriteAt(want, 8192); err != nil {
+					return err
+				}
+				got = make([]byte, len(want))
+				_, err = f.ReadAt(got, 8192)
+				return err
+			})
+			if !bytes.Equal(got, want) || !bytes.Equal(m.bytes(8192, len(want)), want) {
+				t.Fatal("data read back differs from what was written")
+			}
+			if c.ring && s.ringRequests() == 0 {
+				t.Fatal("the ring answered no request")
+			}
+		})
+	}
 }
 
 // TestRingPollHack: Mount's poll of go-fuse's magic file must reach the
