@@ -4,7 +4,6 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"io"
 	"os"
 	"path/filepath"
 	"sync"
@@ -592,16 +591,20 @@ func (n *nodeService) NodeGetVolumeHealth(ctx context.Context, req *csi.NodeGetV
 	return &csi.NodeGetVolumeHealthResponse{VolumeHealth: health}, nil
 }
 
-// readProbe reads the first block of the volume's FUSE file.
+// readProbe reads the first block of the volume's FUSE file. It uses plain
+// system calls, not os.Open: the file is served by this process, and Go's
+// netpoller registration (epoll_ctl) of a FUSE file may wait for this very
+// server while holding a runtime P (fusefs.pollHack turns that off per
+// mount; this does not depend on it).
 func readProbe(path string) error {
-	f, err := os.Open(path)
+	fd, err := unix.Open(path, unix.O_RDONLY|unix.O_CLOEXEC, 0)
 	if err != nil {
-		return err
+		return &os.PathError{Op: "open", Path: path, Err: err}
 	}
-	defer f.Close()
+	defer unix.Close(fd)
 	buf := make([]byte, cow.BlockSize)
-	if _, err := f.ReadAt(buf, 0); err != nil && !errors.Is(err, io.EOF) {
-		return err
+	if _, err := unix.Pread(fd, buf, 0); err != nil {
+		return &os.PathError{Op: "read", Path: path, Err: err}
 	}
 	return nil
 }
