@@ -8,6 +8,7 @@ import (
 	"path/filepath"
 	"syscall"
 	"testing"
+	"time"
 
 	"golang.org/x/sys/unix"
 
@@ -74,5 +75,51 @@ func TestReadAtNoWait(t *testing.T) {
 	clear(got)
 	if _, err := v.ReadAtNoWait(got, 64<<10); err != nil || !bytes.Equal(got, data) {
 		t.Fatalf("ReadAtNoWait once cached: %v, equal=%v", err, bytes.Equal(got, data))
+	}
+}
+
+// TestReadsLeaveAtime: reading a volume does not write the layer files'
+// inodes (O_NOATIME). Under relatime a read updates an atime older than
+// the mtime, which is what the test sets up.
+func TestReadsLeaveAtime(t *testing.T) {
+	dir := t.TempDir()
+	s := openStore(t, dir)
+	ctx := context.Background()
+	if _, err := s.CreateVolume(ctx, cow.VolumeSpec{ID: "v", Size: 1 << 20}); err != nil {
+		t.Fatal(err)
+	}
+	v, err := s.OpenVolume(ctx, "v")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer v.Close()
+	if _, err := v.WriteAt(bytes.Repeat([]byte("atime..."), 8192/8), 0); err != nil {
+		t.Fatal(err)
+	}
+	if err := v.Flush(); err != nil {
+		t.Fatal(err)
+	}
+	files, err := filepath.Glob(filepath.Join(dir, "layers", "*.data"))
+	if err != nil || len(files) == 0 {
+		t.Fatalf("layer data files: %v, %v", files, err)
+	}
+	old := time.Now().Add(-48 * time.Hour).Truncate(time.Second)
+	for _, p := range files {
+		if err := os.Chtimes(p, old, time.Now()); err != nil {
+			t.Fatal(err)
+		}
+	}
+	buf := make([]byte, 8192)
+	if _, err := v.ReadAt(buf, 0); err != nil {
+		t.Fatal(err)
+	}
+	for _, p := range files {
+		var st unix.Stat_t
+		if err := unix.Stat(p, &st); err != nil {
+			t.Fatal(err)
+		}
+		if got := time.Unix(st.Atim.Unix()); !got.Equal(old) {
+			t.Errorf("%s: atime %v after a read, want it left at %v", filepath.Base(p), got, old)
+		}
 	}
 }
