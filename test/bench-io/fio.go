@@ -65,6 +65,17 @@ type fioResult struct {
 	// end_fsync of a write run; fio does not count it in the run's time):
 	// what making the run's writes durable cost.
 	FlushMS float64 `json:"engine_flush_ms,omitempty"`
+	// CPUSec is the machine's busy CPU time (all CPUs, all processes:
+	// fio, kernel, and for cowcsi the serving process) during the run.
+	CPUSec float64 `json:"cpu_busy_s"`
+}
+
+// cpuPerIO is the busy CPU time per I/O of a run (0 if unknown).
+func (r fioResult) cpuPerIO() float64 {
+	if r.IOs <= 0 {
+		return 0
+	}
+	return r.CPUSec / float64(r.IOs)
 }
 
 // runFio runs one job and checks that it verified what it claims to.

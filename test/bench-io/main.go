@@ -142,6 +142,9 @@ type row struct {
 	// BFlushMed is the median time the engine took to flush a write run's
 	// data at its end (not part of fio's figures).
 	BFlushMed float64 `json:"b_engine_flush_ms_median,omitempty"`
+	// CPURatios are B's busy CPU per I/O over A's, per round.
+	CPURatios   []float64 `json:"cpu_per_io_ratios"`
+	CPURatioMed float64   `json:"cpu_per_io_ratio_median"`
 }
 
 func (r *row) value(res fioResult) float64 {
@@ -247,6 +250,9 @@ func run(ctx context.Context, c config) error {
 			r.ARuns = append(r.ARuns, got[0])
 			r.BRuns = append(r.BRuns, got[1])
 			r.Ratios = append(r.Ratios, r.value(got[1])/r.value(got[0]))
+			if a := got[0].cpuPerIO(); a > 0 {
+				r.CPURatios = append(r.CPURatios, got[1].cpuPerIO()/a)
+			}
 		}
 	}
 	pprof.StopCPUProfile()
@@ -308,13 +314,25 @@ func measure(ctx context.Context, c config, e *env, r *row, t *target, round int
 		}
 		spec.ioBytes = int64(rate * c.Runtime.Seconds())
 	}
+	cpu0, err := busyCPU()
+	if err != nil {
+		return fioResult{}, err
+	}
+	withCPU := func(res fioResult, err error) (fioResult, error) {
+		cpu1, cerr := busyCPU()
+		if err == nil {
+			err = cerr
+		}
+		res.CPUSec = (cpu1 - cpu0).Seconds()
+		return res, err
+	}
 	if t.vol == nil {
-		return runFio(ctx, e.dir, r.ID, spec)
+		return withCPU(runFio(ctx, e.dir, r.ID, spec))
 	}
 	rss.active(t.vol)
 	defer rss.active(nil)
 	flushes, flushNS := t.vol.flushes.Load(), t.vol.flushNS.Load()
-	res, err := runFio(ctx, e.dir, r.ID, spec)
+	res, err := withCPU(runFio(ctx, e.dir, r.ID, spec))
 	if err == nil && spec.kind.writes() && spec.endFsync && t.vol.flushes.Load() == flushes {
 		err = fmt.Errorf("fio's end_fsync did not reach Volume.Flush")
 	}
@@ -532,6 +550,7 @@ func summarize(c config, rows []*row, vols []*countingVolume, rss *rssSampler, s
 			f = append(f, r.BRuns[i].FlushMS)
 		}
 		r.AMed, r.BMed, r.RMed, r.BFlushMed = median(a), median(b), median(r.Ratios), median(f)
+		r.CPURatioMed = median(r.CPURatios)
 	}
 	var u unix.Utsname
 	_ = unix.Uname(&u)

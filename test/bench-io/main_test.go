@@ -52,6 +52,7 @@ func TestSmoke(t *testing.T) {
 		Rows []struct {
 			ID     string    `json:"id"`
 			Ratios []float64 `json:"ratios"`
+			CPU    []float64 `json:"cpu_per_io_ratios"`
 			AMed   float64   `json:"a_median"`
 			BMed   float64   `json:"b_median"`
 		} `json:"rows"`
@@ -68,6 +69,9 @@ func TestSmoke(t *testing.T) {
 		delete(want, r.ID)
 		if len(r.Ratios) != 1 || r.AMed <= 0 || r.BMed <= 0 {
 			t.Errorf("row %s: medians %v / %v, ratios %v; want both sides measured once", r.ID, r.AMed, r.BMed, r.Ratios)
+		}
+		if len(r.CPU) != 1 || r.CPU[0] <= 0 {
+			t.Errorf("row %s: CPU per I/O ratios %v; want one, positive", r.ID, r.CPU)
 		}
 	}
 	if len(want) > 0 {

@@ -116,6 +116,38 @@ func procStatus(field string) int64 {
 	return 0
 }
 
+// busyCPU is the machine's busy CPU time so far, from /proc/stat: every
+// state but idle and iowait, summed over all CPUs. On a 2-vCPU machine a
+// row is often bound by CPU rather than by the disk; comparing the CPU per
+// I/O of both sides shows where.
+func busyCPU() (time.Duration, error) {
+	b, err := os.ReadFile("/proc/stat")
+	if err != nil {
+		return 0, err
+	}
+	line, _, _ := strings.Cut(string(b), "\n")
+	f := strings.Fields(line)
+	if len(f) < 8 || f[0] != "cpu" {
+		return 0, fmt.Errorf("/proc/stat: unexpected first line %q", line)
+	}
+	var busy int64
+	for i, v := range f[1:] {
+		if i == 3 || i == 4 { // idle, iowait
+			continue
+		}
+		if i >= 8 { // guest, guest_nice: already in user, nice
+			break
+		}
+		n, err := strconv.ParseInt(v, 10, 64)
+		if err != nil {
+			return 0, fmt.Errorf("/proc/stat: %w", err)
+		}
+		busy += n
+	}
+	// USER_HZ is 100 on every Linux architecture Go supports.
+	return time.Duration(busy) * 10 * time.Millisecond, nil
+}
+
 func printTable(w io.Writer, c config, rows []*row, rss rssStats) {
 	fmt.Fprintf(w, "\nfio libaio, direct=1, iodepth=32, numjobs=1, verify=crc32c on every run; 4k reads %v, 1M reads one pass,\n"+
 		"writes sized to last about %v then read back and verified; %d rounds, sides alternated; medians, B/A = median of per-round ratios\n\n",
@@ -125,7 +157,7 @@ func printTable(w io.Writer, c config, rows []*row, rss rssStats) {
 		transport = "FUSE over io_uring"
 	}
 	fmt.Fprintf(w, "cowcsi's FUSE file served through %s\n\n", transport)
-	fmt.Fprintf(w, "%-52s %-26s  %-34s  %5s  %-11s  %-12s %s\n", "row", "A", "B", "B/A", "[min-max]", "target", "B end flush")
+	fmt.Fprintf(w, "%-52s %-26s  %-34s  %5s  %-11s  %-12s %7s  %s\n", "row", "A", "B", "B/A", "[min-max]", "target", "cpu B/A", "B end flush")
 	for _, r := range rows {
 		lo, hi := slices.Min(r.Ratios), slices.Max(r.Ratios)
 		mark := "met"
@@ -136,11 +168,12 @@ func printTable(w io.Writer, c config, rows []*row, rss rssStats) {
 		if r.BFlushMed >= 5 {
 			flush = fmt.Sprintf("%.2f s", r.BFlushMed/1000)
 		}
-		fmt.Fprintf(w, "%-52s %-16s %9.0f  %-24s %9.0f  %5.2f  [%.2f-%.2f]  %.2f %-7s %s\n",
-			r.Name+" ("+r.Unit+")", r.A, r.AMed, r.B, r.BMed, r.RMed, lo, hi, r.Target, mark, flush)
+		fmt.Fprintf(w, "%-52s %-16s %9.0f  %-24s %9.0f  %5.2f  [%.2f-%.2f]  %.2f %-7s %7.2f  %s\n",
+			r.Name+" ("+r.Unit+")", r.A, r.AMed, r.B, r.BMed, r.RMed, lo, hi, r.Target, mark, r.CPURatioMed, flush)
 	}
 	mib := func(b int64) string { return fmt.Sprintf("%.0f MiB", float64(b)/(1<<20)) }
 	fmt.Fprintf(w, "\nserving process RSS under load: median %s, max %s (%d samples); peak over the run %s; Go heap sys %s\n",
 		mib(rss.MedianUnderLoad), mib(rss.MaxUnderLoad), rss.Samples, mib(rss.Peak), mib(rss.GoHeapSys))
 	fmt.Fprintf(w, "engine reads/writes in progress at the same samples: median %d, max %d\n", rss.InflightMedian, rss.InflightMax)
+	fmt.Fprintf(w, "cpu B/A: the machine's busy CPU time per I/O during B's runs over A's (median of rounds; /proc/stat)\n")
 }
