@@ -28,23 +28,8 @@ func TestReadAtNoWait(t *testing.T) {
 	if st.Type == unix.TMPFS_MAGIC {
 		t.Skip("tmpfs keeps file data in the page cache: nothing to wait for")
 	}
-	s := openStore(t, dir)
-	ctx := context.Background()
-	if _, err := s.CreateVolume(ctx, cow.VolumeSpec{ID: "v", Size: 1 << 20}); err != nil {
-		t.Fatal(err)
-	}
-	v, err := s.OpenVolume(ctx, "v")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer v.Close()
 	data := bytes.Repeat([]byte("nowait!!"), 64<<10/8)
-	if _, err := v.WriteAt(data, 64<<10); err != nil {
-		t.Fatal(err)
-	}
-	if err := v.Flush(); err != nil {
-		t.Fatal(err)
-	}
+	v := writtenVolume(t, dir, data, 64<<10)
 
 	got := make([]byte, len(data))
 	if _, err := v.ReadAtNoWait(got, 512<<10); err != nil || !bytes.Equal(got, make([]byte, len(got))) {
@@ -96,22 +81,7 @@ func TestReadAtNoWait(t *testing.T) {
 // the mtime, which is what the test sets up.
 func TestReadsLeaveAtime(t *testing.T) {
 	dir := t.TempDir()
-	s := openStore(t, dir)
-	ctx := context.Background()
-	if _, err := s.CreateVolume(ctx, cow.VolumeSpec{ID: "v", Size: 1 << 20}); err != nil {
-		t.Fatal(err)
-	}
-	v, err := s.OpenVolume(ctx, "v")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer v.Close()
-	if _, err := v.WriteAt(bytes.Repeat([]byte("atime..."), 8192/8), 0); err != nil {
-		t.Fatal(err)
-	}
-	if err := v.Flush(); err != nil {
-		t.Fatal(err)
-	}
+	v := writtenVolume(t, dir, bytes.Repeat([]byte("atime..."), 8192/8), 0)
 	files, err := filepath.Glob(filepath.Join(dir, "layers", "*.data"))
 	if err != nil || len(files) == 0 {
 		t.Fatalf("layer data files: %v, %v", files, err)
@@ -183,4 +153,27 @@ func dropCache(t *testing.T, p string) {
 	if n := resident(); n != 0 {
 		t.Fatalf("%s: %d pages stay cached after POSIX_FADV_DONTNEED and drop_caches", p, n)
 	}
+}
+
+// writtenVolume opens a store in dir with a 1 MiB volume that has data at
+// off, flushed (on disk, in the layer files); the volume closes with t.
+func writtenVolume(t *testing.T, dir string, data []byte, off int64) *cow.Volume {
+	t.Helper()
+	s := openStore(t, dir)
+	ctx := context.Background()
+	if _, err := s.CreateVolume(ctx, cow.VolumeSpec{ID: "v", Size: 1 << 20}); err != nil {
+		t.Fatal(err)
+	}
+	v, err := s.OpenVolume(ctx, "v")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { v.Close() })
+	if _, err := v.WriteAt(data, off); err != nil {
+		t.Fatal(err)
+	}
+	if err := v.Flush(); err != nil {
+		t.Fatal(err)
+	}
+	return v
 }
