@@ -444,3 +444,88 @@ func BenchmarkRandomWriteAfterSequential(b *testing.B) {
 	b.ReportMetric(float64(tPlain.Nanoseconds())/n, "ns/write-plain-file")
 	b.ReportMetric(float64(tPlain)/float64(tEngine), "speed-ratio-engine/plain")
 }
+
+// BenchmarkSeqRewriteCacheStates rewrites a volume in 1 MiB writes, the way
+// a sequential writer through the FUSE file does, with the layer file's
+// page cache in three states, and reports the writing thread's CPU time
+// per MiB:
+//   - written: as left by the previous 1 MiB write pass (folios up to
+//     writePiece);
+//   - read4k: cache dropped, then read back through the engine, whose
+//     POSIX_FADV_RANDOM reads cache the file in 4 KiB folios (what a cold
+//     read leaves);
+//   - uncached: cache dropped.
+//
+// The states alternate within each iteration (the machine is noisy).
+func BenchmarkSeqRewriteCacheStates(b *testing.B) {
+	s := benchStore(b)
+	const size = 256 << 20
+	h := mustVolume(b, s, "v", size)
+	buf := make([]byte, 1<<20)
+	for i := range buf {
+		buf[i] = byte(i * 7)
+	}
+	pass := func() {
+		for off := int64(0); off < size; off += 1 << 20 {
+			if _, err := h.WriteAt(buf, off); err != nil {
+				b.Fatal(err)
+			}
+		}
+		if err := h.Flush(); err != nil {
+			b.Fatal(err)
+		}
+	}
+	drop := func() {
+		files, err := filepath.Glob(filepath.Join(s.dir, "layers", "*.data"))
+		if err != nil || len(files) == 0 {
+			b.Fatalf("layer files: %v %v", files, err)
+		}
+		for _, p := range files {
+			f, err := os.Open(p)
+			if err != nil {
+				b.Fatal(err)
+			}
+			_ = unix.Fadvise(int(f.Fd()), 0, 0, unix.FADV_DONTNEED)
+			f.Close()
+		}
+	}
+	readBack := func() {
+		for off := int64(0); off < size; off += 1 << 20 {
+			if _, err := h.ReadAt(buf, off); err != nil {
+				b.Fatal(err)
+			}
+		}
+	}
+	runtime.LockOSThread()
+	defer runtime.UnlockOSThread()
+	threadCPU := func() time.Duration {
+		var ru unix.Rusage
+		if err := unix.Getrusage(unix.RUSAGE_THREAD, &ru); err != nil {
+			b.Fatal(err)
+		}
+		return time.Duration(ru.Utime.Nano() + ru.Stime.Nano())
+	}
+	timed := func(t *time.Duration) {
+		c0 := threadCPU()
+		pass()
+		*t += threadCPU() - c0
+	}
+	pass()
+	var written, read4k, uncached time.Duration
+	b.ResetTimer()
+	for range b.N {
+		pass()
+		timed(&written)
+		drop()
+		readBack()
+		timed(&read4k)
+		drop()
+		timed(&uncached)
+	}
+	mib := float64(b.N) * size / (1 << 20)
+	b.ReportMetric(float64(written.Microseconds())/mib, "cpu-us/MiB-written")
+	b.ReportMetric(float64(read4k.Microseconds())/mib, "cpu-us/MiB-read4k")
+	b.ReportMetric(float64(uncached.Microseconds())/mib, "cpu-us/MiB-uncached")
+	b.ReportMetric(float64(read4k)/float64(written), "ratio-read4k/written")
+	b.ReportMetric(float64(uncached)/float64(written), "ratio-uncached/written")
+}

@@ -118,26 +118,7 @@ func dropCache(t *testing.T, p string) {
 		t.Fatal(err)
 	}
 	defer f.Close()
-	fi, err := f.Stat()
-	if err != nil || fi.Size() == 0 {
-		t.Fatalf("%s: size %v, %v", p, fi, err)
-	}
-	resident := func() int {
-		m, err := unix.Mmap(int(f.Fd()), 0, int(fi.Size()), unix.PROT_READ, unix.MAP_SHARED)
-		if err != nil {
-			t.Fatal(err)
-		}
-		defer unix.Munmap(m)
-		vec := make([]byte, (len(m)+os.Getpagesize()-1)/os.Getpagesize())
-		if _, _, e := unix.Syscall(unix.SYS_MINCORE, uintptr(unsafe.Pointer(&m[0])), uintptr(len(m)), uintptr(unsafe.Pointer(&vec[0]))); e != 0 {
-			t.Fatal(e)
-		}
-		n := 0
-		for _, b := range vec {
-			n += int(b & 1)
-		}
-		return n
-	}
+	resident := func() int { return residentPages(t, f) }
 	for range 10 {
 		if err := unix.Fadvise(int(f.Fd()), 0, 0, unix.FADV_DONTNEED); err != nil {
 			t.Fatal(err)
@@ -176,4 +157,81 @@ func writtenVolume(t *testing.T, dir string, data []byte, off int64) *cow.Volume
 		t.Fatal(err)
 	}
 	return v
+}
+
+// residentPages is how many pages of f are in the page cache (mincore).
+func residentPages(t *testing.T, f *os.File) int {
+	t.Helper()
+	fi, err := f.Stat()
+	if err != nil || fi.Size() == 0 {
+		t.Fatalf("%s: size %v, %v", f.Name(), fi, err)
+	}
+	m, err := unix.Mmap(int(f.Fd()), 0, int(fi.Size()), unix.PROT_READ, unix.MAP_SHARED)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer unix.Munmap(m)
+	vec := make([]byte, (len(m)+os.Getpagesize()-1)/os.Getpagesize())
+	if _, _, e := unix.Syscall(unix.SYS_MINCORE, uintptr(unsafe.Pointer(&m[0])), uintptr(len(m)), uintptr(unsafe.Pointer(&vec[0]))); e != 0 {
+		t.Fatal(e)
+	}
+	n := 0
+	for _, b := range vec {
+		n += int(b & 1)
+	}
+	return n
+}
+
+// TestStreamingReadsLeaveNoCache: a read of 256 KiB or more that misses
+// the page cache leaves nothing cached (RWF_DONTCACHE), through ReadAt and
+// through PlanRead's segments; a small read still caches what it read.
+func TestStreamingReadsLeaveNoCache(t *testing.T) {
+	dir := t.TempDir()
+	data := bytes.Repeat([]byte("stream.."), 1<<20/8)
+	v := writtenVolume(t, dir, data, 0)
+	files, err := filepath.Glob(filepath.Join(dir, "layers", "*.data"))
+	if err != nil || len(files) != 1 {
+		t.Fatalf("layer data files: %v, %v", files, err)
+	}
+	f, err := os.Open(files[0])
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	var one [1]byte
+	if _, err := unix.Preadv2(int(f.Fd()), [][]byte{one[:]}, 0, unix.RWF_DONTCACHE|unix.RWF_NOWAIT); errors.Is(err, unix.EOPNOTSUPP) {
+		t.Skip("this kernel or filesystem has no RWF_DONTCACHE")
+	}
+
+	dropCache(t, files[0])
+	got := make([]byte, len(data))
+	if _, err := v.ReadAt(got, 0); err != nil || !bytes.Equal(got, data) {
+		t.Fatalf("ReadAt of 1 MiB: %v, equal=%v", err, bytes.Equal(got, data))
+	}
+	if n := residentPages(t, f); n != 0 {
+		t.Errorf("after a 1 MiB ReadAt from disk: %d pages cached, want 0", n)
+	}
+	small := make([]byte, 4096)
+	if _, err := v.ReadAt(small, 8192); err != nil || !bytes.Equal(small, data[8192:8192+4096]) {
+		t.Fatalf("ReadAt of 4 KiB: %v", err)
+	}
+	if n := residentPages(t, f); n == 0 {
+		t.Error("after a 4 KiB ReadAt from disk: nothing cached, want its page")
+	}
+
+	for _, c := range []struct {
+		size  int
+		flags int
+	}{{1 << 20, unix.RWF_DONTCACHE}, {4096, 0}} {
+		pl, err := v.PlanRead(make([]byte, c.size), 0)
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, sg := range pl.Segs {
+			if sg.Flags != c.flags {
+				t.Errorf("PlanRead of %d bytes: segment flags %#x, want %#x", c.size, sg.Flags, c.flags)
+			}
+		}
+		pl.Release()
+	}
 }

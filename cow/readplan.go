@@ -23,6 +23,7 @@ func (h *Volume) PlanRead(p []byte, off int64) (*blockio.Plan, error) {
 			l.pins.Done()
 		}
 	}
+	stream := pl.N >= streamRead
 	v := h.v
 	v.barrier.RLock()
 	err = v.resolveRuns(p[:pl.N], off, func(owner uint32, q []byte, at int64) error {
@@ -40,7 +41,11 @@ func (h *Volume) PlanRead(p []byte, off int64) (*blockio.Plan, error) {
 		fd := int(l.data.Fd())
 		l.ioMu.RUnlock()
 		pinned = append(pinned, l)
-		pl.Segs = append(pl.Segs, blockio.Seg{Fd: fd, Off: at, Buf: q})
+		seg := blockio.Seg{Fd: fd, Off: at, Buf: q}
+		if stream {
+			seg.Flags = l.dontcache
+		}
+		pl.Segs = append(pl.Segs, seg)
 		return nil
 	})
 	v.barrier.RUnlock()

@@ -146,8 +146,9 @@ func (v *volume) read(p []byte, off int64, nowait bool) error {
 	// race detector found under FUSE over io_uring).
 	v.barrier.RLock()
 	defer v.barrier.RUnlock()
+	stream := len(p) >= streamRead
 	return v.resolveRuns(p, off, func(owner uint32, q []byte, at int64) error {
-		return v.s.readOwner(owner, q, at, nowait)
+		return v.s.readOwner(owner, q, at, nowait, stream)
 	})
 }
 
@@ -202,8 +203,10 @@ func (v *volume) resolveRuns(p []byte, off int64, fn func(owner uint32, q []byte
 }
 
 // readOwner reads p at off from the data file of the layer a tree entry
-// names. With nowait it fails (EAGAIN) rather than wait for the disk.
-func (s *Store) readOwner(owner uint32, p []byte, off int64, nowait bool) error {
+// names. With nowait it fails (EAGAIN) rather than wait for the disk; a
+// stream (part of a read of streamRead bytes or more) leaves what it reads
+// from disk out of the page cache.
+func (s *Store) readOwner(owner uint32, p []byte, off int64, nowait, stream bool) error {
 	if owner == 0 {
 		clear(p)
 		return nil
@@ -212,8 +215,14 @@ func (s *Store) readOwner(owner uint32, p []byte, off int64, nowait bool) error 
 	if err != nil {
 		return err
 	}
+	flags := 0
+	if stream {
+		flags = l.dontcache
+	}
 	if nowait {
-		n, err := unix.Preadv2(int(l.data.Fd()), [][]byte{p}, off, unix.RWF_NOWAIT)
+		// Even a read that fails with EAGAIN starts reading the pages
+		// in, so the stream's flag matters here too.
+		n, err := unix.Preadv2(int(l.data.Fd()), [][]byte{p}, off, unix.RWF_NOWAIT|flags)
 		l.ioMu.RUnlock()
 		if err == nil && n < len(p) {
 			// Partly in memory, or the end of a shorter layer's file:
@@ -222,7 +231,12 @@ func (s *Store) readOwner(owner uint32, p []byte, off int64, nowait bool) error 
 		}
 		return err
 	}
-	n, err := l.data.ReadAt(p, off)
+	var n int
+	if flags != 0 {
+		n, err = unix.Preadv2(int(l.data.Fd()), [][]byte{p}, off, flags)
+	} else {
+		n, err = l.data.ReadAt(p, off)
+	}
 	l.ioMu.RUnlock()
 	if err == io.EOF || (err == nil && n < len(p)) {
 		clear(p[n:]) // past the end of a shorter (older) layer's file
@@ -352,7 +366,7 @@ func (v *volume) readBlock(head *layer, b uint64, dst []byte) error {
 	head.treeMu.RLock()
 	owner := head.tree.get(b)
 	head.treeMu.RUnlock()
-	return v.s.readOwner(owner, dst, int64(b)<<blockShift, false)
+	return v.s.readOwner(owner, dst, int64(b)<<blockShift, false, false)
 }
 
 // own marks blocks [first, last] as owned by the layer and queues the journal

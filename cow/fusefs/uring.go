@@ -494,6 +494,7 @@ func (q *ringQueue) startReads(i int, pl *blockio.Plan) {
 			break
 		}
 		sqe.PrepRead(int32(sg.Fd), sg.Buf, uint64(sg.Off), readTag|uint64(i)<<segBits|uint64(k))
+		sqe.OpFlags = uint32(sg.Flags)
 		e.pending++
 	}
 	if e.pending == 0 {

@@ -11,6 +11,9 @@ type Seg struct {
 	Fd  int
 	Off int64
 	Buf []byte
+	// Flags are the read's RWF_ flags (preadv2; rw_flags of an io_uring
+	// read), e.g. RWF_DONTCACHE for a stream.
+	Flags int
 }
 
 // Plan is a resolved read. The parts of the caller's buffer that no Seg
