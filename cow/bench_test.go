@@ -447,13 +447,16 @@ func BenchmarkRandomWriteAfterSequential(b *testing.B) {
 
 // BenchmarkSeqRewriteCacheStates rewrites a volume in 1 MiB writes, the way
 // a sequential writer through the FUSE file does, with the layer file's
-// page cache in three states, and reports the writing thread's CPU time
-// per MiB:
+// page cache in four states, and reports the writing thread's CPU time per
+// MiB:
 //   - written: as left by the previous 1 MiB write pass (folios up to
 //     writePiece);
-//   - read4k: cache dropped, then read back through the engine, whose
-//     POSIX_FADV_RANDOM reads cache the file in 4 KiB folios (what a cold
-//     read leaves);
+//   - readSmall: cache dropped, then read back in 64 KiB engine reads,
+//     which POSIX_FADV_RANDOM caches in 4 KiB folios (what cold random or
+//     small reads leave);
+//   - readStream: cache dropped, then read back in 1 MiB engine reads
+//     (streamRead: RWF_DONTCACHE leaves nothing cached where the
+//     filesystem takes it);
 //   - uncached: cache dropped.
 //
 // The states alternate within each iteration (the machine is noisy).
@@ -489,9 +492,9 @@ func BenchmarkSeqRewriteCacheStates(b *testing.B) {
 			f.Close()
 		}
 	}
-	readBack := func() {
-		for off := int64(0); off < size; off += 1 << 20 {
-			if _, err := h.ReadAt(buf, off); err != nil {
+	readBack := func(piece int) {
+		for off := int64(0); off < size; off += int64(piece) {
+			if _, err := h.ReadAt(buf[:piece], off); err != nil {
 				b.Fatal(err)
 			}
 		}
@@ -511,21 +514,28 @@ func BenchmarkSeqRewriteCacheStates(b *testing.B) {
 		*t += threadCPU() - c0
 	}
 	pass()
-	var written, read4k, uncached time.Duration
+	var written, readSmall, readStream, uncached time.Duration
 	b.ResetTimer()
 	for range b.N {
 		pass()
 		timed(&written)
 		drop()
-		readBack()
-		timed(&read4k)
+		readBack(64 << 10)
+		timed(&readSmall)
+		drop()
+		readBack(1 << 20)
+		timed(&readStream)
 		drop()
 		timed(&uncached)
 	}
 	mib := float64(b.N) * size / (1 << 20)
-	b.ReportMetric(float64(written.Microseconds())/mib, "cpu-us/MiB-written")
-	b.ReportMetric(float64(read4k.Microseconds())/mib, "cpu-us/MiB-read4k")
-	b.ReportMetric(float64(uncached.Microseconds())/mib, "cpu-us/MiB-uncached")
-	b.ReportMetric(float64(read4k)/float64(written), "ratio-read4k/written")
-	b.ReportMetric(float64(uncached)/float64(written), "ratio-uncached/written")
+	for _, m := range []struct {
+		name string
+		t    time.Duration
+	}{{"written", written}, {"readSmall", readSmall}, {"readStream", readStream}, {"uncached", uncached}} {
+		b.ReportMetric(float64(m.t.Microseconds())/mib, "cpu-us/MiB-"+m.name)
+		if m.name != "written" {
+			b.ReportMetric(float64(m.t)/float64(written), "ratio-"+m.name+"/written")
+		}
+	}
 }
