@@ -236,7 +236,10 @@ func testRemove(t *testing.T, o Options) {
 		t.Fatalf("Remove while open = %v, want ErrBusy", err)
 	}
 	// The kernel's RELEASE arrives after close returns; Remove waits
-	// for it.
+	// for it, and returns as soon as it came. 200 ms was too short once
+	// on a loaded machine (two -race test binaries and a busy loop on 2
+	// CPUs).
+	s.releaseWait = 10 * time.Second
 	if err := s.Remove("vol"); err != nil {
 		t.Fatalf("Remove after close: %v", err)
 	}
