@@ -657,7 +657,7 @@ func (q *ringQueue) handle(i int) bool {
 	if h.Opcode == opPoll {
 		q.rs.polls.Add(1)
 	}
-	if h.NodeId == pollHackIno || (h.Opcode == opLookup && h.NodeId == rootIno && lookupName(e) == pollHackName) {
+	if h.NodeId == pollHackIno {
 		pollHackReply(e, h)
 		return true
 	}
@@ -730,8 +730,13 @@ func (q *ringQueue) handle(i int) bool {
 		st := r.SetAttr(nil, inArg[fuse.SetAttrIn](e), &out)
 		reply(e, st, putOut(e, &out))
 	case opLookup:
+		name := lookupName(e)
+		if h.NodeId == rootIno && name == pollHackName {
+			pollHackReply(e, h)
+			break
+		}
 		var out fuse.EntryOut
-		st := r.Lookup(nil, h, lookupName(e), &out)
+		st := r.Lookup(nil, h, name, &out)
 		reply(e, st, putOut(e, &out))
 	case opOpen, opOpendir:
 		in := inArg[fuse.OpenIn](e)
