@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
 	"os"
 	"path/filepath"
 	"sync"
@@ -591,20 +592,16 @@ func (n *nodeService) NodeGetVolumeHealth(ctx context.Context, req *csi.NodeGetV
 	return &csi.NodeGetVolumeHealthResponse{VolumeHealth: health}, nil
 }
 
-// readProbe reads the first block of the volume's FUSE file. It uses plain
-// system calls, not os.Open: the file is served by this process, and Go's
-// netpoller registration (epoll_ctl) of a FUSE file may wait for this very
-// server while holding a runtime P (fusefs.pollHack turns that off per
-// mount; this does not depend on it).
+// readProbe reads the first block of the volume's FUSE file.
 func readProbe(path string) error {
-	fd, err := unix.Open(path, unix.O_RDONLY|unix.O_CLOEXEC, 0)
+	f, err := os.Open(path)
 	if err != nil {
-		return &os.PathError{Op: "open", Path: path, Err: err}
+		return err
 	}
-	defer unix.Close(fd)
+	defer f.Close()
 	buf := make([]byte, cow.BlockSize)
-	if _, err := unix.Pread(fd, buf, 0); err != nil {
-		return &os.PathError{Op: "read", Path: path, Err: err}
+	if _, err := f.ReadAt(buf, 0); err != nil && !errors.Is(err, io.EOF) {
+		return err
 	}
 	return nil
 }
