@@ -183,7 +183,8 @@ func residentPages(t *testing.T, f *os.File) int {
 }
 
 // TestStreamingReadsLeaveNoCache: a read of 256 KiB or more that misses
-// the page cache leaves nothing cached (RWF_DONTCACHE), through ReadAt and
+// the page cache leaves nothing cached (O_DIRECT where the buffer, offset
+// and length are aligned for it, else RWF_DONTCACHE), through ReadAt and
 // through PlanRead's segments; a small read still caches what it read.
 func TestStreamingReadsLeaveNoCache(t *testing.T) {
 	dir := t.TempDir()
@@ -203,13 +204,39 @@ func TestStreamingReadsLeaveNoCache(t *testing.T) {
 		t.Skip("this kernel or filesystem has no RWF_DONTCACHE")
 	}
 
-	dropCache(t, files[0])
-	got := make([]byte, len(data))
-	if _, err := v.ReadAt(got, 0); err != nil || !bytes.Equal(got, data) {
-		t.Fatalf("ReadAt of 1 MiB: %v, equal=%v", err, bytes.Equal(got, data))
-	}
-	if n := residentPages(t, f); n != 0 {
-		t.Errorf("after a 1 MiB ReadAt from disk: %d pages cached, want 0", n)
+	aligned := alignedBuf(len(data) + 4096)
+	for _, c := range []struct {
+		name string
+		buf  []byte
+	}{
+		{"aligned", aligned[:len(data)]},
+		{"unaligned buffer", aligned[1 : 1+len(data)]},
+	} {
+		dropCache(t, files[0])
+		if _, err := v.ReadAt(c.buf, 0); err != nil || !bytes.Equal(c.buf, data) {
+			t.Fatalf("ReadAt of 1 MiB, %s: %v, equal=%v", c.name, err, bytes.Equal(c.buf, data))
+		}
+		if n := residentPages(t, f); n != 0 {
+			t.Errorf("after a 1 MiB ReadAt from disk, %s: %d pages cached, want 0", c.name, n)
+		}
+		// The same through a plan, its segments read as the ring does.
+		clear(c.buf)
+		pl, err := v.PlanRead(c.buf, 0)
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, sg := range pl.Segs {
+			if n, err := unix.Preadv2(sg.Fd, [][]byte{sg.Buf}, sg.Off, sg.Flags); err != nil || n != len(sg.Buf) {
+				t.Fatalf("plan segment %+v: %d, %v", sg.Off, n, err)
+			}
+		}
+		pl.Release()
+		if !bytes.Equal(c.buf, data) {
+			t.Fatalf("PlanRead of 1 MiB, %s: wrong data", c.name)
+		}
+		if n := residentPages(t, f); n != 0 {
+			t.Errorf("after a 1 MiB PlanRead from disk, %s: %d pages cached, want 0", c.name, n)
+		}
 	}
 	small := make([]byte, 4096)
 	if _, err := v.ReadAt(small, 8192); err != nil || !bytes.Equal(small, data[8192:8192+4096]) {
@@ -218,20 +245,56 @@ func TestStreamingReadsLeaveNoCache(t *testing.T) {
 	if n := residentPages(t, f); n == 0 {
 		t.Error("after a 4 KiB ReadAt from disk: nothing cached, want its page")
 	}
-
-	for _, c := range []struct {
-		size  int
-		flags int
-	}{{1 << 20, unix.RWF_DONTCACHE}, {4096, 0}} {
-		pl, err := v.PlanRead(make([]byte, c.size), 0)
-		if err != nil {
-			t.Fatal(err)
-		}
-		for _, sg := range pl.Segs {
-			if sg.Flags != c.flags {
-				t.Errorf("PlanRead of %d bytes: segment flags %#x, want %#x", c.size, sg.Flags, c.flags)
-			}
-		}
-		pl.Release()
+	pl, err := v.PlanRead(small, 0)
+	if err != nil {
+		t.Fatal(err)
 	}
+	for _, sg := range pl.Segs {
+		if sg.Flags != 0 {
+			t.Errorf("PlanRead of 4 KiB: segment flags %#x, want 0", sg.Flags)
+		}
+	}
+	pl.Release()
+}
+
+// TestStreamNoWaitStartsNoRead: ReadAtNoWait of a stream that is not all in
+// memory fails with EAGAIN without starting to read it into the page cache
+// (the read that follows goes past the cache, and would read it twice).
+func TestStreamNoWaitStartsNoRead(t *testing.T) {
+	dir := t.TempDir()
+	data := bytes.Repeat([]byte("nowait.."), 1<<20/8)
+	v := writtenVolume(t, dir, data, 0)
+	files, err := filepath.Glob(filepath.Join(dir, "layers", "*.data"))
+	if err != nil || len(files) != 1 {
+		t.Fatalf("layer data files: %v, %v", files, err)
+	}
+	f, err := os.Open(files[0])
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	dropCache(t, files[0])
+	buf := alignedBuf(len(data))
+	if _, err := v.ReadAtNoWait(buf, 0); !errors.Is(err, syscall.EAGAIN) {
+		t.Fatalf("ReadAtNoWait of 1 MiB on disk: %v, want EAGAIN", err)
+	}
+	time.Sleep(50 * time.Millisecond) // a read it started would land by now
+	if n := residentPages(t, f); n != 0 {
+		t.Errorf("after ReadAtNoWait of 1 MiB: %d pages cached, want 0", n)
+	}
+	// Once all of it is cached, the stream reads from memory.
+	if _, err := f.ReadAt(buf, 0); err != nil {
+		t.Fatal(err)
+	}
+	clear(buf)
+	if _, err := v.ReadAtNoWait(buf, 0); err != nil || !bytes.Equal(buf, data) {
+		t.Fatalf("ReadAtNoWait of 1 MiB in memory: %v, equal=%v", err, bytes.Equal(buf, data))
+	}
+}
+
+// alignedBuf returns n bytes at a page boundary (O_DIRECT's alignment).
+func alignedBuf(n int) []byte {
+	b := make([]byte, n+4096)
+	k := int(-uintptr(unsafe.Pointer(&b[0])) & 4095)
+	return b[k : k+n]
 }

@@ -38,13 +38,12 @@ func (h *Volume) PlanRead(p []byte, off int64) (*blockio.Plan, error) {
 		// A pin keeps the file open after the lock is gone; a merge
 		// leaves the blocks in place until it closes the file.
 		l.pins.Add(1)
-		fd := int(l.data.Fd())
+		seg := blockio.Seg{Fd: int(l.data.Fd()), Off: at, Buf: q}
+		if stream {
+			seg.Fd, seg.Flags = l.streamFile(q, at)
+		}
 		l.ioMu.RUnlock()
 		pinned = append(pinned, l)
-		seg := blockio.Seg{Fd: fd, Off: at, Buf: q}
-		if stream {
-			seg.Flags = l.dontcache
-		}
 		pl.Segs = append(pl.Segs, seg)
 		return nil
 	})

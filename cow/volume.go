@@ -220,8 +220,16 @@ func (s *Store) readOwner(owner uint32, p []byte, off int64, nowait, stream bool
 		flags = l.dontcache
 	}
 	if nowait {
-		// Even a read that fails with EAGAIN starts reading the pages
-		// in, so the stream's flag matters here too.
+		if stream && !l.cached(p, off) {
+			// A RWF_NOWAIT read that fails with EAGAIN has already
+			// started reading the pages in; the stream's read that
+			// follows goes past the page cache and would read them
+			// a second time.
+			l.ioMu.RUnlock()
+			return unix.EAGAIN
+		}
+		// A stream all in memory: the flag leaves cached pages
+		// cached, and covers pages evicted since the check.
 		n, err := unix.Preadv2(int(l.data.Fd()), [][]byte{p}, off, unix.RWF_NOWAIT|flags)
 		l.ioMu.RUnlock()
 		if err == nil && n < len(p) {
@@ -232,8 +240,12 @@ func (s *Store) readOwner(owner uint32, p []byte, off int64, nowait, stream bool
 		return err
 	}
 	var n int
-	if flags != 0 {
-		n, err = unix.Preadv2(int(l.data.Fd()), [][]byte{p}, off, flags)
+	if stream {
+		fd, flags := l.streamFile(p, off)
+		n, err = unix.Preadv2(fd, [][]byte{p}, off, flags)
+		if err == nil && n == 0 {
+			err = io.EOF
+		}
 	} else {
 		n, err = l.data.ReadAt(p, off)
 	}

@@ -602,6 +602,10 @@ func (q *ringQueue) teardown() {
 	}
 }
 
+// asyncWrite is the WRITE size from which the write goes to another
+// goroutine: the engine writes those past the page cache and waits for the disk.
+const asyncWrite = 256 << 10
+
 // reply sets entry e's answer: status and payload length.
 func reply(e *ringEnt, st fuse.Status, n int) {
 	unique := binary.LittleEndian.Uint64(e.hdr[8:]) // fuse_in_header.unique
@@ -693,6 +697,17 @@ func (q *ringQueue) handle(i int) bool {
 		if int(in.Size) > e.payloadSize() {
 			reply(e, fuse.EINVAL, 0)
 			break
+		}
+		if in.Size >= asyncWrite {
+			q.rs.workers.Add(1)
+			go func() {
+				defer q.rs.workers.Done()
+				written, st := r.Write(nil, in, e.pay[:in.Size])
+				out := fuse.WriteOut{Size: written}
+				reply(e, st, putOut(e, &out))
+				q.finish(i)
+			}()
+			return false
 		}
 		written, st := r.Write(nil, in, e.pay[:in.Size])
 		out := fuse.WriteOut{Size: written}
