@@ -6,6 +6,9 @@ import (
 	"os"
 	"path/filepath"
 	"testing"
+	"time"
+
+	"golang.org/x/sys/unix"
 
 	"github.com/cowcsi/cowcsi/cow"
 )
@@ -168,5 +171,46 @@ func TestDirectWriteAfterSnapshot(t *testing.T) {
 	}
 	if got := readSnapshot(ctx, t, s, "s", "tmp"); !bytes.Equal(got, old) {
 		t.Fatalf("snapshot: %s", diffAt(got, old))
+	}
+}
+
+// TestWriteBehind: small writes through the page cache do not pile up
+// dirty pages until a flush: past 32 MiB the layer starts their writeback.
+func TestWriteBehind(t *testing.T) {
+	dir := t.TempDir()
+	s := openStore(t, dir)
+	ctx := context.Background()
+	const size = 64 << 20
+	if _, err := s.CreateVolume(ctx, cow.VolumeSpec{ID: "v", Size: size}); err != nil {
+		t.Fatal(err)
+	}
+	v, err := s.OpenVolume(ctx, "v")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer v.Close()
+	blk := bytes.Repeat([]byte{0x5a}, 4096)
+	for off := int64(0); off < 48<<20; off += 4096 {
+		if _, err := v.WriteAt(blk, off); err != nil {
+			t.Fatal(err)
+		}
+	}
+	f := headFile(t, filepath.Join(dir, "layers"))
+	var cs unix.Cachestat_t
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		r := unix.CachestatRange{Off: 0, Len: size}
+		if err := unix.Cachestat(uint(f.Fd()), &r, &cs, 0); err != nil {
+			t.Skipf("cachestat: %v", err)
+		}
+		// 48 MiB written: the first 32 MiB at least are under or past
+		// writeback, so at most 16 MiB of pages are still dirty.
+		if cs.Dirty <= 16<<20/4096 {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("10 s after 48 MiB of 4 KiB writes: %d pages dirty, want at most %d", cs.Dirty, 16<<20/4096)
+		}
+		time.Sleep(20 * time.Millisecond)
 	}
 }

@@ -65,8 +65,13 @@ type layer struct {
 	tree    tree
 	pending []ondisk.Range // owned since the last flush, not yet in the journal
 
-	dirty atomic.Bool  // data written since the last fdatasync
-	owned atomic.Int64 // blocks this layer owns (journal plus pending)
+	dirty atomic.Bool // data written since the last fdatasync
+	// unsynced counts bytes written through the page cache since
+	// writeback was last started (writeBehind); kicking is set while a
+	// goroutine starts it.
+	unsynced atomic.Int64
+	kicking  atomic.Bool
+	owned    atomic.Int64 // blocks this layer owns (journal plus pending)
 
 	flushMu   sync.Mutex // serializes journal appends and flushes
 	journal   *os.File
@@ -200,6 +205,7 @@ func (l *layer) writeData(p []byte, off int64) error {
 		return err
 	}
 	start, length := off, int64(len(p))
+	defer l.writeBehind(length)
 	for len(p) > 0 {
 		n := min(len(p), writePiece)
 		if _, err := l.data.WriteAt(p[:n], off); err != nil {
@@ -220,6 +226,35 @@ func (l *layer) writeData(p []byte, off int64) error {
 
 // writebackStart is the write size from which writeData starts writeback.
 const writebackStart = 256 << 10
+
+// behindBytes is how much data written through the page cache makes the
+// layer start writeback of its whole data file, in a goroutine. Without it
+// the kernel writes dirty pages back after 30 s or past 10% of memory, so a
+// burst of small writes all waited for the next flush: in bench-io's 4 KiB
+// random write row the closing fsync spent 1.3-3 s writing them, after the
+// writes themselves, which the limit (direct I/O) had done during its run
+// (ratio 0.57 [0.45-0.61]); started behind the writes, the flush took
+// 0.05 s and the row ran at 0.70 [0.64-1.46], ext4's 4 KiB random writes at
+// 0.82 against 0.48. A flush, and so a snapshot's freeze, finds at most
+// about this much left to write.
+const behindBytes = 32 << 20
+
+// writeBehind counts n bytes written through the page cache and, past
+// behindBytes, starts writeback of the data file without waiting for it.
+func (l *layer) writeBehind(n int64) {
+	if l.unsynced.Add(n) < behindBytes || !l.kicking.CompareAndSwap(false, true) {
+		return
+	}
+	l.unsynced.Store(0)
+	go func() {
+		defer l.kicking.Store(false)
+		l.ioMu.RLock()
+		defer l.ioMu.RUnlock()
+		if !l.closed {
+			_ = unix.SyncFileRange(int(l.data.Fd()), 0, 0, unix.SYNC_FILE_RANGE_WRITE)
+		}
+	}()
+}
 
 // directWrite is the write size from which writes that O_DIRECT can take
 // (aligned buffer, offset and length; the FUSE ring's buffers are page
