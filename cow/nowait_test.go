@@ -190,15 +190,7 @@ func TestStreamingReadsLeaveNoCache(t *testing.T) {
 	dir := t.TempDir()
 	data := bytes.Repeat([]byte("stream.."), 1<<20/8)
 	v := writtenVolume(t, dir, data, 0)
-	files, err := filepath.Glob(filepath.Join(dir, "layers", "*.data"))
-	if err != nil || len(files) != 1 {
-		t.Fatalf("layer data files: %v, %v", files, err)
-	}
-	f, err := os.Open(files[0])
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer f.Close()
+	f := headFile(t, filepath.Join(dir, "layers"))
 	var one [1]byte
 	if _, err := unix.Preadv2(int(f.Fd()), [][]byte{one[:]}, 0, unix.RWF_DONTCACHE|unix.RWF_NOWAIT); errors.Is(err, unix.EOPNOTSUPP) {
 		t.Skip("this kernel or filesystem has no RWF_DONTCACHE")
@@ -212,7 +204,7 @@ func TestStreamingReadsLeaveNoCache(t *testing.T) {
 		{"aligned", aligned[:len(data)]},
 		{"unaligned buffer", aligned[1 : 1+len(data)]},
 	} {
-		dropCache(t, files[0])
+		dropCache(t, f.Name())
 		if _, err := v.ReadAt(c.buf, 0); err != nil || !bytes.Equal(c.buf, data) {
 			t.Fatalf("ReadAt of 1 MiB, %s: %v, equal=%v", c.name, err, bytes.Equal(c.buf, data))
 		}
@@ -264,16 +256,8 @@ func TestStreamNoWaitStartsNoRead(t *testing.T) {
 	dir := t.TempDir()
 	data := bytes.Repeat([]byte("nowait.."), 1<<20/8)
 	v := writtenVolume(t, dir, data, 0)
-	files, err := filepath.Glob(filepath.Join(dir, "layers", "*.data"))
-	if err != nil || len(files) != 1 {
-		t.Fatalf("layer data files: %v, %v", files, err)
-	}
-	f, err := os.Open(files[0])
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer f.Close()
-	dropCache(t, files[0])
+	f := headFile(t, filepath.Join(dir, "layers"))
+	dropCache(t, f.Name())
 	buf := alignedBuf(len(data))
 	if _, err := v.ReadAtNoWait(buf, 0); !errors.Is(err, syscall.EAGAIN) {
 		t.Fatalf("ReadAtNoWait of 1 MiB on disk: %v, want EAGAIN", err)
