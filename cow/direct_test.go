@@ -13,12 +13,11 @@ import (
 	"github.com/cowcsi/cowcsi/cow"
 )
 
-// directVolume opens a store in a temporary directory with a 4 MiB volume
+// directVolume opens a store in dir with a 4 MiB volume
 // and returns it with its store and the path of its head's data file
 // (after the first write creates it).
-func directVolume(t *testing.T) (*cow.Store, *cow.Volume, string) {
+func directVolume(t *testing.T, dir string) (*cow.Store, *cow.Volume, string) {
 	t.Helper()
-	dir := t.TempDir()
 	s := openStore(t, dir)
 	ctx := context.Background()
 	if _, err := s.CreateVolume(ctx, cow.VolumeSpec{ID: "v", Size: 4 << 20}); err != nil {
@@ -51,7 +50,7 @@ func headFile(t *testing.T, layers string) *os.File {
 // buffer goes past the page cache (O_DIRECT); one with an unaligned buffer
 // is written through the page cache. Both read back.
 func TestLargeWritesSkipCache(t *testing.T) {
-	_, v, layers := directVolume(t)
+	_, v, layers := directVolume(t, diskTempDir(t))
 	data := bytes.Repeat([]byte("direct.."), 1<<20/8)
 	buf := alignedBuf(len(data) + 1)
 	copy(buf, data)
@@ -84,7 +83,7 @@ func TestLargeWritesSkipCache(t *testing.T) {
 // replaces cached (clean and dirty) pages of its range, and a direct read
 // sees dirty cached pages. Then the store is closed and opened again.
 func TestDirectAndCachedIOAgree(t *testing.T) {
-	s, v, _ := directVolume(t)
+	s, v, _ := directVolume(t, t.TempDir())
 	want := make([]byte, 4<<20)
 	big := alignedBuf(2 << 20)
 	small := make([]byte, 4096)
@@ -145,7 +144,7 @@ func TestDirectAndCachedIOAgree(t *testing.T) {
 // yet (after a snapshot) goes the direct way too, and the snapshot keeps
 // the old data.
 func TestDirectWriteAfterSnapshot(t *testing.T) {
-	s, v, _ := directVolume(t)
+	s, v, _ := directVolume(t, t.TempDir())
 	ctx := context.Background()
 	old := alignedBuf(4 << 20)
 	for i := range old {
@@ -177,7 +176,7 @@ func TestDirectWriteAfterSnapshot(t *testing.T) {
 // TestWriteBehind: small writes through the page cache do not pile up
 // dirty pages until a flush: past 32 MiB the layer starts their writeback.
 func TestWriteBehind(t *testing.T) {
-	dir := t.TempDir()
+	dir := diskTempDir(t)
 	s := openStore(t, dir)
 	ctx := context.Background()
 	const size = 64 << 20
