@@ -205,7 +205,6 @@ func (l *layer) writeData(p []byte, off int64) error {
 		return err
 	}
 	start, length := off, int64(len(p))
-	defer l.writeBehind(length)
 	for len(p) > 0 {
 		n := min(len(p), writePiece)
 		if _, err := l.data.WriteAt(p[:n], off); err != nil {
@@ -220,6 +219,8 @@ func (l *layer) writeData(p []byte, off int64) error {
 		// left to do. Small writes stay in the page cache, where
 		// rewrites of a block cost nothing.
 		_ = unix.SyncFileRange(int(l.data.Fd()), start, length, unix.SYNC_FILE_RANGE_WRITE)
+	} else {
+		l.writeBehind(length)
 	}
 	return nil
 }
@@ -239,8 +240,9 @@ const writebackStart = 256 << 10
 // about this much left to write.
 const behindBytes = 32 << 20
 
-// writeBehind counts n bytes written through the page cache and, past
-// behindBytes, starts writeback of the data file without waiting for it.
+// writeBehind counts n bytes of small writes through the page cache (large
+// ones start their own writeback) and, past behindBytes, starts writeback
+// of the data file without waiting for it.
 func (l *layer) writeBehind(n int64) {
 	if l.unsynced.Add(n) < behindBytes || !l.kicking.CompareAndSwap(false, true) {
 		return
@@ -265,8 +267,8 @@ func (l *layer) writeBehind(n int64) {
 // process use 2.4-4.9x the CPU per byte of a loop device's direct writes,
 // and on 2 vCPUs the 1 MiB write row ran at 0.18-0.46 of that device after
 // reads had left the range in 4 KiB folios (BenchmarkSeqRewriteCacheStates);
-// written directly, 0.82-0.92 in the same runs' conditions
-// (docs/BENCHMARKS.md). The kernel keeps the cache coherent: a direct write
+// written directly, 0.70-0.99 over three runs of the same rows, at 1.6-1.9x
+// the limit's CPU per I/O (docs/BENCHMARKS.md). The kernel keeps the cache coherent: a direct write
 // first writes back and afterwards drops cached pages of its range.
 const directWrite = 256 << 10
 
@@ -317,11 +319,10 @@ func (l *layer) cached(p []byte, off int64) bool {
 	if err := unix.Cachestat(uint(l.data.Fd()), &r, &cs, 0); err != nil {
 		return true
 	}
-	pages := (uint64(off)+uint64(len(p))+pageSize-1)/pageSize - uint64(off)/pageSize
+	ps := uint64(os.Getpagesize())
+	pages := (uint64(off)+uint64(len(p))+ps-1)/ps - uint64(off)/ps
 	return cs.Cache >= pages
 }
-
-const pageSize = 4096
 
 // aligned reports whether O_DIRECT takes p at off; directFile must have
 // returned a file.
@@ -343,10 +344,10 @@ func (l *layer) directFile() *os.File {
 	if l.directState.Load() != directUntried {
 		return l.direct.Load()
 	}
-	l.directState.Store(directOff)
 	if l.data == nil {
-		return nil
+		return nil // no files yet: decided once they exist
 	}
+	l.directState.Store(directOff)
 	var st unix.Statx_t
 	if err := unix.Statx(int(l.data.Fd()), "", unix.AT_EMPTY_PATH, unix.STATX_DIOALIGN, &st); err != nil ||
 		st.Mask&unix.STATX_DIOALIGN == 0 || st.Dio_mem_align == 0 || st.Dio_offset_align == 0 {

@@ -215,10 +215,6 @@ func (s *Store) readOwner(owner uint32, p []byte, off int64, nowait, stream bool
 	if err != nil {
 		return err
 	}
-	flags := 0
-	if stream {
-		flags = l.dontcache
-	}
 	if nowait {
 		if stream && !l.cached(p, off) {
 			// A RWF_NOWAIT read that fails with EAGAIN has already
@@ -228,9 +224,13 @@ func (s *Store) readOwner(owner uint32, p []byte, off int64, nowait, stream bool
 			l.ioMu.RUnlock()
 			return unix.EAGAIN
 		}
-		// A stream all in memory: the flag leaves cached pages
-		// cached, and covers pages evicted since the check.
-		n, err := unix.Preadv2(int(l.data.Fd()), [][]byte{p}, off, unix.RWF_NOWAIT|flags)
+		flags := unix.RWF_NOWAIT
+		if stream {
+			// All in memory: the flag leaves cached pages cached,
+			// and covers pages evicted since the check.
+			flags |= l.dontcache
+		}
+		n, err := unix.Preadv2(int(l.data.Fd()), [][]byte{p}, off, flags)
 		l.ioMu.RUnlock()
 		if err == nil && n < len(p) {
 			// Partly in memory, or the end of a shorter layer's file:
@@ -243,9 +243,6 @@ func (s *Store) readOwner(owner uint32, p []byte, off int64, nowait, stream bool
 	if stream {
 		fd, flags := l.streamFile(p, off)
 		n, err = unix.Preadv2(fd, [][]byte{p}, off, flags)
-		if err == nil && n == 0 {
-			err = io.EOF
-		}
 	} else {
 		n, err = l.data.ReadAt(p, off)
 	}

@@ -633,6 +633,13 @@ func readInto(r *rawFS, e *ringEnt, in *fuse.ReadIn) {
 	reply(e, st, n)
 }
 
+// writeFrom answers a WRITE with its data from the entry's payload.
+func writeFrom(r *rawFS, e *ringEnt, in *fuse.WriteIn) {
+	written, st := r.Write(nil, in, e.pay[:in.Size])
+	out := fuse.WriteOut{Size: written}
+	reply(e, st, putOut(e, &out))
+}
+
 // inArg returns the request as go-fuse's struct T: the fuse_in_header from
 // in_out, the first argument from op_in.
 func inArg[T any](e *ringEnt) *T {
@@ -698,20 +705,17 @@ func (q *ringQueue) handle(i int) bool {
 			reply(e, fuse.EINVAL, 0)
 			break
 		}
-		if in.Size >= asyncWrite {
-			q.rs.workers.Add(1)
-			go func() {
-				defer q.rs.workers.Done()
-				written, st := r.Write(nil, in, e.pay[:in.Size])
-				out := fuse.WriteOut{Size: written}
-				reply(e, st, putOut(e, &out))
-				q.finish(i)
-			}()
-			return false
+		if in.Size < asyncWrite {
+			writeFrom(r, e, in)
+			break
 		}
-		written, st := r.Write(nil, in, e.pay[:in.Size])
-		out := fuse.WriteOut{Size: written}
-		reply(e, st, putOut(e, &out))
+		q.rs.workers.Add(1)
+		go func() {
+			defer q.rs.workers.Done()
+			writeFrom(r, e, in)
+			q.finish(i)
+		}()
+		return false
 	case opFsync, opFallocate:
 		// Durability and hole punching can take milliseconds: off the
 		// ring thread, so the queue keeps serving.
