@@ -13,14 +13,13 @@ import (
 	"github.com/cowcsi/cowcsi/cow"
 )
 
-// directVolume opens a store in dir with a 4 MiB volume
-// and returns it with its store and the path of its head's data file
-// (after the first write creates it).
-func directVolume(t *testing.T, dir string) (*cow.Store, *cow.Volume, string) {
+// volumeIn opens a store in dir with a volume "v" of size bytes, open
+// until the test ends, and returns them with the store's layers directory.
+func volumeIn(t *testing.T, dir string, size int64) (*cow.Store, *cow.Volume, string) {
 	t.Helper()
 	s := openStore(t, dir)
 	ctx := context.Background()
-	if _, err := s.CreateVolume(ctx, cow.VolumeSpec{ID: "v", Size: 4 << 20}); err != nil {
+	if _, err := s.CreateVolume(ctx, cow.VolumeSpec{ID: "v", Size: size}); err != nil {
 		t.Fatal(err)
 	}
 	v, err := s.OpenVolume(ctx, "v")
@@ -50,7 +49,7 @@ func headFile(t *testing.T, layers string) *os.File {
 // buffer goes past the page cache (O_DIRECT); one with an unaligned buffer
 // is written through the page cache. Both read back.
 func TestLargeWritesSkipCache(t *testing.T) {
-	_, v, layers := directVolume(t, diskTempDir(t))
+	_, v, layers := volumeIn(t, diskTempDir(t), 4<<20)
 	data := bytes.Repeat([]byte("direct.."), 1<<20/8)
 	buf := alignedBuf(len(data) + 1)
 	copy(buf, data)
@@ -83,7 +82,7 @@ func TestLargeWritesSkipCache(t *testing.T) {
 // replaces cached (clean and dirty) pages of its range, and a direct read
 // sees dirty cached pages. Then the store is closed and opened again.
 func TestDirectAndCachedIOAgree(t *testing.T) {
-	s, v, _ := directVolume(t, t.TempDir())
+	s, v, _ := volumeIn(t, t.TempDir(), 4<<20)
 	want := make([]byte, 4<<20)
 	big := alignedBuf(2 << 20)
 	small := make([]byte, 4096)
@@ -144,7 +143,7 @@ func TestDirectAndCachedIOAgree(t *testing.T) {
 // yet (after a snapshot) goes the direct way too, and the snapshot keeps
 // the old data.
 func TestDirectWriteAfterSnapshot(t *testing.T) {
-	s, v, _ := directVolume(t, t.TempDir())
+	s, v, _ := volumeIn(t, t.TempDir(), 4<<20)
 	ctx := context.Background()
 	old := alignedBuf(4 << 20)
 	for i := range old {
@@ -176,25 +175,15 @@ func TestDirectWriteAfterSnapshot(t *testing.T) {
 // TestWriteBehind: small writes through the page cache do not pile up
 // dirty pages until a flush: past 32 MiB the layer starts their writeback.
 func TestWriteBehind(t *testing.T) {
-	dir := diskTempDir(t)
-	s := openStore(t, dir)
-	ctx := context.Background()
 	const size = 64 << 20
-	if _, err := s.CreateVolume(ctx, cow.VolumeSpec{ID: "v", Size: size}); err != nil {
-		t.Fatal(err)
-	}
-	v, err := s.OpenVolume(ctx, "v")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer v.Close()
+	_, v, layers := volumeIn(t, diskTempDir(t), size)
 	blk := bytes.Repeat([]byte{0x5a}, 4096)
 	for off := int64(0); off < 48<<20; off += 4096 {
 		if _, err := v.WriteAt(blk, off); err != nil {
 			t.Fatal(err)
 		}
 	}
-	f := headFile(t, filepath.Join(dir, "layers"))
+	f := headFile(t, layers)
 	var cs unix.Cachestat_t
 	deadline := time.Now().Add(10 * time.Second)
 	for {

@@ -2,7 +2,6 @@ package cow_test
 
 import (
 	"bytes"
-	"context"
 	"errors"
 	"os"
 	"path/filepath"
@@ -150,16 +149,7 @@ func dropCache(t *testing.T, p string) {
 // off, flushed (on disk, in the layer files); the volume closes with t.
 func writtenVolume(t *testing.T, dir string, data []byte, off int64) *cow.Volume {
 	t.Helper()
-	s := openStore(t, dir)
-	ctx := context.Background()
-	if _, err := s.CreateVolume(ctx, cow.VolumeSpec{ID: "v", Size: 1 << 20}); err != nil {
-		t.Fatal(err)
-	}
-	v, err := s.OpenVolume(ctx, "v")
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { v.Close() })
+	_, v, _ := volumeIn(t, dir, 1<<20)
 	if _, err := v.WriteAt(data, off); err != nil {
 		t.Fatal(err)
 	}
