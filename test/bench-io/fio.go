@@ -117,6 +117,8 @@ func runFio(ctx context.Context, workDir, name string, s fioSpec) (fioResult, er
 			"--ramp_time=1s", "--norandommap")
 	}
 	cmd := exec.CommandContext(ctx, "fio", args...)
+	// fio saves write jobs' verify state files in its working directory.
+	cmd.Dir = workDir
 	var stderr strings.Builder
 	cmd.Stderr = &stderr
 	cmd.Stdout = &stderr
