@@ -34,8 +34,8 @@ type layer struct {
 	// removal takes it exclusively before closing.
 	ioMu   sync.RWMutex
 	closed bool
-	// pins counts read plans (Volume.PlanRead) that will still read the
-	// data file; close waits for them.
+	// pins counts read and write plans (Volume.PlanRead, PlanWrite) that
+	// will still use the data files; close waits for them.
 	pins sync.WaitGroup
 	// data and journal are created on first use (filesMu), not with the
 	// layer: a file creation put into the same ext4 journal commit as the
@@ -552,8 +552,20 @@ func (l *layer) flush(dir string) error {
 	return nil
 }
 
+// pin keeps the data files open until pins.Done (a planned write); false if
+// the layer is closed already.
+func (l *layer) pin() bool {
+	l.ioMu.RLock()
+	defer l.ioMu.RUnlock()
+	if l.closed {
+		return false
+	}
+	l.pins.Add(1)
+	return true
+}
+
 // close releases the files; it waits for in-flight reads, those under
-// ioMu and those of read plans that pinned the data file.
+// ioMu and those of read and write plans that pinned the data files.
 func (l *layer) close() {
 	l.ioMu.Lock()
 	if l.closed {

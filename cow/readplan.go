@@ -1,6 +1,10 @@
 package cow
 
 import (
+	"os"
+
+	"golang.org/x/sys/unix"
+
 	"github.com/cowcsi/cowcsi/cow/internal/blockio"
 )
 
@@ -10,7 +14,10 @@ import (
 // them to io_uring, so a read from disk occupies no thread). The layer files
 // stay open until the plan's Release. The view is the volume's at the time
 // of the call; writes after it may or may not show, as with any read that
-// races a write.
+// races a write. Like ReadAtNoWait it does not wait for the volume's write
+// barrier: while a snapshot, clone or expansion waits for it, PlanRead
+// fails with an error wrapping syscall.EAGAIN and the caller reads with
+// ReadAt where waiting costs nothing.
 func (h *Volume) PlanRead(p []byte, off int64) (*blockio.Plan, error) {
 	n, eof, err := h.clip(p, off)
 	if err != nil {
@@ -25,7 +32,9 @@ func (h *Volume) PlanRead(p []byte, off int64) (*blockio.Plan, error) {
 	}
 	stream := pl.N >= streamRead
 	v := h.v
-	v.barrier.RLock()
+	if !v.barrier.TryRLock() {
+		return nil, unix.EAGAIN
+	}
 	err = v.resolveRuns(p[:pl.N], off, func(owner uint32, q []byte, at int64) error {
 		if owner == 0 {
 			clear(q)
@@ -54,4 +63,74 @@ func (h *Volume) PlanRead(p []byte, off int64) (*blockio.Plan, error) {
 	}
 	pl.Release = release
 	return pl, nil
+}
+
+// PlanWrite resolves a large write of p at off for a caller that submits
+// it itself: the FUSE ring hands it to io_uring, so the write occupies no
+// thread while the disk works, and it goes past the page cache, as WriteAt
+// writes it too (directWrite). Only writes of directWrite bytes or more to
+// blocks the head owns already are planned, and only where O_DIRECT takes
+// the buffer, offset and length (the ring's buffers are page aligned, a
+// loop device's requests are whole sectors); for any other write it
+// returns a nil plan and nil error, and the caller writes with WriteAt
+// (copy-up and ownership records stay there).
+//
+// Measured with bench-io (2 runs of 3 rounds each, alternating binaries,
+// 2026-12-03): 1 MiB sequential writes at 1.10 and 1.04 of the limit
+// through the ring, against 0.45 and 0.66 with WriteAt on a goroutine per
+// request, at 1.4-1.5x the limit's CPU per I/O against 2.2-2.4x. Small
+// writes planned as well ran 4 KiB random writes at 0.63 and 0.66 against
+// 0.80 and 0.57 through the page cache, at 2.1x the limit's CPU per I/O
+// against 1.1-1.4x (ext4 on the volume: 0.61, 0.63 against 0.64, 0.76):
+// they stay buffered.
+//
+// It does not wait for the volume's write barrier: while a snapshot, clone
+// or expansion waits for it, it fails with an error wrapping
+// syscall.EAGAIN, and the caller writes with WriteAt where waiting costs
+// nothing. A plan holds the barrier shared until its Release, so that a
+// snapshot waits for the write to complete. The thread that completes
+// planned writes must therefore never wait for the barrier itself, or a
+// snapshot waiting for it would wait forever: it uses ReadAtNoWait,
+// PlanRead and PlanWrite, which do not, and leaves everything else to
+// other goroutines while its planned writes are in flight.
+//
+// The caller writes every segment whole, calls Commit, then Release; on
+// failure it calls only Release, and the blocks hold whatever the device
+// left there, as after a failed write to a disk.
+func (h *Volume) PlanWrite(p []byte, off int64) (*blockio.Plan, error) {
+	if err := h.check(); err != nil {
+		return nil, err
+	}
+	v := h.v
+	if off < 0 || off+int64(len(p)) > v.size.Load() {
+		return nil, errf(ErrInvalid, "write of %d bytes at %d outside volume of %d bytes", len(p), off, v.size.Load())
+	}
+	if len(p) < directWrite {
+		return nil, nil
+	}
+	if !v.barrier.TryRLock() {
+		return nil, unix.EAGAIN
+	}
+	head := v.head.Load()
+	first, last := uint64(off>>blockShift), uint64((off+int64(len(p))-1)>>blockShift)
+	var f *os.File
+	if head.ownsAll(first, last) {
+		if d := head.directFile(); d != nil && head.aligned(p, off) {
+			f = d
+		}
+	}
+	if f == nil || !head.pin() {
+		v.barrier.RUnlock()
+		return nil, nil
+	}
+	return &blockio.Plan{
+		Segs:   []blockio.Seg{{Fd: int(f.Fd()), Off: off, Buf: p}},
+		N:      len(p),
+		Write:  true,
+		Commit: func() { head.dirty.Store(true) },
+		Release: func() {
+			head.pins.Done()
+			v.barrier.RUnlock()
+		},
+	}, nil
 }

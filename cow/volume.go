@@ -100,8 +100,10 @@ func (h *Volume) ReadAt(p []byte, off int64) (int, error) { return h.readAt(p, o
 
 // ReadAtNoWait is ReadAt, but it fails with an error wrapping
 // syscall.EAGAIN, having read nothing useful, when the data is not in
-// memory (a layer file's page cache): the caller can then do the read where
-// blocking costs nothing (the FUSE ring answers such reads off its thread).
+// memory (a layer file's page cache) or the volume's write barrier is
+// wanted (a snapshot, clone or expansion waits for it): the caller can then
+// do the read where blocking costs nothing (the FUSE ring answers such
+// reads off its thread).
 func (h *Volume) ReadAtNoWait(p []byte, off int64) (int, error) { return h.readAt(p, off, true) }
 
 func (h *Volume) readAt(p []byte, off int64, nowait bool) (int, error) {
@@ -143,8 +145,15 @@ func (v *volume) read(p []byte, off int64, nowait bool) error {
 	// the read is done: without it, a read that loaded the head before a
 	// snapshot could still be walking that layer's tree when the snapshot
 	// is deleted and the background merge removes the layer (a race the
-	// race detector found under FUSE over io_uring).
-	v.barrier.RLock()
+	// race detector found under FUSE over io_uring). A nowait read does not
+	// wait for it either: its caller may be the thread that completes the
+	// planned writes (PlanWrite) a snapshot waiting for the barrier waits
+	// for.
+	if !nowait {
+		v.barrier.RLock()
+	} else if !v.barrier.TryRLock() {
+		return unix.EAGAIN
+	}
 	defer v.barrier.RUnlock()
 	stream := len(p) >= streamRead
 	return v.resolveRuns(p, off, func(owner uint32, q []byte, at int64) error {

@@ -56,8 +56,26 @@ type NoWaitReader interface {
 // reads of files (cow.Volume): over FUSE over io_uring, a read that would
 // wait for the disk is then submitted to the queue's ring, so it occupies
 // no thread while the disk works.
+//
+// PlanRead may fail with an error wrapping syscall.EAGAIN when it would
+// have to wait; the read then goes to another goroutine.
 type ReadPlanner interface {
 	PlanRead(p []byte, off int64) (*blockio.Plan, error)
+}
+
+// WritePlanner is implemented by BlockFiles that can hand a write over as
+// writes of files (cow.Volume): over FUSE over io_uring the write is then
+// submitted to the queue's ring. PlanWrite returns a nil plan for a write
+// it does not plan (WriteAt writes it), and an error wrapping
+// syscall.EAGAIN when it would have to wait (WriteAt writes it on another
+// goroutine). A write plan may hold a lock that something the file waits
+// for needs until the plan's Release (cow.Volume: its write barrier, which
+// a snapshot waits for): while a queue has planned writes in flight, its
+// thread calls no other method of any file that may wait (ReadAtNoWait and
+// PlanRead and PlanWrite must not), and answers other requests on other
+// goroutines.
+type WritePlanner interface {
+	PlanWrite(p []byte, off int64) (*blockio.Plan, error)
 }
 
 // ErrBusy is wrapped by Server.Remove when the file is still open, for

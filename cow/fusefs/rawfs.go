@@ -317,29 +317,62 @@ func (r *rawFS) planRead(in *fuse.ReadIn, buf []byte) (pl *blockio.Plan, st fuse
 		return nil, fuse.OK, false
 	}
 	pl, err := rp.PlanRead(buf[:min(int(in.Size), len(buf))], int64(in.Offset))
-	if errors.Is(err, io.EOF) {
+	switch {
+	case errors.Is(err, io.EOF):
 		return &blockio.Plan{Release: func() {}}, fuse.OK, true
-	}
-	if err != nil {
+	case errors.Is(err, syscall.EAGAIN):
+		return nil, fuse.OK, false
+	case err != nil:
 		return nil, r.errno(err), true
 	}
 	return pl, fuse.OK, true
 }
 
+// planWrite asks the file for a write plan of data; ok is false if it
+// cannot make one now (Write then writes it), true with a status that is
+// not OK for a write that fails.
+func (r *rawFS) planWrite(in *fuse.WriteIn, data []byte) (pl *blockio.Plan, st fuse.Status, ok bool) {
+	n, st := r.writable(in, data)
+	if st != fuse.OK {
+		return nil, st, true
+	}
+	wp, ok := n.f.(WritePlanner)
+	if !ok {
+		return nil, fuse.OK, false
+	}
+	pl, err := wp.PlanWrite(data, int64(in.Offset))
+	switch {
+	case errors.Is(err, syscall.EAGAIN):
+		return nil, fuse.OK, false
+	case err != nil:
+		return nil, r.errno(err), true
+	}
+	return pl, fuse.OK, pl != nil
+}
+
 func (r *rawFS) Write(_ <-chan struct{}, in *fuse.WriteIn, data []byte) (uint32, fuse.Status) {
-	n := r.node(in.NodeId)
-	if n == nil {
-		return 0, fuse.ENOENT
-	}
-	if n.readOnly {
-		return 0, fuse.EBADF
-	}
-	// Writes never extend the file: its size belongs to the engine.
-	if int64(in.Offset)+int64(len(data)) > n.f.Size() {
-		return 0, fuse.Status(syscall.EFBIG)
+	n, st := r.writable(in, data)
+	if st != fuse.OK {
+		return 0, st
 	}
 	written, err := n.f.WriteAt(data, int64(in.Offset))
 	return uint32(written), r.errno(err)
+}
+
+// writable returns the node a WRITE of data goes to, or why it cannot.
+func (r *rawFS) writable(in *fuse.WriteIn, data []byte) (*node, fuse.Status) {
+	n := r.node(in.NodeId)
+	if n == nil {
+		return nil, fuse.ENOENT
+	}
+	if n.readOnly {
+		return nil, fuse.EBADF
+	}
+	// Writes never extend the file: its size belongs to the engine.
+	if int64(in.Offset)+int64(len(data)) > n.f.Size() {
+		return nil, fuse.Status(syscall.EFBIG)
+	}
+	return n, fuse.OK
 }
 
 // Fsync is the durability point (the loop driver turns a block device flush

@@ -58,8 +58,9 @@ const (
 	// user_data of the eventfd read that wakes a queue for completions of
 	// requests answered off the ring thread.
 	wakeTag = 1 << 63
-	// user_data of a read of a layer file: readTag | entry<<segBits | seg.
-	readTag = 1 << 62
+	// user_data of a read or write of a layer file (a plan's segment):
+	// ioTag | entry<<segBits | seg.
+	ioTag   = 1 << 62
 	segBits = 24
 )
 
@@ -168,6 +169,11 @@ type ringQueue struct {
 	// failed is set when the ring itself fails (no SQE can be had):
 	// an answer that cannot be committed strands its request.
 	failed error
+
+	// writing is the number of entries whose planned writes are in
+	// flight (WritePlanner); while it is not 0 the thread must not wait
+	// for anything a file's method may wait for (see handle).
+	writing int
 
 	mu       sync.Mutex
 	finished []int // entries answered off the ring thread, to commit
@@ -419,8 +425,8 @@ func (q *ringQueue) serve() error {
 		var broken error
 		q.ring.ForEachCQE(func(c uring.CQE) {
 			switch {
-			case c.UserData&readTag != 0:
-				q.readDone(c)
+			case c.UserData&ioTag != 0:
+				q.ioDone(c)
 			case c.UserData == wakeTag:
 				stop = stop || q.stop.Load()
 				q.commitFinished()
@@ -482,55 +488,96 @@ func (q *ringQueue) getSQE() *uring.SQE {
 	}
 }
 
-// startReads submits the plan's file reads for entry i; readDone answers
-// the entry when the last one completes.
-func (q *ringQueue) startReads(i int, pl *blockio.Plan) {
+// startIO submits the plan's file reads or writes for entry i; ioDone
+// answers the entry when the last one completes.
+func (q *ringQueue) startIO(i int, pl *blockio.Plan) {
 	e := &q.entries[i]
 	e.plan, e.pending, e.status = pl, 0, fuse.OK
+	if pl.Write {
+		q.writing++
+	}
 	for k, sg := range pl.Segs {
 		sqe := q.getSQE()
 		if sqe == nil {
 			e.status = fuse.EIO
 			break
 		}
-		sqe.PrepRead(int32(sg.Fd), sg.Buf, uint64(sg.Off), readTag|uint64(i)<<segBits|uint64(k))
-		sqe.OpFlags = uint32(sg.Flags)
+		ud := ioTag | uint64(i)<<segBits | uint64(k)
+		if pl.Write {
+			sqe.PrepWrite(int32(sg.Fd), sg.Buf, uint64(sg.Off), ud)
+		} else {
+			sqe.PrepRead(int32(sg.Fd), sg.Buf, uint64(sg.Off), ud)
+			sqe.OpFlags = uint32(sg.Flags)
+		}
 		e.pending++
 	}
 	if e.pending == 0 {
-		q.endRead(i)
+		q.endIO(i)
 	}
 }
 
-func (q *ringQueue) readDone(c uring.CQE) {
-	i := int(c.UserData&^readTag) >> segBits
+func (q *ringQueue) ioDone(c uring.CQE) {
+	i := int(c.UserData&^ioTag) >> segBits
 	k := int(c.UserData & (1<<segBits - 1))
 	e := &q.entries[i]
 	sg := e.plan.Segs[k]
 	switch {
 	case c.Res < 0:
 		e.status = q.rs.rfs.errno(syscall.Errno(-c.Res))
+	case int(c.Res) < len(sg.Buf) && e.plan.Write:
+		// A short write (a disk filling up): the rest here, where an
+		// error has its cause.
+		if err := pwriteAll(sg.Fd, sg.Buf[c.Res:], sg.Off+int64(c.Res)); err != nil {
+			e.status = q.rs.rfs.errno(err)
+		}
 	case int(c.Res) < len(sg.Buf):
 		clear(sg.Buf[c.Res:]) // past the end of a shorter layer's file
 	}
 	e.pending--
 	if e.pending == 0 {
-		q.endRead(i)
+		q.endIO(i)
 	}
 }
 
-func (q *ringQueue) endRead(i int) {
+// pwriteAll writes all of p at off to fd.
+func pwriteAll(fd int, p []byte, off int64) error {
+	for len(p) > 0 {
+		n, err := unix.Pwrite(fd, p, off)
+		if err != nil {
+			return err
+		}
+		if n == 0 {
+			return syscall.EIO
+		}
+		p, off = p[n:], off+int64(n)
+	}
+	return nil
+}
+
+func (q *ringQueue) endIO(i int) {
 	e := &q.entries[i]
-	e.plan.Release()
-	n := e.plan.N
+	pl := e.plan
 	e.plan = nil
-	reply(e, e.status, n)
+	if !pl.Write {
+		pl.Release()
+		reply(e, e.status, pl.N)
+		q.commit(i)
+		return
+	}
+	if e.status == fuse.OK {
+		pl.Commit()
+	}
+	pl.Release()
+	q.writing--
+	out := fuse.WriteOut{Size: uint32(pl.N)}
+	reply(e, e.status, putOut(e, &out))
 	q.commit(i)
 }
 
-// drainReads waits for the file reads still in flight (their buffers and
-// files must outlive them) and releases their plans.
-func (q *ringQueue) drainReads() {
+// drainIO waits for the file reads and writes still in flight (their
+// buffers and files must outlive them) and releases their plans; the
+// writes among them count as failed.
+func (q *ringQueue) drainIO() {
 	inflight := 0
 	for i := range q.entries {
 		inflight += q.entries[i].pending
@@ -540,24 +587,31 @@ func (q *ringQueue) drainReads() {
 			break
 		}
 		q.ring.ForEachCQE(func(c uring.CQE) {
-			if c.UserData&readTag == 0 {
+			if c.UserData&ioTag == 0 {
 				return
 			}
-			e := &q.entries[int(c.UserData&^readTag)>>segBits]
+			e := &q.entries[int(c.UserData&^ioTag)>>segBits]
 			e.pending--
 			inflight--
 			if e.pending == 0 && e.plan != nil {
-				e.plan.Release()
-				e.plan = nil
+				q.release(e)
 			}
 		})
 	}
 	for i := range q.entries {
 		if e := &q.entries[i]; e.plan != nil {
-			e.plan.Release()
-			e.plan = nil
+			q.release(e)
 		}
 	}
+}
+
+// release releases e's plan without answering it.
+func (q *ringQueue) release(e *ringEnt) {
+	if e.plan.Write {
+		q.writing--
+	}
+	e.plan.Release()
+	e.plan = nil
 }
 
 // commit answers entry i and asks for its next request.
@@ -597,13 +651,14 @@ func (q *ringQueue) finish(i int) {
 // and the eventfd go in ringServer.wait.
 func (q *ringQueue) teardown() {
 	if q.ring != nil {
-		q.drainReads()
+		q.drainIO()
 		q.ring.Close()
 	}
 }
 
-// asyncWrite is the WRITE size from which the write goes to another
-// goroutine: the engine writes those past the page cache and waits for the disk.
+// asyncWrite is the WRITE size from which a write the file did not plan
+// goes to another goroutine: the engine writes those past the page cache
+// and waits for the disk.
 const asyncWrite = 256 << 10
 
 // reply sets entry e's answer: status and payload length.
@@ -660,14 +715,37 @@ func (e *ringEnt) payloadSize() int {
 }
 
 // handle answers entry i's request. It returns false when the answer comes
-// later from another goroutine (finish).
+// later, from the ring or another goroutine (finish).
 func (q *ringQueue) handle(i int) bool {
-	e := &q.entries[i]
-	r := q.rs.rfs
-	h := (*fuse.InHeader)(unsafe.Pointer(&e.hdr[0]))
+	h := (*fuse.InHeader)(unsafe.Pointer(&q.entries[i].hdr[0]))
 	if h.Opcode == opPoll {
 		q.rs.polls.Add(1)
 	}
+	if q.writing > 0 && h.Opcode != opRead && h.Opcode != opWrite {
+		// Planned writes in flight may hold a lock until this thread
+		// completes them (a volume's write barrier), and a snapshot
+		// waiting for that lock makes everyone else who wants it wait
+		// too: this thread must not be among them. READ and WRITE
+		// only use methods that do not wait (ReadAtNoWait, PlanRead,
+		// PlanWrite) or go to goroutines; the rest goes to one here.
+		q.rs.workers.Add(1)
+		go func() {
+			defer q.rs.workers.Done()
+			if q.answer(i) {
+				q.finish(i)
+			}
+		}()
+		return false
+	}
+	return q.answer(i)
+}
+
+// answer answers entry i's request like handle. Only READ and WRITE use
+// the ring (those are answered on its thread).
+func (q *ringQueue) answer(i int) bool {
+	e := &q.entries[i]
+	r := q.rs.rfs
+	h := (*fuse.InHeader)(unsafe.Pointer(&e.hdr[0]))
 	if h.NodeId == pollHackIno {
 		pollHackReply(e, h)
 		return true
@@ -686,7 +764,7 @@ func (q *ringQueue) handle(i int) bool {
 				reply(e, st, 0)
 				break
 			}
-			q.startReads(i, pl)
+			q.startIO(i, pl)
 			return false
 		}
 		// A copy for the goroutine, so that the request itself stays on
@@ -705,7 +783,18 @@ func (q *ringQueue) handle(i int) bool {
 			reply(e, fuse.EINVAL, 0)
 			break
 		}
-		if in.Size < asyncWrite {
+		// Through the ring where the file can plan the write (past
+		// the page cache, so it waits for the disk without a thread).
+		if pl, st, ok := r.planWrite(in, e.pay[:in.Size]); ok {
+			if st != fuse.OK {
+				reply(e, st, 0)
+				break
+			}
+			q.startIO(i, pl)
+			return false
+		}
+		// WriteAt may wait for what planned writes in flight hold.
+		if in.Size < asyncWrite && q.writing == 0 {
 			writeFrom(r, e, in)
 			break
 		}
