@@ -657,8 +657,9 @@ func (q *ringQueue) teardown() {
 }
 
 // asyncWrite is the WRITE size from which a write the file did not plan
-// goes to another goroutine: the engine writes those past the page cache
-// and waits for the disk.
+// (the first write to blocks after a snapshot, or a file without
+// WritePlanner) goes to another goroutine: the engine writes those past
+// the page cache and waits for the disk.
 const asyncWrite = 256 << 10
 
 // reply sets entry e's answer: status and payload length.
