@@ -557,20 +557,16 @@ func pwriteAll(fd int, p []byte, off int64) error {
 func (q *ringQueue) endIO(i int) {
 	e := &q.entries[i]
 	pl := e.plan
-	e.plan = nil
-	if !pl.Write {
-		pl.Release()
-		reply(e, e.status, pl.N)
-		q.commit(i)
-		return
-	}
-	if e.status == fuse.OK {
+	if pl.Write && e.status == fuse.OK {
 		pl.Commit()
 	}
-	pl.Release()
-	q.writing--
-	out := fuse.WriteOut{Size: uint32(pl.N)}
-	reply(e, e.status, putOut(e, &out))
+	q.release(e)
+	n := pl.N
+	if pl.Write {
+		out := fuse.WriteOut{Size: uint32(pl.N)}
+		n = putOut(e, &out)
+	}
+	reply(e, e.status, n)
 	q.commit(i)
 }
 
@@ -656,10 +652,12 @@ func (q *ringQueue) teardown() {
 	}
 }
 
-// asyncWrite is the WRITE size from which a write the file did not plan
-// (the first write to blocks after a snapshot, or a file without
-// WritePlanner) goes to another goroutine: the engine writes those past
-// the page cache and waits for the disk.
+// asyncWrite is the WRITE size from which the file is asked to plan a
+// write (cow.Volume plans none smaller, and small writes are most of the
+// requests), and from which a write it did not plan (the first write to
+// blocks after a snapshot, or a file without WritePlanner) goes to another
+// goroutine: the engine writes those past the page cache and waits for
+// the disk.
 const asyncWrite = 256 << 10
 
 // reply sets entry e's answer: status and payload length.
@@ -784,15 +782,18 @@ func (q *ringQueue) answer(i int) bool {
 			reply(e, fuse.EINVAL, 0)
 			break
 		}
-		// Through the ring where the file can plan the write (past
-		// the page cache, so it waits for the disk without a thread).
-		if pl, st, ok := r.planWrite(in, e.pay[:in.Size]); ok {
-			if st != fuse.OK {
-				reply(e, st, 0)
-				break
+		// Large writes through the ring where the file can plan them
+		// (past the page cache, so they wait for the disk without a
+		// thread); small ones are not planned, and not asked about.
+		if in.Size >= asyncWrite {
+			if pl, st, ok := r.planWrite(in, e.pay[:in.Size]); ok {
+				if st != fuse.OK {
+					reply(e, st, 0)
+					break
+				}
+				q.startIO(i, pl)
+				return false
 			}
-			q.startIO(i, pl)
-			return false
 		}
 		// WriteAt may wait for what planned writes in flight hold.
 		if in.Size < asyncWrite && q.writing == 0 {
