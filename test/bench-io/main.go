@@ -433,7 +433,7 @@ func setup(ctx context.Context, c config, e *env) ([]*row, []*countingVolume, er
 		add("snap-4k-randwrite", "4k randwrite, first write after snapshot", randWrite, 0.35, limit, snap)
 	}
 
-	if wanted(c, "depth-4k-randread") {
+	if wanted(c, "depth-4k-randread") || (c.Cold && wanted(c, "depth-4k-randread-cold")) {
 		fv, fd, err := e.cowDevice(ctx, "flat", c.DepthSize)
 		if err != nil {
 			return nil, nil, err
@@ -454,6 +454,25 @@ func setup(ctx context.Context, c config, e *env) ([]*row, []*countingVolume, er
 		a := &target{name: "cowcsi depth 1", path: fd.Path, size: c.DepthSize, vol: fv, prep: warm(fv, fd.Path, c.DepthSize)}
 		b := &target{name: fmt.Sprintf("cowcsi depth %d", c.Depth), path: dd.Path, size: c.DepthSize, vol: dv, prep: warm(dv, dd.Path, c.DepthSize)}
 		add("depth-4k-randread", fmt.Sprintf("4k randread, depth %d vs 1", c.Depth), randRead, 0.9, a, b)
+		if c.Cold {
+			// The same reads from disk: each side's run starts with
+			// no layer file of the store cached, so depth 64 pays
+			// for 64 layer files' extent trees where depth 1 pays
+			// for one.
+			cold := func(name, path string, v *countingVolume) *target {
+				t := &target{name: name + ", cache dropped", path: path, size: c.DepthSize, vol: v}
+				t.prep = func(context.Context, int) (string, func() error, error) {
+					layers, err := filepath.Glob(filepath.Join(e.dir, "store", "layers", "*.data"))
+					if err != nil {
+						return "", nil, err
+					}
+					return path, nil, dropCache(e.dir, layers)
+				}
+				return t
+			}
+			add("depth-4k-randread-cold", fmt.Sprintf("4k randread, depth %d vs 1, cache dropped", c.Depth), randRead, 0.9,
+				cold(a.name, fd.Path, fv), cold(b.name, dd.Path, dv))
+		}
 	}
 
 	if wanted(c, ext4IDs...) {

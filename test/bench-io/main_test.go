@@ -38,6 +38,7 @@ func TestSmoke(t *testing.T) {
 		FSSize:    256 << 20,
 		FileSize:  64 << 20,
 		EndFsync:  true,
+		Cold:      true,
 	}
 	// The driver's default transport where the kernel has it.
 	c.IOURing = fusefs.IOURingSupported()
@@ -62,7 +63,7 @@ func TestSmoke(t *testing.T) {
 		t.Fatal(err)
 	}
 	want := map[string]bool{}
-	for _, id := range []string{"raw-1m-write", "raw-4k-randread", "raw-4k-randwrite"} {
+	for _, id := range []string{"raw-1m-write", "raw-4k-randread", "raw-4k-randwrite", "raw-4k-randread-cold", "depth-4k-randread", "depth-4k-randread-cold"} {
 		want[id] = true
 	}
 	for _, r := range rep.Rows {

@@ -485,3 +485,26 @@ func (r *Ring) Close() error {
 	*r = Ring{fd: -1}
 	return errors.Join(errs...)
 }
+
+// registerIOWQMaxWorkers is IORING_REGISTER_IOWQ_MAX_WORKERS.
+const registerIOWQMaxWorkers = 19
+
+// SetIOWQMaxWorkers sets how many io-wq worker threads the ring's requests
+// may use, for bounded work (regular files, block devices) and unbounded
+// work (sockets, pipes), and returns the limits before the call. A zero
+// leaves that limit as it is, so SetIOWQMaxWorkers(0, 0) only reads them.
+// The kernel caps the bounded limit at 4 workers per CPU by default and
+// applies the limits to the io-wq of every thread that submits to this
+// ring. The kernel's own ceilings (RLIMIT_NPROC for unbounded) still hold.
+func (r *Ring) SetIOWQMaxWorkers(bounded, unbounded uint32) (prevBounded, prevUnbounded uint32, err error) {
+	if !r.open {
+		return 0, 0, ErrClosed
+	}
+	v := [2]uint32{bounded, unbounded}
+	_, _, errno := unix.Syscall6(unix.SYS_IO_URING_REGISTER, uintptr(r.fd), registerIOWQMaxWorkers,
+		uintptr(unsafe.Pointer(&v[0])), 2, 0, 0)
+	if errno != 0 {
+		return 0, 0, errno
+	}
+	return v[0], v[1], nil
+}

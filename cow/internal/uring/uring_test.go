@@ -507,3 +507,33 @@ func TestCQOverflow(t *testing.T) {
 		}
 	}
 }
+
+func TestSetIOWQMaxWorkers(t *testing.T) {
+	// The limits read back are those of the calling thread's io-wq (the
+	// thread that set the ring up has one).
+	runtime.LockOSThread()
+	defer runtime.UnlockOSThread()
+	r := testRing(t, 4, 0)
+	defer r.Close()
+	b0, u0, err := r.SetIOWQMaxWorkers(0, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if b0 == 0 || u0 == 0 {
+		t.Fatalf("default limits %d/%d, want both above zero", b0, u0)
+	}
+	if _, _, err := r.SetIOWQMaxWorkers(b0+7, 0); err != nil {
+		t.Fatal(err)
+	}
+	b, u, err := r.SetIOWQMaxWorkers(0, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if b != b0+7 || u != u0 {
+		t.Errorf("limits after setting bounded to %d: %d/%d, want %d/%d", b0+7, b, u, b0+7, u0)
+	}
+	r.Close()
+	if _, _, err := r.SetIOWQMaxWorkers(1, 1); !errors.Is(err, ErrClosed) {
+		t.Errorf("after Close: %v, want ErrClosed", err)
+	}
+}
