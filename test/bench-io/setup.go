@@ -333,3 +333,12 @@ func dropCache(dir string, files []string) error {
 	}
 	return nil
 }
+
+// dropAllCaches writes back dir's file system and drops the machine's
+// clean page cache, dentries and inodes (vm.drop_caches = 3).
+func dropAllCaches(dir string) error {
+	if err := syncfs(dir); err != nil {
+		return err
+	}
+	return os.WriteFile("/proc/sys/vm/drop_caches", []byte("3\n"), 0)
+}
