@@ -14,6 +14,8 @@ const (
 	OpReadv       uint8 = 1
 	OpWritev      uint8 = 2
 	OpFsync       uint8 = 3
+	OpReadFixed   uint8 = 4
+	OpWriteFixed  uint8 = 5
 	OpAsyncCancel uint8 = 14
 	OpRead        uint8 = 22
 	OpWrite       uint8 = 23
@@ -115,6 +117,21 @@ func (s *SQE) PrepRead(fd int32, buf []byte, off uint64, userData uint64) {
 // the CQE has been reaped.
 func (s *SQE) PrepWrite(fd int32, buf []byte, off uint64, userData uint64) {
 	s.prepRW(OpWrite, fd, uintptr(unsafe.Pointer(unsafe.SliceData(buf))), rwLen(buf), off, userData)
+}
+
+// PrepReadFixed is PrepRead into a registered buffer: buf must lie within
+// the buffer registered at index (Ring.RegisterBuffers). The kernel took
+// the pages' references when they were registered, so a direct read into
+// them skips pinning the pages again for each request.
+func (s *SQE) PrepReadFixed(fd int32, buf []byte, off uint64, index uint16, userData uint64) {
+	s.prepRW(OpReadFixed, fd, uintptr(unsafe.Pointer(unsafe.SliceData(buf))), rwLen(buf), off, userData)
+	s.BufIndex = index
+}
+
+// PrepWriteFixed is PrepWrite from a registered buffer (see PrepReadFixed).
+func (s *SQE) PrepWriteFixed(fd int32, buf []byte, off uint64, index uint16, userData uint64) {
+	s.prepRW(OpWriteFixed, fd, uintptr(unsafe.Pointer(unsafe.SliceData(buf))), rwLen(buf), off, userData)
+	s.BufIndex = index
 }
 
 func rwLen(buf []byte) uint32 {

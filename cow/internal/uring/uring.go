@@ -33,6 +33,7 @@ package uring
 import (
 	"errors"
 	"fmt"
+	"runtime"
 	"sync/atomic"
 	"unsafe"
 
@@ -507,4 +508,96 @@ func (r *Ring) SetIOWQMaxWorkers(bounded, unbounded uint32) (prevBounded, prevUn
 		return 0, 0, errno
 	}
 	return v[0], v[1], nil
+}
+
+// registerBuffers is IORING_REGISTER_BUFFERS.
+const registerBuffers = 0
+
+// RegisterBuffers registers bufs as the ring's fixed buffers, index i for
+// bufs[i], for PrepReadFixed and PrepWriteFixed. The kernel pins their pages
+// until the ring is closed, so they must be memory that stays mapped as
+// long as the ring (mmapped memory, not the Go heap, whose pages the
+// garbage collector may reuse for other objects). A ring registers buffers
+// once; a second call fails with EBUSY.
+func (r *Ring) RegisterBuffers(bufs [][]byte) error {
+	if !r.open {
+		return ErrClosed
+	}
+	iov := make([]unix.Iovec, len(bufs))
+	for i, b := range bufs {
+		if len(b) == 0 {
+			return fmt.Errorf("uring: buffer %d is empty", i)
+		}
+		iov[i].Base = &b[0]
+		iov[i].SetLen(len(b))
+	}
+	_, _, errno := unix.Syscall6(unix.SYS_IO_URING_REGISTER, uintptr(r.fd), registerBuffers,
+		uintptr(unsafe.Pointer(&iov[0])), uintptr(len(iov)), 0, 0)
+	if errno != 0 {
+		return errno
+	}
+	return nil
+}
+
+// IORING_REGISTER_BUFFERS2 and IORING_REGISTER_BUFFERS_UPDATE, and the
+// flag that makes a registration sparse (every slot empty).
+const (
+	registerBuffers2      = 15
+	registerBuffersUpdate = 16
+	rsrcRegisterSparse    = 1 << 0
+)
+
+// RegisterSparseBuffers registers n empty fixed-buffer slots, to be filled
+// one at a time with UpdateBuffer: a caller that would pin much memory it
+// may never use registers a buffer only once it is worth pinning.
+func (r *Ring) RegisterSparseBuffers(n uint32) error {
+	if !r.open {
+		return ErrClosed
+	}
+	// struct io_uring_rsrc_register: nr u32, flags u32, resv2 u64,
+	// data u64, tags u64.
+	var reg struct {
+		nr, flags  uint32
+		resv2      uint64
+		data, tags uint64
+	}
+	reg.nr, reg.flags = n, rsrcRegisterSparse
+	_, _, errno := unix.Syscall6(unix.SYS_IO_URING_REGISTER, uintptr(r.fd), registerBuffers2,
+		uintptr(unsafe.Pointer(&reg)), unsafe.Sizeof(reg), 0, 0)
+	if errno != 0 {
+		return errno
+	}
+	return nil
+}
+
+// UpdateBuffer registers buf as the fixed buffer at index, replacing what
+// was there (RegisterSparseBuffers). The pinning rule of RegisterBuffers
+// applies to buf.
+func (r *Ring) UpdateBuffer(index uint32, buf []byte) error {
+	if !r.open {
+		return ErrClosed
+	}
+	if len(buf) == 0 {
+		return errors.New("uring: empty buffer")
+	}
+	iov := unix.Iovec{Base: &buf[0]}
+	iov.SetLen(len(buf))
+	// struct io_uring_rsrc_update2: offset u32, resv u32, data u64,
+	// tags u64, nr u32, resv2 u32.
+	var up struct {
+		offset, resv uint32
+		data, tags   uint64
+		nr, resv2    uint32
+	}
+	up.offset, up.data, up.nr = index, uint64(uintptr(unsafe.Pointer(&iov))), 1
+	n, _, errno := unix.Syscall6(unix.SYS_IO_URING_REGISTER, uintptr(r.fd), registerBuffersUpdate,
+		uintptr(unsafe.Pointer(&up)), unsafe.Sizeof(up), 0, 0)
+	runtime.KeepAlive(&iov)
+	if errno != 0 {
+		return errno
+	}
+	if n != 1 {
+		return fmt.Errorf("uring: buffer update took %d of 1", n)
+	}
+	return nil
 }
