@@ -146,6 +146,11 @@ func TestRingPlannedReads(t *testing.T) {
 	if p, r := b.plans.Load(), b.releases.Load(); p == 0 || p != r {
 		t.Fatalf("%d plans, %d released", p, r)
 	}
+	// The last read's file read (over 256 KiB) went into the entry's
+	// payload registered as a fixed buffer.
+	if s.ring.fixedIO.Load() == 0 {
+		t.Error("no large read was submitted into a fixed buffer")
+	}
 }
 
 // TestRingQueueFailureAborts: a queue that ends with an error while the
