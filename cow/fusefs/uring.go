@@ -172,10 +172,6 @@ type ringQueue struct {
 	// an answer that cannot be committed strands its request.
 	failed error
 
-	// fixed says the ring has a fixed-buffer slot per entry (see
-	// fixedBuf).
-	fixed bool
-
 	// writing is the number of entries whose planned writes are in
 	// flight (WritePlanner); while it is not 0 the thread must not wait
 	// for anything a file's method may wait for (see handle).
@@ -198,7 +194,8 @@ type ringEnt struct {
 	status  fuse.Status
 
 	// fixed: the payload is registered as the ring's fixed buffer of
-	// the entry's index (1), could not be (-1), or not yet (0).
+	// the entry's index (1), cannot be (-1: the ring has no slots, or
+	// the registration failed), or not yet (0).
 	fixed int8
 }
 
@@ -216,7 +213,7 @@ const fixedMin = 256 << 10
 // buffer i, registering it on its first large request.
 func (q *ringQueue) fixedBuf(i int, buf []byte) bool {
 	e := &q.entries[i]
-	if !q.fixed || len(buf) < fixedMin || e.fixed < 0 {
+	if len(buf) < fixedMin || e.fixed < 0 {
 		return false
 	}
 	p0 := uintptr(unsafe.Pointer(unsafe.SliceData(e.pay)))
@@ -398,7 +395,11 @@ func (q *ringQueue) setup(entries, payload int) error {
 	q.ring = ring
 	// One fixed-buffer slot per entry, filled with the entry's payload
 	// the first time it carries a large read or write (fixedMin).
-	q.fixed = ring.RegisterSparseBuffers(uint32(entries)) == nil
+	if ring.RegisterSparseBuffers(uint32(entries)) != nil {
+		for i := range q.entries {
+			q.entries[i].fixed = -1
+		}
+	}
 	for i := range q.entries {
 		e := &q.entries[i]
 		if q.rs.refuseEntry != nil && q.rs.refuseEntry(q.qid, i) {

@@ -120,7 +120,7 @@ func (s *SQE) PrepWrite(fd int32, buf []byte, off uint64, userData uint64) {
 }
 
 // PrepReadFixed is PrepRead into a registered buffer: buf must lie within
-// the buffer registered at index (Ring.RegisterBuffers). The kernel took
+// the buffer registered at index (Ring.UpdateBuffer). The kernel took
 // the pages' references when they were registered, so a direct read into
 // them skips pinning the pages again for each request.
 func (s *SQE) PrepReadFixed(fd int32, buf []byte, off uint64, index uint16, userData uint64) {

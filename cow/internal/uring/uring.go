@@ -487,58 +487,6 @@ func (r *Ring) Close() error {
 	return errors.Join(errs...)
 }
 
-// registerIOWQMaxWorkers is IORING_REGISTER_IOWQ_MAX_WORKERS.
-const registerIOWQMaxWorkers = 19
-
-// SetIOWQMaxWorkers sets how many io-wq worker threads the ring's requests
-// may use, for bounded work (regular files, block devices) and unbounded
-// work (sockets, pipes), and returns the limits before the call. A zero
-// leaves that limit as it is, so SetIOWQMaxWorkers(0, 0) only reads them.
-// The kernel caps the bounded limit at 4 workers per CPU by default and
-// applies the limits to the io-wq of every thread that submits to this
-// ring. The kernel's own ceilings (RLIMIT_NPROC for unbounded) still hold.
-func (r *Ring) SetIOWQMaxWorkers(bounded, unbounded uint32) (prevBounded, prevUnbounded uint32, err error) {
-	if !r.open {
-		return 0, 0, ErrClosed
-	}
-	v := [2]uint32{bounded, unbounded}
-	_, _, errno := unix.Syscall6(unix.SYS_IO_URING_REGISTER, uintptr(r.fd), registerIOWQMaxWorkers,
-		uintptr(unsafe.Pointer(&v[0])), 2, 0, 0)
-	if errno != 0 {
-		return 0, 0, errno
-	}
-	return v[0], v[1], nil
-}
-
-// registerBuffers is IORING_REGISTER_BUFFERS.
-const registerBuffers = 0
-
-// RegisterBuffers registers bufs as the ring's fixed buffers, index i for
-// bufs[i], for PrepReadFixed and PrepWriteFixed. The kernel pins their pages
-// until the ring is closed, so they must be memory that stays mapped as
-// long as the ring (mmapped memory, not the Go heap, whose pages the
-// garbage collector may reuse for other objects). A ring registers buffers
-// once; a second call fails with EBUSY.
-func (r *Ring) RegisterBuffers(bufs [][]byte) error {
-	if !r.open {
-		return ErrClosed
-	}
-	iov := make([]unix.Iovec, len(bufs))
-	for i, b := range bufs {
-		if len(b) == 0 {
-			return fmt.Errorf("uring: buffer %d is empty", i)
-		}
-		iov[i].Base = &b[0]
-		iov[i].SetLen(len(b))
-	}
-	_, _, errno := unix.Syscall6(unix.SYS_IO_URING_REGISTER, uintptr(r.fd), registerBuffers,
-		uintptr(unsafe.Pointer(&iov[0])), uintptr(len(iov)), 0, 0)
-	if errno != 0 {
-		return errno
-	}
-	return nil
-}
-
 // IORING_REGISTER_BUFFERS2 and IORING_REGISTER_BUFFERS_UPDATE, and the
 // flag that makes a registration sparse (every slot empty).
 const (
@@ -571,8 +519,10 @@ func (r *Ring) RegisterSparseBuffers(n uint32) error {
 }
 
 // UpdateBuffer registers buf as the fixed buffer at index, replacing what
-// was there (RegisterSparseBuffers). The pinning rule of RegisterBuffers
-// applies to buf.
+// was there (RegisterSparseBuffers). The kernel pins buf's pages until
+// the slot is replaced or the ring is closed, so buf must be memory that
+// stays mapped as long as that (mmapped memory, not the Go heap, whose
+// pages the garbage collector may reuse for other objects).
 func (r *Ring) UpdateBuffer(index uint32, buf []byte) error {
 	if !r.open {
 		return ErrClosed
