@@ -451,12 +451,12 @@ func BenchmarkRandomWriteAfterSequential(b *testing.B) {
 // MiB:
 //   - written: as left by the previous 1 MiB write pass (folios up to
 //     writePiece);
-//   - readSmall: cache dropped, then read back in 64 KiB engine reads,
-//     which POSIX_FADV_RANDOM caches in 4 KiB folios (what cold random or
-//     small reads leave);
+//   - readSmall: cache dropped, then read back in 64 KiB engine reads;
+//     until reads of every size left the cache alone (uncachedFile), these
+//     left 4 KiB folios (POSIX_FADV_RANDOM) and cost the rewrite 2.7-3.1x;
 //   - readStream: cache dropped, then read back in 1 MiB engine reads
-//     (streamRead: RWF_DONTCACHE leaves nothing cached where the
-//     filesystem takes it);
+//     (O_DIRECT, or RWF_DONTCACHE where the filesystem takes it, leave
+//     nothing cached);
 //   - uncached: cache dropped.
 //
 // The states alternate within each iteration (the machine is noisy).

@@ -273,7 +273,7 @@ func (s *Store) mergeStep(job gcJob, start, end uint64, buf []byte) ([]ondisk.Ra
 			e++
 		}
 		p := buf[:(e-b)*BlockSize]
-		if err := s.readOwner(f.num, p, int64(b)<<blockShift, false, len(p) >= streamRead); err != nil {
+		if err := s.readOwner(f.num, p, int64(b)<<blockShift, false); err != nil {
 			return nil, err
 		}
 		if err := writeOrPunch(c, p, int64(b)<<blockShift); err != nil {

@@ -45,7 +45,8 @@ type layer struct {
 	filesMu sync.Mutex
 	data    *os.File
 	// dontcache is RWF_DONTCACHE where the data file's filesystem takes it
-	// (0 elsewhere): streaming reads pass it (streamRead).
+	// (0 elsewhere): reads that miss the page cache pass it where O_DIRECT
+	// does not take them.
 	dontcache int
 	// direct is the data file opened again with O_DIRECT for large aligned
 	// writes (directWrite), opened on the first one; directState says
@@ -173,18 +174,29 @@ func adviseRandom(f *os.File) {
 	_ = unix.Fadvise(int(f.Fd()), 0, 0, unix.FADV_RANDOM)
 }
 
-// streamRead is the read size from which a read that misses the page cache
-// does not fill it (RWF_DONTCACHE, Linux 6.14+ on ext4, xfs and others):
-// such a read is a stream (a sequential reader, a backup, fio at 1 MiB)
-// that the filesystem on the volume caches itself, and the 4 KiB folios
-// that POSIX_FADV_RANDOM reads leave behind made a later sequential rewrite
-// of the same range cost 2.7-3.1x the CPU of one over folios its own writes
-// left (BenchmarkSeqRewriteCacheStates). Measured here on a cold 256 MiB
-// layer file read in 1 MiB preads: the same speed and CPU with and without
-// the flag, and the rewrite after it took 71-105 ms of CPU against 171-196.
-// Data already cached stays cached; smaller reads still fill the cache,
-// where random reads of hot blocks find it.
-const streamRead = 256 << 10
+// Reads that miss the page cache do not fill it, whatever their size: the
+// O_DIRECT twin takes an aligned read (every read of the loop device over
+// the FUSE file is whole sectors into page-aligned buffers), RWF_DONTCACHE
+// (Linux 6.14+ on ext4, xfs and others) any other. A volume is a block
+// device: the filesystem on it caches what it reads itself, as over the
+// loop device of a plain file, so a second copy here was memory for
+// nothing. And a small read that missed cost more through the cache: its
+// RWF_NOWAIT try started the read of the page on the FUSE ring's thread (a
+// page cache read without waiting still allocates and inserts the folio,
+// maps the block and submits the I/O, and may wait for an extent tree
+// block), then the ring waited for the page and copied it; now cachestat
+// tells the miss without I/O, and the ring reads the block directly.
+// Measured with bench-io (two runs of 2 rounds each per binary, alternating,
+// 2026-12-04), against reads through the cache: 4 KiB random reads from
+// disk at 0.77 and 0.69 of the limit against 0.55 and 0.56; with the layer
+// file's cache dropped first 0.98 and 0.68 against 0.71 and 0.53; through
+// ext4 on the volume 0.72 and 0.69 against 0.63 and 0.63.
+// Data already cached stays cached (small writes go through the cache, and
+// reads of what was just written find it there). Before this, only reads
+// of 256 KiB and more went past the cache: the 4 KiB folios that
+// POSIX_FADV_RANDOM reads leave made a later sequential rewrite of the
+// same range cost 2.7-3.1x the CPU of one over folios its own writes left
+// (BenchmarkSeqRewriteCacheStates).
 
 // dontcacheFlag returns RWF_DONTCACHE if reads of f take it, else 0. The
 // kernel checks the flag before any I/O (EOPNOTSUPP where the kernel or the
@@ -300,12 +312,13 @@ func (l *layer) writeDirect(p []byte, off int64) (done bool, err error) {
 	return true, ioErr(err)
 }
 
-// streamFile returns where a stream's read of p at off goes: the O_DIRECT
+// uncachedFile returns where a read of p at off that misses the page cache
+// goes (see above): the O_DIRECT
 // twin when the read is aligned for it (no page cache to fill and drop, no
 // copy), else the data file with RWF_DONTCACHE where it has that. A direct
 // read first writes back dirty cached pages of its range, so it sees every
 // write that returned.
-func (l *layer) streamFile(p []byte, off int64) (fd, flags int) {
+func (l *layer) uncachedFile(p []byte, off int64) (fd, flags int) {
 	if f := l.directFile(); f != nil && l.aligned(p, off) {
 		return int(f.Fd()), 0
 	}

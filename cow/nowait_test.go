@@ -28,39 +28,28 @@ func TestReadAtNoWait(t *testing.T) {
 		t.Fatalf("ReadAtNoWait of blocks never written: %v, zeros=%v", err, bytes.Equal(got, make([]byte, len(got))))
 	}
 
-	// Drop the layer file's clean pages: the data is on disk only.
+	// Drop the layer file's clean pages: the data is on disk only, and
+	// ReadAtNoWait fails without starting to read it (cachestat first).
 	files, err := filepath.Glob(filepath.Join(dir, "layers", "*.data"))
-	if err != nil || len(files) == 0 {
+	if err != nil || len(files) != 1 {
 		t.Fatalf("layer data files: %v, %v", files, err)
 	}
-	// With the pages gone, RWF_NOWAIT still starts their read, and on a
-	// fast disk it may complete before the kernel looks again: then the
-	// read succeeds, which is fine as long as the data is right. EAGAIN
-	// must come in some of the tries: here most runs saw it at the first,
-	// but in about 1 of 100 runs none of 50 tries did.
-	sawEAGAIN := false
-	for try := 0; try < 50 && !sawEAGAIN; try++ {
-		for _, p := range files {
-			dropCache(t, p)
-		}
-		clear(got)
-		_, err := v.ReadAtNoWait(got, 64<<10)
-		switch {
-		case errors.Is(err, syscall.EAGAIN):
-			sawEAGAIN = true
-		case err != nil:
-			t.Fatalf("ReadAtNoWait of data on disk only: %v, want EAGAIN or the data", err)
-		case !bytes.Equal(got, data):
-			t.Fatal("ReadAtNoWait of data on disk only returned other data")
-		}
-	}
-	if !sawEAGAIN {
-		// Seen here in about 1 of 100 runs: every try's read from disk
-		// completed before the kernel checked (the data was right).
-		t.Skip("the disk answered every RWF_NOWAIT read in time (50 tries): EAGAIN not exercised")
+	dropCache(t, files[0])
+	if _, err := v.ReadAtNoWait(got, 64<<10); !errors.Is(err, syscall.EAGAIN) {
+		t.Fatalf("ReadAtNoWait of data on disk only: %v, want EAGAIN", err)
 	}
 	if _, err := v.ReadAt(got, 64<<10); err != nil || !bytes.Equal(got, data) {
 		t.Fatalf("ReadAt: %v, equal=%v", err, bytes.Equal(got, data))
+	}
+	// Once cached (read here through the file itself: the engine's reads
+	// from disk leave nothing cached), it reads from memory.
+	f, err := os.Open(files[0])
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	if _, err := f.ReadAt(make([]byte, len(data)), 64<<10); err != nil {
+		t.Fatal(err)
 	}
 	clear(got)
 	if _, err := v.ReadAtNoWait(got, 64<<10); err != nil || !bytes.Equal(got, data) {
@@ -182,11 +171,11 @@ func residentPages(t *testing.T, f *os.File) int {
 	return n
 }
 
-// TestStreamingReadsLeaveNoCache: a read of 256 KiB or more that misses
-// the page cache leaves nothing cached (O_DIRECT where the buffer, offset
-// and length are aligned for it, else RWF_DONTCACHE), through ReadAt and
-// through PlanRead's segments; a small read still caches what it read.
-func TestStreamingReadsLeaveNoCache(t *testing.T) {
+// TestReadsLeaveNoCache: a read that misses the page cache leaves nothing
+// cached (O_DIRECT where the buffer, offset and length are aligned for it,
+// else RWF_DONTCACHE), 1 MiB or 4 KiB, through ReadAt and through
+// PlanRead's segments.
+func TestReadsLeaveNoCache(t *testing.T) {
 	dir := diskTempDir(t)
 	data := bytes.Repeat([]byte("stream.."), 1<<20/8)
 	v := writtenVolume(t, dir, data, 0)
@@ -212,20 +201,24 @@ func TestStreamingReadsLeaveNoCache(t *testing.T) {
 	for _, c := range []struct {
 		name string
 		buf  []byte
+		off  int64
 	}{
-		{"aligned", aligned[:len(data)]},
-		{"unaligned buffer", aligned[1 : 1+len(data)]},
+		{"1 MiB aligned", aligned[:len(data)], 0},
+		{"1 MiB, unaligned buffer", aligned[1 : 1+len(data)], 0},
+		{"4 KiB aligned", aligned[:4096], 8192},
+		{"4 KiB, unaligned buffer", aligned[1 : 1+4096], 8192},
 	} {
+		want := data[c.off : c.off+int64(len(c.buf))]
 		dropCache(t, f.Name())
-		if _, err := v.ReadAt(c.buf, 0); err != nil || !bytes.Equal(c.buf, data) {
-			t.Fatalf("ReadAt of 1 MiB, %s: %v, equal=%v", c.name, err, bytes.Equal(c.buf, data))
+		if _, err := v.ReadAt(c.buf, c.off); err != nil || !bytes.Equal(c.buf, want) {
+			t.Fatalf("ReadAt of %s: %v, equal=%v", c.name, err, bytes.Equal(c.buf, want))
 		}
 		if n := residentPages(t, f); n != 0 {
-			t.Errorf("after a 1 MiB ReadAt from disk, %s: %d pages cached, want 0", c.name, n)
+			t.Errorf("after a ReadAt of %s from disk: %d pages cached, want 0", c.name, n)
 		}
 		// The same through a plan, its segments read as the ring does.
 		clear(c.buf)
-		pl, err := v.PlanRead(c.buf, 0)
+		pl, err := v.PlanRead(c.buf, c.off)
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -235,56 +228,41 @@ func TestStreamingReadsLeaveNoCache(t *testing.T) {
 			}
 		}
 		pl.Release()
-		if !bytes.Equal(c.buf, data) {
-			t.Fatalf("PlanRead of 1 MiB, %s: wrong data", c.name)
+		if !bytes.Equal(c.buf, want) {
+			t.Fatalf("PlanRead of %s: wrong data", c.name)
 		}
 		if n := residentPages(t, f); n != 0 {
-			t.Errorf("after a 1 MiB PlanRead from disk, %s: %d pages cached, want 0", c.name, n)
+			t.Errorf("after a PlanRead of %s from disk: %d pages cached, want 0", c.name, n)
 		}
 	}
-	small := make([]byte, 4096)
-	if _, err := v.ReadAt(small, 8192); err != nil || !bytes.Equal(small, data[8192:8192+4096]) {
-		t.Fatalf("ReadAt of 4 KiB: %v", err)
-	}
-	if n := residentPages(t, f); n == 0 {
-		t.Error("after a 4 KiB ReadAt from disk: nothing cached, want its page")
-	}
-	pl, err := v.PlanRead(small, 0)
-	if err != nil {
-		t.Fatal(err)
-	}
-	for _, sg := range pl.Segs {
-		if sg.Flags != 0 {
-			t.Errorf("PlanRead of 4 KiB: segment flags %#x, want 0", sg.Flags)
-		}
-	}
-	pl.Release()
 }
 
-// TestStreamNoWaitStartsNoRead: ReadAtNoWait of a stream that is not all in
-// memory fails with EAGAIN without starting to read it into the page cache
-// (the read that follows goes past the cache, and would read it twice).
-func TestStreamNoWaitStartsNoRead(t *testing.T) {
+// TestNoWaitStartsNoRead: ReadAtNoWait of data that is not all in memory
+// fails with EAGAIN without starting to read it into the page cache (the
+// read that follows goes past the cache, and would read it twice).
+func TestNoWaitStartsNoRead(t *testing.T) {
 	dir := diskTempDir(t)
 	data := bytes.Repeat([]byte("nowait.."), 1<<20/8)
 	v := writtenVolume(t, dir, data, 0)
 	f := headFile(t, filepath.Join(dir, "layers"))
-	dropCache(t, f.Name())
-	buf := alignedBuf(len(data))
-	if _, err := v.ReadAtNoWait(buf, 0); !errors.Is(err, syscall.EAGAIN) {
-		t.Fatalf("ReadAtNoWait of 1 MiB on disk: %v, want EAGAIN", err)
-	}
-	time.Sleep(50 * time.Millisecond) // a read it started would land by now
-	if n := residentPages(t, f); n != 0 {
-		t.Errorf("after ReadAtNoWait of 1 MiB: %d pages cached, want 0", n)
-	}
-	// Once all of it is cached, the stream reads from memory.
-	if _, err := f.ReadAt(buf, 0); err != nil {
-		t.Fatal(err)
-	}
-	clear(buf)
-	if _, err := v.ReadAtNoWait(buf, 0); err != nil || !bytes.Equal(buf, data) {
-		t.Fatalf("ReadAtNoWait of 1 MiB in memory: %v, equal=%v", err, bytes.Equal(buf, data))
+	for _, n := range []int{len(data), 4096} {
+		dropCache(t, f.Name())
+		buf := alignedBuf(n)
+		if _, err := v.ReadAtNoWait(buf, 0); !errors.Is(err, syscall.EAGAIN) {
+			t.Fatalf("ReadAtNoWait of %d bytes on disk: %v, want EAGAIN", n, err)
+		}
+		time.Sleep(50 * time.Millisecond) // a read it started would land by now
+		if got := residentPages(t, f); got != 0 {
+			t.Errorf("after ReadAtNoWait of %d bytes: %d pages cached, want 0", n, got)
+		}
+		// Once all of it is cached, it reads from memory.
+		if _, err := f.ReadAt(buf, 0); err != nil {
+			t.Fatal(err)
+		}
+		clear(buf)
+		if _, err := v.ReadAtNoWait(buf, 0); err != nil || !bytes.Equal(buf, data[:n]) {
+			t.Fatalf("ReadAtNoWait of %d bytes in memory: %v, equal=%v", n, err, bytes.Equal(buf, data[:n]))
+		}
 	}
 }
 

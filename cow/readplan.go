@@ -30,7 +30,6 @@ func (h *Volume) PlanRead(p []byte, off int64) (*blockio.Plan, error) {
 			l.pins.Done()
 		}
 	}
-	stream := pl.N >= streamRead
 	v := h.v
 	if !v.barrier.TryRLock() {
 		return nil, unix.EAGAIN
@@ -47,10 +46,8 @@ func (h *Volume) PlanRead(p []byte, off int64) (*blockio.Plan, error) {
 		// A pin keeps the file open after the lock is gone; a merge
 		// leaves the blocks in place until it closes the file.
 		l.pins.Add(1)
-		seg := blockio.Seg{Fd: int(l.data.Fd()), Off: at, Buf: q}
-		if stream {
-			seg.Fd, seg.Flags = l.streamFile(q, at)
-		}
+		seg := blockio.Seg{Off: at, Buf: q}
+		seg.Fd, seg.Flags = l.uncachedFile(q, at)
 		l.ioMu.RUnlock()
 		pinned = append(pinned, l)
 		pl.Segs = append(pl.Segs, seg)

@@ -155,9 +155,8 @@ func (v *volume) read(p []byte, off int64, nowait bool) error {
 		return unix.EAGAIN
 	}
 	defer v.barrier.RUnlock()
-	stream := len(p) >= streamRead
 	return v.resolveRuns(p, off, func(owner uint32, q []byte, at int64) error {
-		return v.s.readOwner(owner, q, at, nowait, stream)
+		return v.s.readOwner(owner, q, at, nowait)
 	})
 }
 
@@ -212,10 +211,10 @@ func (v *volume) resolveRuns(p []byte, off int64, fn func(owner uint32, q []byte
 }
 
 // readOwner reads p at off from the data file of the layer a tree entry
-// names. With nowait it fails (EAGAIN) rather than wait for the disk; a
-// stream (part of a read of streamRead bytes or more) leaves what it reads
-// from disk out of the page cache.
-func (s *Store) readOwner(owner uint32, p []byte, off int64, nowait, stream bool) error {
+// names. With nowait it fails (EAGAIN) rather than wait for the disk, and
+// starts no read; what it reads from disk it leaves out of the page cache
+// (uncachedFile).
+func (s *Store) readOwner(owner uint32, p []byte, off int64, nowait bool) error {
 	if owner == 0 {
 		clear(p)
 		return nil
@@ -225,21 +224,17 @@ func (s *Store) readOwner(owner uint32, p []byte, off int64, nowait, stream bool
 		return err
 	}
 	if nowait {
-		if stream && !l.cached(p, off) {
+		if !l.cached(p, off) {
 			// A RWF_NOWAIT read that fails with EAGAIN has already
-			// started reading the pages in; the stream's read that
-			// follows goes past the page cache and would read them
-			// a second time.
+			// started reading the pages in, on this thread; the read
+			// that follows goes past the page cache and would read
+			// them a second time.
 			l.ioMu.RUnlock()
 			return unix.EAGAIN
 		}
-		flags := unix.RWF_NOWAIT
-		if stream {
-			// All in memory: the flag leaves cached pages cached,
-			// and covers pages evicted since the check.
-			flags |= l.dontcache
-		}
-		n, err := unix.Preadv2(int(l.data.Fd()), [][]byte{p}, off, flags)
+		// All in memory: the flag leaves cached pages cached, and
+		// covers pages evicted since the check.
+		n, err := unix.Preadv2(int(l.data.Fd()), [][]byte{p}, off, unix.RWF_NOWAIT|l.dontcache)
 		l.ioMu.RUnlock()
 		if err == nil && n < len(p) {
 			// Partly in memory, or the end of a shorter layer's file:
@@ -248,15 +243,10 @@ func (s *Store) readOwner(owner uint32, p []byte, off int64, nowait, stream bool
 		}
 		return err
 	}
-	var n int
-	if stream {
-		fd, flags := l.streamFile(p, off)
-		n, err = unix.Preadv2(fd, [][]byte{p}, off, flags)
-	} else {
-		n, err = l.data.ReadAt(p, off)
-	}
+	fd, flags := l.uncachedFile(p, off)
+	n, err := unix.Preadv2(fd, [][]byte{p}, off, flags)
 	l.ioMu.RUnlock()
-	if err == io.EOF || (err == nil && n < len(p)) {
+	if err == nil && n < len(p) {
 		clear(p[n:]) // past the end of a shorter (older) layer's file
 		return nil
 	}
@@ -384,7 +374,7 @@ func (v *volume) readBlock(head *layer, b uint64, dst []byte) error {
 	head.treeMu.RLock()
 	owner := head.tree.get(b)
 	head.treeMu.RUnlock()
-	return v.s.readOwner(owner, dst, int64(b)<<blockShift, false, false)
+	return v.s.readOwner(owner, dst, int64(b)<<blockShift, false)
 }
 
 // own marks blocks [first, last] as owned by the layer and queues the journal

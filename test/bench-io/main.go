@@ -508,15 +508,17 @@ func setup(ctx context.Context, c config, e *env) ([]*row, []*countingVolume, er
 }
 
 // warm returns a prep that reads all of v through the engine before each
-// run, in 64 KiB reads, which fill its layer files' page cache (reads of
-// 256 KiB and more that miss it leave it empty). The depth row compares
-// the engine's reads at two chain depths from the cache; this machine pages
-// out page cache left idle for about six seconds (a DAMON pageout scheme,
-// 128 MiB/s), and without this both sides of the row read from disk. The
-// reads run warmWorkers at a time: the deep volume's 64 KiB are 16 blocks
-// in 16 layer files, 16 random reads from disk, and one at a time the warm
-// took 1.5-8.5 minutes when the disk was slow, long enough for the scheme
-// to page out most of what it had read before the run began.
+// run, in 64 KiB reads. The engine's reads from disk leave its page cache
+// alone, so this no longer puts the data in memory: it maps every block of
+// every layer file, so that the depth row compares both sides with the
+// file system's metadata (the extent trees of the layer files) in memory
+// and the data on disk; the cold depth row drops that too. Until reads of
+// every size left the cache alone, the row compared reads from the cache,
+// and this machine's DAMON pageout scheme (page cache idle for about six
+// seconds, 128 MiB/s) paged parts of it out during runs: rounds of depth
+// 64 then read 10x slower than depth 1. The reads run warmWorkers at a
+// time: the deep volume's 64 KiB are 16 blocks in 16 layer files, and one
+// at a time the warm took 1.5-8.5 minutes when the disk was slow.
 func warm(v *countingVolume, path string, size int64) func(context.Context, int) (string, func() error, error) {
 	return func(context.Context, int) (string, func() error, error) {
 		const chunk = 64 << 10
