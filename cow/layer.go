@@ -55,6 +55,11 @@ type layer struct {
 	directState atomic.Int32 // directUntried, directOn, directOff
 	dioMem      uintptr      // buffer alignment O_DIRECT needs
 	dioOff      int64        // offset and length alignment O_DIRECT needs
+	// mayCache is false only when the data file is known to have no pages
+	// in the page cache: a read without waiting then skips cachestat
+	// (mayBeCached). misses counts cachestat misses since the last check.
+	mayCache atomic.Bool
+	misses   atomic.Uint32
 
 	// mergedInto is set when this layer's blocks were merged into its child:
 	// tree entries naming this layer now resolve to that child's data file.
@@ -123,6 +128,7 @@ func (l *layer) ensureFiles(dir string) error {
 	}
 	adviseRandom(data)
 	l.dontcache = dontcacheFlag(data)
+	l.mayCache.Store(true) // the probe may have left a page
 	l.flushMu.Lock()
 	l.journal, l.jOff, l.jAlloc, l.dirSynced = j, ondisk.JournalHeaderSize, int64(len(img)), false
 	l.flushMu.Unlock()
@@ -219,7 +225,9 @@ func (l *layer) writeData(p []byte, off int64) error {
 	start, length := off, int64(len(p))
 	for len(p) > 0 {
 		n := min(len(p), writePiece)
-		if _, err := l.data.WriteAt(p[:n], off); err != nil {
+		_, err := l.data.WriteAt(p[:n], off)
+		l.cachedNow()
+		if err != nil {
 			return ioErr(err)
 		}
 		p, off = p[n:], off+int64(n)
@@ -322,13 +330,23 @@ func (l *layer) uncachedFile(p []byte, off int64) (fd, flags int) {
 	if f := l.directFile(); f != nil && l.aligned(p, off) {
 		return int(f.Fd()), 0
 	}
+	if l.dontcache == 0 {
+		l.cachedNow() // this read fills the page cache
+	}
 	return int(l.data.Fd()), l.dontcache
 }
 
 // cached reports whether all of the range p at off is in the data file's
 // page cache (cachestat(2), Linux 6.5+; true where it is missing, so that
-// the caller tries the cache). It starts no I/O.
+// the caller tries the cache). It starts no I/O. A file known to have no
+// cached pages (mayCache) is not asked: a syscall, on this kind of VM, is
+// a large part of a read's cost in the serving process (in a perf profile
+// of bench-io's 4 KiB random read row, cachestat's syscall was 6% of the
+// serving process's CPU, for reads that all missed).
 func (l *layer) cached(p []byte, off int64) bool {
+	if !l.mayCache.Load() {
+		return false
+	}
 	var cs unix.Cachestat_t
 	r := unix.CachestatRange{Off: uint64(off), Len: uint64(len(p))}
 	if err := unix.Cachestat(uint(l.data.Fd()), &r, &cs, 0); err != nil {
@@ -336,7 +354,44 @@ func (l *layer) cached(p []byte, off int64) bool {
 	}
 	ps := uint64(os.Getpagesize())
 	pages := (uint64(off)+uint64(len(p))+ps-1)/ps - uint64(off)/ps
-	return cs.Cache >= pages
+	if cs.Cache >= pages {
+		return true
+	}
+	if l.misses.Add(1)%recheckMisses == 0 {
+		l.recheckCache()
+	}
+	return false
+}
+
+// recheckMisses is how many cachestat misses make cached ask whether the
+// data file has any cached page left (the kernel reclaimed them, a cold
+// start, a drop of the cache).
+const recheckMisses = 64
+
+// cachedNow records that the data file may have pages in the page cache
+// now; writes through the cache call it after writing. Only the engine's
+// writes through the cache add pages to a data file: its reads from disk
+// leave nothing cached (uncachedFile), and direct writes drop what was
+// cached. Reads of pages cached by someone else go past them while the
+// flag is false, which costs nothing but the copy they could have saved:
+// a direct read sees the file as it is (it writes dirty pages back
+// first).
+func (l *layer) cachedNow() {
+	if !l.mayCache.Load() {
+		l.mayCache.Store(true)
+	}
+}
+
+// recheckCache clears mayCache if the data file has no page cached. The
+// flag is cleared before asking, so a write through the cache that the
+// question misses sets it again after (cachedNow follows the write).
+func (l *layer) recheckCache() {
+	l.mayCache.Store(false)
+	var cs unix.Cachestat_t
+	r := unix.CachestatRange{} // Len 0: to the end of the file
+	if err := unix.Cachestat(uint(l.data.Fd()), &r, &cs, 0); err != nil || cs.Cache > 0 {
+		l.mayCache.Store(true)
+	}
 }
 
 // aligned reports whether O_DIRECT takes p at off; directFile must have
@@ -442,6 +497,7 @@ func openLayerFiles(dir string, num uint32, size int64) (*layer, []ondisk.Range,
 	}
 	adviseRandom(data)
 	l.dontcache = dontcacheFlag(data)
+	l.mayCache.Store(true) // an earlier process may have left pages cached
 	j, err := os.OpenFile(jp, os.O_RDWR, 0)
 	if err != nil {
 		data.Close()
