@@ -266,8 +266,30 @@ func (rs *ringServer) start(nq, entries, payload int) error {
 		rs.stop()
 		return first
 	}
+	reserveProcs(nq)
 	return nil
 }
+
+// reserveProcs raises GOMAXPROCS, once per process, by the number of ring
+// queues, unless the GOMAXPROCS environment variable set it. A queue's
+// thread spends most of its time blocked in io_uring_enter, and a
+// goroutine blocked in a syscall keeps its P until sysmon takes it back
+// (from 20 µs, and sysmon sleeps longer when idle): with one P per CPU,
+// two busy queues on two CPUs left the rest of the process (the engine's
+// goroutines, go-fuse's /dev/fuse readers, the garbage collector) waiting
+// for sysmon. With a spare P per queue, 4 KiB reads at chain depth 64 ran
+// at 0.92 of depth 1 on average over five bench-io runs against 0.86
+// without (docs/BENCHMARKS.md, "What was tried").
+func reserveProcs(queues int) {
+	procsOnce.Do(func() {
+		if os.Getenv("GOMAXPROCS") != "" {
+			return
+		}
+		runtime.GOMAXPROCS(runtime.GOMAXPROCS(0) + queues)
+	})
+}
+
+var procsOnce sync.Once
 
 // refuseRing sends a registration the kernel must refuse (a queue that
 // does not exist); a refused registration turns the ring off for the

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"os"
 	"path/filepath"
+	"runtime"
 	"sync/atomic"
 	"syscall"
 	"testing"
@@ -320,5 +321,28 @@ func TestRingPollHack(t *testing.T) {
 	}
 	if got := s.ringPolls(); got != 1 {
 		t.Fatalf("POLL requests on the ring after Go opens: %d, want still 1", got)
+	}
+}
+
+// procsAtStart is GOMAXPROCS before any test ran (package variables are
+// set before tests start, and no ring serves before then).
+var procsAtStart = runtime.GOMAXPROCS(0)
+
+// TestRingReservesProcs: once a ring serves, the process has a P per ring
+// queue on top of what it started with (once per process, however many
+// rings), unless the GOMAXPROCS environment variable set it.
+func TestRingReservesProcs(t *testing.T) {
+	mountRing(t, Options{})
+	mountRing(t, Options{})
+	nq, err := possibleCPUs()
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := procsAtStart + nq
+	if os.Getenv("GOMAXPROCS") != "" {
+		want = procsAtStart
+	}
+	if got := runtime.GOMAXPROCS(0); got != want {
+		t.Fatalf("GOMAXPROCS %d after two ring mounts with %d queues each, started at %d: want %d", got, nq, procsAtStart, want)
 	}
 }
