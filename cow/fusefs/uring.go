@@ -278,7 +278,7 @@ func (rs *ringServer) start(nq, entries, payload int) error {
 // two busy queues on two CPUs left the rest of the process (the engine's
 // goroutines, go-fuse's /dev/fuse readers, the garbage collector) waiting
 // for sysmon. With a spare P per queue, 4 KiB reads at chain depth 64 ran
-// at 0.92 of depth 1 on average over five bench-io runs against 0.86
+// at 0.92 of depth 1 on average over five bench-io runs against 0.83
 // without (docs/BENCHMARKS.md, "What was tried").
 func reserveProcs(queues int) {
 	procsOnce.Do(func() {
