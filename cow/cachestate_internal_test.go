@@ -66,6 +66,7 @@ func TestMayCache(t *testing.T) {
 			t.Fatalf("ReadAtNoWait of a block on disk only: %v, want EAGAIN", err)
 		}
 	}
+	waitCheck(t, head)
 	if head.mayCache.Load() {
 		t.Fatalf("mayCache still set after %d misses on a file with no page cached", recheckMisses)
 	}
@@ -93,11 +94,54 @@ func TestMayCache(t *testing.T) {
 	if _, err := h.ReadAtNoWait(got, BlockSize); err != nil || !bytes.Equal(got, data2) {
 		t.Fatalf("ReadAtNoWait of a block just written: %v, equal=%v", err, bytes.Equal(got, data2))
 	}
-	// A recheck while pages are cached keeps the flag.
+	// A recheck while pages are cached keeps the flag, and doubles the
+	// misses until the next (a whole-file cachestat costs a walk of every
+	// cached page).
+	at := max(head.recheckAt.Load(), recheckMisses)
 	head.recheckCache()
 	if !head.mayCache.Load() {
 		t.Fatal("recheckCache cleared mayCache with pages cached")
 	}
+	if got := head.recheckAt.Load(); got != 2*at {
+		t.Fatalf("recheckAt %d after a check that found pages, want %d", got, 2*at)
+	}
+	// Misses on blocks not cached while another is: the flag stays, the
+	// reads still answer EAGAIN, and the checks back off.
+	big := bytes.Repeat([]byte("dropped."), 8*BlockSize/8)
+	if _, err := h.WriteAt(big, 2*BlockSize); err != nil {
+		t.Fatal(err)
+	}
+	if err := h.Flush(); err != nil {
+		t.Fatal(err)
+	}
+	if err := unix.Fadvise(int(head.data.Fd()), 2*BlockSize, 8*BlockSize, unix.FADV_DONTNEED); err != nil {
+		t.Fatal(err)
+	}
+	for i := range 4 * recheckMisses {
+		if _, err := h.ReadAtNoWait(got, int64(2+i%8)*BlockSize); !errors.Is(err, syscall.EAGAIN) {
+			t.Fatalf("ReadAtNoWait of a block written past the cache: %v, want EAGAIN", err)
+		}
+		waitCheck(t, head) // one check at a time: each doubles recheckAt
+	}
+	waitCheck(t, head)
+	if !head.mayCache.Load() {
+		t.Fatal("mayCache cleared while a block is cached")
+	}
+	if got := head.recheckAt.Load(); got < 4*at {
+		t.Fatalf("recheckAt %d after misses with pages cached, want at least %d", got, 4*at)
+	}
+}
+
+// waitCheck waits for a recheckCache goroutine the misses started.
+func waitCheck(t *testing.T, l *layer) {
+	t.Helper()
+	for range 500 {
+		if !l.checking.Load() {
+			return
+		}
+		time.Sleep(2 * time.Millisecond)
+	}
+	t.Fatal("recheckCache still running after 1 s")
 }
 
 // dropPages drops f's pages from the page cache and waits until cachestat
