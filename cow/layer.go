@@ -228,13 +228,16 @@ func (l *layer) writeData(p []byte, off int64) error {
 	start, length := off, int64(len(p))
 	for len(p) > 0 {
 		n := min(len(p), writePiece)
-		_, err := l.data.WriteAt(p[:n], off)
-		l.cachedNow()
-		if err != nil {
+		if _, err := l.data.WriteAt(p[:n], off); err != nil {
+			l.cachedNow()
 			return ioErr(err)
 		}
 		p, off = p[n:], off+int64(n)
 	}
+	// After the write: a check that clears the flag before it sees these
+	// pages would otherwise leave them unseen (recheckCache). Until then,
+	// reads go past them, which is coherent.
+	l.cachedNow()
 	if length >= writebackStart {
 		// Start writing large writes back now, without waiting: a
 		// sequential stream then never piles up dirty pages until the

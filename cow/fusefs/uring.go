@@ -279,7 +279,9 @@ func (rs *ringServer) start(nq, entries, payload int) error {
 // goroutines, go-fuse's /dev/fuse readers, the garbage collector) waiting
 // for sysmon. With a spare P per queue, 4 KiB reads at chain depth 64 ran
 // at 0.92 of depth 1 on average over five bench-io runs against 0.83
-// without (docs/BENCHMARKS.md, "What was tried").
+// without (docs/BENCHMARKS.md, "What was tried"). Setting GOMAXPROCS
+// also stops the runtime from following a later change of the container's
+// CPU limit (Go 1.25+).
 func reserveProcs(queues int) {
 	procsOnce.Do(func() {
 		if os.Getenv("GOMAXPROCS") != "" {
