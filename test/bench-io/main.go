@@ -403,7 +403,7 @@ func setup(ctx context.Context, c config, e *env) ([]*row, []*countingVolume, er
 			// from memory, which the limit (direct I/O) never uses. The
 			// cold rows drop the cached pages of this volume's layer
 			// (the only one in the store at this point) before each run.
-			layers, err := filepath.Glob(filepath.Join(e.dir, "store", "layers", "*.data"))
+			layers, err := layerFiles(e.dir)
 			if err != nil {
 				return nil, nil, err
 			}
@@ -434,6 +434,10 @@ func setup(ctx context.Context, c config, e *env) ([]*row, []*countingVolume, er
 	}
 
 	if wanted(c, "depth-4k-randread") || (c.Cold && wanted(c, "depth-4k-randread-cold")) {
+		layersBefore, err := layerFiles(e.dir)
+		if err != nil {
+			return nil, nil, err
+		}
 		fv, fd, err := e.cowDevice(ctx, "flat", c.DepthSize)
 		if err != nil {
 			return nil, nil, err
@@ -451,8 +455,16 @@ func setup(ctx context.Context, c config, e *env) ([]*row, []*countingVolume, er
 		if err := deepen(ctx, e.store, dv, "deep", c.Depth); err != nil {
 			return nil, nil, err
 		}
-		a := &target{name: "cowcsi depth 1", path: fd.Path, size: c.DepthSize, vol: fv, prep: warm(fv, fd.Path, c.DepthSize)}
-		b := &target{name: fmt.Sprintf("cowcsi depth %d", c.Depth), path: dd.Path, size: c.DepthSize, vol: dv, prep: warm(dv, dd.Path, c.DepthSize)}
+		// The two volumes' layer files: deepen's small writes went
+		// through the page cache, fill's large ones past it, and warm
+		// drops these before each run so that both sides read from disk.
+		layersAfter, err := layerFiles(e.dir)
+		if err != nil {
+			return nil, nil, err
+		}
+		depthLayers := slices.DeleteFunc(layersAfter, func(p string) bool { return slices.Contains(layersBefore, p) })
+		a := &target{name: "cowcsi depth 1", path: fd.Path, size: c.DepthSize, vol: fv, prep: warm(e.dir, depthLayers, fv, fd.Path, c.DepthSize)}
+		b := &target{name: fmt.Sprintf("cowcsi depth %d", c.Depth), path: dd.Path, size: c.DepthSize, vol: dv, prep: warm(e.dir, depthLayers, dv, dd.Path, c.DepthSize)}
 		add("depth-4k-randread", fmt.Sprintf("4k randread, depth %d vs 1", c.Depth), randRead, 0.9, a, b)
 		if c.Cold {
 			// The same reads from disk: each side's run starts with
@@ -507,20 +519,27 @@ func setup(ctx context.Context, c config, e *env) ([]*row, []*countingVolume, er
 	return rows, vols, nil
 }
 
-// warm returns a prep that reads all of v through the engine before each
-// run, in 64 KiB reads. The engine's reads from disk leave its page cache
-// alone, so this no longer puts the data in memory: it maps every block of
-// every layer file, so that the depth row compares both sides with the
-// file system's metadata (the extent trees of the layer files) in memory
-// and the data on disk; the cold depth row drops that too. Until reads of
+// warm returns a prep that drops the page cache of layers (the depth
+// volumes' layer files) and then reads all of v through the engine, in 64
+// KiB reads. The engine's reads from disk leave its page cache alone, so
+// this does not put the data in memory: it maps every block of every layer
+// file, so that the depth row compares both sides with the file system's
+// metadata (the extent trees of the layer files) in memory and the data on
+// disk; the cold depth row drops that too. Until 2026-12-05 the deep
+// volume's data stayed cached from deepen's writes (small writes go
+// through the page cache), and a perf profile of the row showed depth 64
+// reading from the cache where depth 1 read from disk. Until reads of
 // every size left the cache alone, the row compared reads from the cache,
 // and this machine's DAMON pageout scheme (page cache idle for about six
 // seconds, 128 MiB/s) paged parts of it out during runs: rounds of depth
 // 64 then read 10x slower than depth 1. The reads run warmWorkers at a
 // time: the deep volume's 64 KiB are 16 blocks in 16 layer files, and one
 // at a time the warm took 1.5-8.5 minutes when the disk was slow.
-func warm(v *countingVolume, path string, size int64) func(context.Context, int) (string, func() error, error) {
+func warm(dir string, layers []string, v *countingVolume, path string, size int64) func(context.Context, int) (string, func() error, error) {
 	return func(context.Context, int) (string, func() error, error) {
+		if err := dropCache(dir, layers); err != nil {
+			return "", nil, err
+		}
 		const chunk = 64 << 10
 		var next atomic.Int64
 		var wg sync.WaitGroup
@@ -544,6 +563,15 @@ func warm(v *countingVolume, path string, size int64) func(context.Context, int)
 		close(errs)
 		if err := <-errs; err != nil {
 			return "", nil, err
+		}
+		// Both sides must read from disk: a cached copy of the data
+		// would make the row compare memory with disk again.
+		cached, total, err := cachedPages(layers)
+		if err != nil {
+			return "", nil, err
+		}
+		if cached > total/100 {
+			return "", nil, fmt.Errorf("warm %s: %d of %d pages of the layer files cached after the drop and the warm", path, cached, total)
 		}
 		return path, nil, nil
 	}

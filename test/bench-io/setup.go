@@ -314,6 +314,11 @@ func syncfs(dir string) error {
 	return unix.Syncfs(fd)
 }
 
+// layerFiles lists the data files of the layers in the store under dir.
+func layerFiles(dir string) ([]string, error) {
+	return filepath.Glob(filepath.Join(dir, "store", "layers", "*.data"))
+}
+
 // dropCache writes back and drops the page cache of files (the filesystem
 // is synced first, so every page is clean and droppable).
 func dropCache(dir string, files []string) error {
@@ -332,6 +337,31 @@ func dropCache(dir string, files []string) error {
 		}
 	}
 	return nil
+}
+
+// cachedPages counts the pages of files in the page cache (cachestat(2))
+// and the pages the files span.
+func cachedPages(files []string) (cached, total uint64, err error) {
+	for _, p := range files {
+		fd, err := unix.Open(p, unix.O_RDONLY|unix.O_CLOEXEC, 0)
+		if err != nil {
+			return 0, 0, err
+		}
+		var cs unix.Cachestat_t
+		r := unix.CachestatRange{} // Len 0: to the end of the file
+		err = unix.Cachestat(uint(fd), &r, &cs, 0)
+		var st unix.Stat_t
+		if err == nil {
+			err = unix.Fstat(fd, &st)
+		}
+		unix.Close(fd)
+		if err != nil {
+			return 0, 0, fmt.Errorf("%s: %w", p, err)
+		}
+		cached += cs.Cache
+		total += uint64(st.Size+4095) / 4096
+	}
+	return cached, total, nil
 }
 
 // dropAllCaches writes back dir's file system and drops the machine's
