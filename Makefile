@@ -92,3 +92,11 @@ BENCH_IO_FLAGS ?=
 
 bench-io:
 	bash test/bench-io/bench-io.sh -out $(BENCH_IO_OUT) $(BENCH_IO_FLAGS)
+
+# The working tree against an older revision (default HEAD: the change not
+# yet committed), alternating binaries: make bench-io-ab BENCH_IO_OLD=<rev>
+# BENCH_IO_FLAGS='-only raw -rounds 3'
+BENCH_IO_OLD ?= HEAD
+.PHONY: bench-io-ab
+bench-io-ab:
+	bash test/bench-io/ab.sh $(BENCH_IO_OLD) $(BENCH_IO_FLAGS)

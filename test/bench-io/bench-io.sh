@@ -4,17 +4,8 @@
 # Makefile passes BENCH_IO_FLAGS. Needs root.
 set -euo pipefail
 
-missing=()
-command -v fio >/dev/null || missing+=(fio)
-command -v mkfs.ext4 >/dev/null || missing+=(e2fsprogs)
-if ((${#missing[@]})); then
-	echo "bench-io: installing ${missing[*]}"
-	export DEBIAN_FRONTEND=noninteractive
-	apt-get update -qq
-	apt-get install -y -qq --no-install-recommends "${missing[@]}"
-fi
-[ -e /dev/loop-control ] || modprobe loop || true
-[ -e /dev/fuse ] || modprobe fuse || true
+# shellcheck source=test/bench-io/deps.sh
+source "$(dirname "$0")/deps.sh"
 
 cd "$(dirname "$0")/../.."
 mkdir -p bin

@@ -53,6 +53,7 @@ type config struct {
 	Cold       bool          `json:"cold"`
 	Only       []string      `json:"only,omitempty"`
 	CPUProfile string        `json:"-"`
+	Baseline   []string      `json:"-"`
 	IOURing    bool          `json:"fuse_io_uring"`
 }
 
@@ -75,7 +76,36 @@ func main() {
 	// The driver's default (--fuse-io-uring=auto): the ring where the
 	// kernel has it.
 	flag.BoolVar(&c.IOURing, "fuse-io-uring", fusefs.IOURingSupported(), "serve the FUSE file through FUSE over io_uring, as the driver does by default where the kernel has it (turns on the fuse module's enable_uring parameter); false: /dev/fuse")
+	baseline := flag.String("baseline", "", "comma-separated JSON reports of earlier runs (the old code): after the run, compare each row's rounds with theirs (see -compare)")
+	compare := flag.Bool("compare", false, "run nothing: compare the reports OLD[,OLD...] with NEW[,NEW...] (the two arguments), row by row; exit status 1 if every new round of a row lies below every old one")
+	flag.Usage = func() {
+		fmt.Fprintf(flag.CommandLine.Output(), "usage: bench-io [flags]\n       bench-io -compare OLD.json[,OLD.json...] NEW.json[,NEW.json...]\n")
+		flag.PrintDefaults()
+	}
 	flag.Parse()
+	if *compare {
+		if flag.NArg() != 2 {
+			flag.Usage()
+			os.Exit(2)
+		}
+		lower, err := compareReports(os.Stdout, strings.Split(flag.Arg(0), ","), strings.Split(flag.Arg(1), ","))
+		if err != nil {
+			fmt.Fprintln(os.Stderr, "bench-io:", err)
+			os.Exit(2)
+		}
+		if len(lower) > 0 {
+			fmt.Fprintln(os.Stderr, "bench-io: lower than the old code in every round:", strings.Join(lower, ", "))
+			os.Exit(1)
+		}
+		return
+	}
+	if flag.NArg() > 0 {
+		flag.Usage()
+		os.Exit(2)
+	}
+	if *baseline != "" {
+		c.Baseline = strings.Split(*baseline, ",")
+	}
 	for _, p := range []struct {
 		s   string
 		dst *int64
@@ -273,6 +303,15 @@ func run(ctx context.Context, c config) error {
 		return err
 	}
 	fmt.Printf("\nJSON: %s (%v)\n", c.Out, time.Since(start).Round(time.Second))
+	if len(c.Baseline) > 0 {
+		lower, err := compareReports(os.Stdout, c.Baseline, []string{c.Out})
+		if err != nil {
+			return fmt.Errorf("baseline: %w", err)
+		}
+		if len(lower) > 0 {
+			return fmt.Errorf("lower than the baseline in every round: %s", strings.Join(lower, ", "))
+		}
+	}
 	return nil
 }
 
