@@ -39,6 +39,8 @@ func TestSmoke(t *testing.T) {
 		FileSize:  64 << 20,
 		EndFsync:  true,
 		Cold:      true,
+		// The comparison after a run: a baseline no round can be below.
+		Baseline: []string{writeReport(t, "baseline.json", map[string][]float64{"raw-4k-randread": {0}})},
 	}
 	// The driver's default transport where the kernel has it.
 	c.IOURing = fusefs.IOURingSupported()
