@@ -19,6 +19,21 @@ type pooled struct {
 	runs   int       // reports that had the row
 }
 
+// savedReport is the part of a bench-io JSON report that -compare reads
+// (the fields of report and row it needs).
+type savedReport struct {
+	Rows []savedRow `json:"rows"`
+}
+
+type savedRow struct {
+	ID     string    `json:"id"`
+	Name   string    `json:"name"`
+	Unit   string    `json:"unit"`
+	Target float64   `json:"target"`
+	Ratios []float64 `json:"ratios"`
+	CPU    []float64 `json:"cpu_per_io_ratios"`
+}
+
 // loadPooled reads bench-io JSON reports and pools each row's rounds by
 // row ID, in the order rows first appear.
 func loadPooled(paths []string) (ids []string, rows map[string]*pooled, err error) {
@@ -28,16 +43,7 @@ func loadPooled(paths []string) (ids []string, rows map[string]*pooled, err erro
 		if err != nil {
 			return nil, nil, err
 		}
-		var rep struct {
-			Rows []struct {
-				ID     string    `json:"id"`
-				Name   string    `json:"name"`
-				Unit   string    `json:"unit"`
-				Target float64   `json:"target"`
-				Ratios []float64 `json:"ratios"`
-				CPU    []float64 `json:"cpu_per_io_ratios"`
-			} `json:"rows"`
-		}
+		var rep savedReport
 		if err := json.Unmarshal(b, &rep); err != nil {
 			return nil, nil, fmt.Errorf("%s: %w", p, err)
 		}

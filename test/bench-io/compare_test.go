@@ -15,24 +15,14 @@ import (
 // ratios (row ID → ratios) and returns its path.
 func writeReport(t *testing.T, name string, rows map[string][]float64) string {
 	t.Helper()
-	type row struct {
-		ID     string    `json:"id"`
-		Name   string    `json:"name"`
-		Unit   string    `json:"unit"`
-		Target float64   `json:"target"`
-		Ratios []float64 `json:"ratios"`
-		CPU    []float64 `json:"cpu_per_io_ratios"`
-	}
-	var rep struct {
-		Rows []row `json:"rows"`
-	}
+	var rep savedReport
 	ids := make([]string, 0, len(rows))
 	for id := range rows {
 		ids = append(ids, id)
 	}
 	slices.Sort(ids)
 	for _, id := range ids {
-		rep.Rows = append(rep.Rows, row{ID: id, Name: id, Unit: "IOPS", Target: 0.5, Ratios: rows[id], CPU: []float64{1.5}})
+		rep.Rows = append(rep.Rows, savedRow{ID: id, Name: id, Unit: "IOPS", Target: 0.5, Ratios: rows[id], CPU: []float64{1.5}})
 	}
 	b, err := json.Marshal(rep)
 	if err != nil {
