@@ -100,7 +100,7 @@ func compareReports(w io.Writer, oldPaths, newPaths []string) ([]string, error) 
 			ids = append(ids, id)
 		}
 	}
-	fmt.Fprintf(w, "\nold: %s\nnew: %s\nB/A to the limit, median [min-max] of all rounds of each side's reports; cpu B/A medians\n\n",
+	fmt.Fprintf(w, "\nold: %s\nnew: %s\nB/A as in the run's table (to the limit; depth 64 to depth 1), median [min-max] of all rounds of each side's reports; cpu B/A medians\n\n",
 		strings.Join(oldPaths, ", "), strings.Join(newPaths, ", "))
 	fmt.Fprintf(w, "%-52s %-24s %-24s %-9s %-9s %s\n", "row", "old B/A", "new B/A", "old cpu", "new cpu", "new vs old")
 	side := func(p *pooled) (ratio, cpu string) {
