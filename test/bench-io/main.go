@@ -105,6 +105,11 @@ func main() {
 	}
 	if *baseline != "" {
 		c.Baseline = strings.Split(*baseline, ",")
+		// Unreadable reports fail now, not after a run of many minutes.
+		if _, _, err := loadPooled(c.Baseline); err != nil {
+			fmt.Fprintln(os.Stderr, "bench-io: -baseline:", err)
+			os.Exit(2)
+		}
 	}
 	for _, p := range []struct {
 		s   string
