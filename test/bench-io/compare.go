@@ -13,10 +13,8 @@ import (
 // same side of a comparison (old or new code).
 type pooled struct {
 	name   string
-	target float64
 	ratios []float64 // B/A of every round
 	cpu    []float64 // cpu B/A of every round
-	runs   int       // reports that had the row
 }
 
 // savedReport is the part of a bench-io JSON report that -compare reads
@@ -29,7 +27,6 @@ type savedRow struct {
 	ID     string    `json:"id"`
 	Name   string    `json:"name"`
 	Unit   string    `json:"unit"`
-	Target float64   `json:"target"`
 	Ratios []float64 `json:"ratios"`
 	CPU    []float64 `json:"cpu_per_io_ratios"`
 }
@@ -53,13 +50,12 @@ func loadPooled(paths []string) (ids []string, rows map[string]*pooled, err erro
 		for _, r := range rep.Rows {
 			pr := rows[r.ID]
 			if pr == nil {
-				pr = &pooled{name: r.Name + " (" + r.Unit + ")", target: r.Target}
+				pr = &pooled{name: r.Name + " (" + r.Unit + ")"}
 				rows[r.ID] = pr
 				ids = append(ids, r.ID)
 			}
 			pr.ratios = append(pr.ratios, r.Ratios...)
 			pr.cpu = append(pr.cpu, r.CPU...)
-			pr.runs++
 		}
 	}
 	return ids, rows, nil

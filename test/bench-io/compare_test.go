@@ -22,7 +22,7 @@ func writeReport(t *testing.T, name string, rows map[string][]float64) string {
 	}
 	slices.Sort(ids)
 	for _, id := range ids {
-		rep.Rows = append(rep.Rows, savedRow{ID: id, Name: id, Unit: "IOPS", Target: 0.5, Ratios: rows[id], CPU: []float64{1.5}})
+		rep.Rows = append(rep.Rows, savedRow{ID: id, Name: id, Unit: "IOPS", Ratios: rows[id], CPU: []float64{1.5}})
 	}
 	b, err := json.Marshal(rep)
 	if err != nil {
