@@ -217,8 +217,14 @@ func (s *Store) Check() error {
 		heads[h.num] = id
 		h.filesMu.Lock()
 		if h.data != nil {
-			if st, err := h.data.Stat(); err != nil || st.Size() != rec.Size {
-				bad("volume %s: head data file size wrong (%v)", id, err)
+			st, err := h.data.Stat()
+			switch {
+			case err != nil:
+				bad("volume %s: head data file: %v", id, err)
+			case !h.dense && st.Size() != rec.Size:
+				bad("volume %s: head data file size %d, want %d", id, st.Size(), rec.Size)
+			case h.dense && st.Size() < int64(h.next.Load())<<blockShift:
+				bad("volume %s: head data file size %d, places up to %d", id, st.Size(), int64(h.next.Load())<<blockShift)
 			}
 		}
 		h.filesMu.Unlock()
@@ -285,12 +291,19 @@ func (s *Store) Check() error {
 		ranges = append(ranges, l.pending...)
 		l.treeMu.RUnlock()
 		limit := uint64(l.size.Load()) >> blockShift
+		var locs locMap
 		for _, r := range ranges {
 			if r.End() > limit {
 				bad("layer %d owns %d+%d beyond its %d blocks", l.num, r.Start, r.Count, limit)
 				continue
 			}
 			t.setRange(r.Start, r.End(), l.num)
+			if l.dense {
+				locs.set(r.Start, r.Count, r.Loc)
+			}
+		}
+		if l.dense {
+			checkLocs(l, &locs, limit, bad)
 		}
 		fresh[l.num] = &t
 		return &t, nil
@@ -327,4 +340,41 @@ func (s *Store) Check() error {
 	}
 	sort.Strings(problems)
 	return fmt.Errorf("%w: %s", ErrCorrupt, strings.Join(problems, "; "))
+}
+
+// checkLocs compares a dense layer's locations with want, rebuilt from its
+// journal and pending records, and checks that no two blocks share a place.
+func checkLocs(l *layer, want *locMap, limit uint64, bad func(string, ...any)) {
+	l.treeMu.RLock()
+	defer l.treeMu.RUnlock()
+	mism := 0
+	for b := uint64(0); b < limit; b++ {
+		wl, _, wok := want.get(b)
+		gl, _, gok := l.locs.get(b)
+		if wl != gl || wok != gok {
+			if mism < 3 {
+				bad("layer %d block %d: place %d (%v), journal says %d (%v)", l.num, b, gl, gok, wl, wok)
+			}
+			mism++
+		}
+	}
+	if l.locs.blocks != want.blocks || int64(l.locs.blocks) != l.owned.Load() {
+		bad("layer %d: %d blocks placed, journal %d, owned count %d", l.num, l.locs.blocks, want.blocks, l.owned.Load())
+	}
+	var used [][2]uint64
+	l.locs.forEach(func(_, count, loc uint64) {
+		if loc != ondisk.LocZero {
+			used = append(used, [2]uint64{loc, loc + count})
+		}
+	})
+	sort.Slice(used, func(i, j int) bool { return used[i][0] < used[j][0] })
+	for i := 1; i < len(used); i++ {
+		if used[i][0] < used[i-1][1] {
+			bad("layer %d: file blocks %d-%d used twice", l.num, used[i][0], used[i-1][1])
+			break
+		}
+	}
+	if end := l.locs.end(); end > l.next.Load() {
+		bad("layer %d: places end at %d, next free block %d", l.num, end, l.next.Load())
+	}
 }

@@ -179,15 +179,20 @@ func (s *Store) merge(ctx context.Context, job gcJob) error {
 	for _, r := range coalesce(ranges) {
 		for start := r.Start; start < r.End(); start += mergeBatch {
 			if err := ctx.Err(); err != nil {
+				c.unreserve(copied) // a dense child's copies, never owned
 				return err
 			}
 			end := min(start+mergeBatch, r.End())
 			got, err := s.mergeStep(job, start, end, buf)
 			if err != nil {
+				c.unreserve(copied)
 				return err
 			}
 			copied = append(copied, got...)
 		}
+	}
+	if c.dense {
+		return s.mergeCommit(job, copied)
 	}
 	// Blocks skipped above because the child owns them may be owned only in
 	// memory (written, not flushed): make that ownership durable before the
@@ -209,18 +214,9 @@ func (s *Store) merge(ctx context.Context, job gcJob) error {
 	}
 	s.topo.Lock()
 	defer s.topo.Unlock()
-	crec := layerRec(c)
-	crec.Parent = 0
-	if f.parent != nil {
-		crec.Parent = f.parent.num
-	}
-	if err := s.cat.commit([]ondisk.Op{{Kind: ondisk.OpPutLayer, Layer: crec}, {Kind: ondisk.OpDelLayer, Num: f.num}}); err != nil {
+	if err := s.commitMerge(f, c); err != nil {
 		return err
 	}
-	c.parent = f.parent
-	c.aliases = append(append(c.aliases, f.num), f.aliases...)
-	f.mergedInto.Store(c)
-	delete(s.byNum, f.num)
 	var added int64
 	if !c.frozen {
 		// Still a head: let its writes take the fast path on these blocks.
@@ -240,6 +236,87 @@ func (s *Store) merge(ctx context.Context, job gcJob) error {
 		}
 	}
 	c.owned.Add(added)
+	return s.dropMerged(f)
+}
+
+// mergeCommit ends the merge of f into a dense child c, which holds copies
+// of the blocks in copied at new places: c adopts those it still has no
+// place for (the others it came to own since their copy, and their copies
+// are freed), its records become durable with its own writes' (one flush:
+// the data, then the journal in the order of the changes in memory), and
+// one catalog commit drops f. Under topo: a head child may not be frozen
+// by a snapshot while it adopts (the frozen layer's index is shared).
+func (s *Store) mergeCommit(job gcJob, copied []ondisk.Range) error {
+	f, c := job.layer, job.child
+	s.topo.Lock()
+	defer s.topo.Unlock()
+	c.adopt(copied)
+	// Blocks skipped because the child owns them may be owned only in
+	// memory (written, not flushed): the flush makes that durable before
+	// the parent can disappear, or a crash would leave them reading from
+	// below with nothing there.
+	if err := c.flush(s.layerFS); err != nil {
+		return err
+	}
+	if err := s.commitMerge(f, c); err != nil {
+		return err
+	}
+	return s.dropMerged(f)
+}
+
+// adopt makes a dense layer own the copies in recs (merge) of blocks it has
+// no place for yet, and frees the copies of the others.
+func (l *layer) adopt(recs []ondisk.Range) {
+	l.treeMu.Lock()
+	var extra []ondisk.Range
+	before := l.locs.blocks
+	for _, r := range recs {
+		for b := r.Start; b < r.End(); {
+			_, n, ok := l.locs.get(b)
+			n = min(n, r.End()-b)
+			part := ondisk.Range{Start: b, Count: n, Loc: r.Loc}
+			if r.Loc != ondisk.LocZero {
+				part.Loc += b - r.Start
+			}
+			if ok {
+				extra = append(extra, part)
+			} else {
+				l.locs.set(part.Start, part.Count, part.Loc)
+				if !l.frozen {
+					// Still a head: its writes take the fast path on
+					// these blocks.
+					l.tree.setRange(part.Start, part.End(), l.num)
+				}
+				l.pending = append(l.pending, part)
+			}
+			b += n
+		}
+	}
+	l.owned.Add(int64(l.locs.blocks - before))
+	l.treeMu.Unlock()
+	l.unreserve(extra)
+}
+
+// commitMerge re-parents c onto f's parent and drops f in one catalog
+// commit, then points f's tree entries at c. Caller holds topo.
+func (s *Store) commitMerge(f, c *layer) error {
+	crec := layerRec(c)
+	crec.Parent = 0
+	if f.parent != nil {
+		crec.Parent = f.parent.num
+	}
+	if err := s.cat.commit([]ondisk.Op{{Kind: ondisk.OpPutLayer, Layer: crec}, {Kind: ondisk.OpDelLayer, Num: f.num}}); err != nil {
+		return err
+	}
+	c.parent = f.parent
+	c.aliases = append(append(c.aliases, f.num), f.aliases...)
+	f.mergedInto.Store(c)
+	delete(s.byNum, f.num)
+	return nil
+}
+
+// dropMerged closes a merged layer and removes its files.
+func (s *Store) dropMerged(f *layer) error {
 	f.close()
 	f.treeMu.Lock()
 	f.tree = tree{}
@@ -274,12 +351,22 @@ func (s *Store) mergeStep(job gcJob, start, end uint64, buf []byte) ([]ondisk.Ra
 		}
 		p := buf[:(e-b)*BlockSize]
 		if err := s.readOwner(f.num, p, int64(b)<<blockShift, false); err != nil {
+			c.unreserve(out)
 			return nil, err
 		}
-		if err := writeOrPunch(c, p, int64(b)<<blockShift); err != nil {
-			return nil, err
+		if c.dense {
+			recs, err := c.appendCopy(p, b)
+			if err != nil {
+				c.unreserve(out)
+				return nil, err
+			}
+			out = append(out, recs...)
+		} else {
+			if err := writeOrPunch(c, p, int64(b)<<blockShift); err != nil {
+				return nil, err
+			}
+			out = append(out, ondisk.Range{Start: b, Count: e - b})
 		}
-		out = append(out, ondisk.Range{Start: b, Count: e - b})
 		b = e
 	}
 	return out, nil
@@ -310,4 +397,47 @@ func writeOrPunch(l *layer, p []byte, off int64) error {
 		i = j
 	}
 	return nil
+}
+
+// appendCopy appends blocks p, from block b on, to a dense layer's data
+// file, and returns their records: places for blocks with data, LocZero
+// for blocks all zero (merged discards take no space). Nothing is owned
+// yet (adopt).
+func (l *layer) appendCopy(p []byte, b uint64) ([]ondisk.Range, error) {
+	var recs []ondisk.Range
+	var data uint64
+	for i := 0; i < len(p); i += BlockSize {
+		zero := allZeroBytes(p[i : i+BlockSize])
+		bl := b + uint64(i/BlockSize)
+		if k := len(recs); k > 0 && (recs[k-1].Loc == ondisk.LocZero) == zero {
+			recs[k-1].Count++
+		} else {
+			r := ondisk.Range{Start: bl, Count: 1, Loc: ondisk.LocZero}
+			if !zero {
+				r.Loc = 0 // placed below
+			}
+			recs = append(recs, r)
+		}
+		if !zero {
+			data++
+		}
+	}
+	loc, err := l.alloc(data)
+	if err != nil {
+		return nil, err
+	}
+	for k := range recs {
+		r := &recs[k]
+		if r.Loc == ondisk.LocZero {
+			continue
+		}
+		r.Loc = loc
+		loc += r.Count
+		from := (r.Start - b) * BlockSize
+		if err := l.writeData(p[from:from+r.Count*BlockSize], int64(r.Loc)<<blockShift); err != nil {
+			l.unreserve(recs[:k+1])
+			return nil, err
+		}
+	}
+	return recs, nil
 }

@@ -21,14 +21,27 @@ import (
 // inode update: measured here at about 170 µs against 250 µs for an append.
 const journalGrow = 64 << 10
 
-// layer is one sparse data file plus the journal of which blocks it owns. A
-// head layer takes writes; a frozen layer never changes its view again (a
-// merge may copy blocks into it that its view already showed).
+// layer is one data file plus the journal of which blocks it owns. A head
+// layer takes writes; a frozen layer never changes its view again (a merge
+// may copy blocks into it that its view already showed).
 type layer struct {
 	num    uint32
 	parent *layer // nil for a base layer; guarded by Store.topo
 	frozen bool   // guarded by Store.topo
 	size   atomic.Int64
+
+	// dense: the layer appends the blocks it comes to own to its data file
+	// and locs says where (locs.go). Every layer this version creates is
+	// dense; layers of the identity format (journal version 1) keep block
+	// b at byte b*BlockSize.
+	dense bool
+	locs  locMap // guarded by treeMu
+	// next is a dense layer's next free file block; fileEnd the data
+	// file's size in blocks, grown ahead of the appends (grow) so that
+	// writes never extend the file.
+	next    atomic.Uint64
+	fileEnd atomic.Uint64
+	growMu  sync.Mutex
 
 	// ioMu guards the lifetime of data: readers hold it shared around pread,
 	// removal takes it exclusively before closing.
@@ -94,10 +107,22 @@ func layerPaths(dir string, num uint32) (data, journal string) {
 	return base + ".data", base + ".map"
 }
 
+// identityLayers makes new layers use the identity format; tests set it to
+// build stores of the earlier format.
+var identityLayers = false
+
 func newLayerStruct(num uint32, size int64) *layer {
-	l := &layer{num: num}
+	l := &layer{num: num, dense: !identityLayers}
 	l.size.Store(size)
 	return l
+}
+
+// journalVersion is the version of the layer's journal.
+func (l *layer) journalVersion() uint16 {
+	if l.dense {
+		return ondisk.JournalDense
+	}
+	return ondisk.JournalIdentity
 }
 
 // ensureFiles creates the layer's files if they do not exist yet. The
@@ -114,7 +139,8 @@ func (l *layer) ensureFiles(dir string) error {
 	if err != nil {
 		return ioErr(err)
 	}
-	img := append(ondisk.EncodeJournalHeader(ondisk.JournalHeader{Layer: l.num}), make([]byte, 4096-ondisk.JournalHeaderSize)...)
+	img := append(ondisk.EncodeJournalHeader(ondisk.JournalHeader{Layer: l.num, Version: l.journalVersion()}),
+		make([]byte, 4096-ondisk.JournalHeaderSize)...)
 	if _, err := j.WriteAt(img, 0); err != nil {
 		j.Close()
 		return ioErr(err)
@@ -124,10 +150,12 @@ func (l *layer) ensureFiles(dir string) error {
 		j.Close()
 		return ioErr(err)
 	}
-	if err := data.Truncate(l.size.Load()); err != nil {
-		j.Close()
-		data.Close()
-		return ioErr(err)
+	if !l.dense {
+		if err := data.Truncate(l.size.Load()); err != nil {
+			j.Close()
+			data.Close()
+			return ioErr(err)
+		}
 	}
 	adviseRandom(data)
 	l.dontcache = dontcacheFlag(data)
@@ -496,6 +524,7 @@ func openLayerFiles(dir string, num uint32, size int64) (*layer, []ondisk.Range,
 	if err != nil {
 		return nil, nil, errf(ErrCorrupt, "layer %d: %v", num, err)
 	}
+	l.dense = h.Version == ondisk.JournalDense
 	data, err := openData(dp, os.O_RDWR)
 	if errors.Is(err, os.ErrNotExist) && len(ranges) == 0 {
 		// Crashed between creating the journal and the data file.
@@ -509,7 +538,7 @@ func openLayerFiles(dir string, num uint32, size int64) (*layer, []ondisk.Range,
 	}
 	// ExpandVolume commits the new size before it grows the file: a crash in
 	// between leaves the file short. Grow it now (sparse, reads zeros).
-	if st, err := data.Stat(); err != nil || st.Size() < size {
+	if st, err := data.Stat(); !l.dense && (err != nil || st.Size() < size) {
 		if err == nil {
 			err = data.Truncate(size)
 		}
@@ -527,8 +556,212 @@ func openLayerFiles(dir string, num uint32, size int64) (*layer, []ondisk.Range,
 		return nil, nil, ioErr(err)
 	}
 	l.data, l.journal, l.jOff, l.jAlloc, l.dirSynced = data, j, next, int64(len(img)), true
-	l.owned.Store(int64(unionCount(ranges)))
+	if !l.dense {
+		l.owned.Store(int64(unionCount(ranges)))
+		return l, ranges, nil
+	}
+	for _, r := range ranges {
+		l.locs.set(r.Start, r.Count, r.Loc)
+	}
+	l.owned.Store(int64(l.locs.blocks))
+	if err := l.reclaim(); err != nil {
+		l.close()
+		return nil, nil, err
+	}
 	return l, ranges, nil
+}
+
+// reclaim frees the space of a dense data file that no location uses:
+// blocks written and never recorded (a crash before the flush, a merge
+// stopped midway) become holes, and the file ends after the last block a
+// location uses.
+func (l *layer) reclaim() error {
+	var used [][2]uint64
+	l.locs.forEach(func(_, count, loc uint64) {
+		if loc != ondisk.LocZero {
+			used = append(used, [2]uint64{loc, loc + count})
+		}
+	})
+	sort.Slice(used, func(i, j int) bool { return used[i][0] < used[j][0] })
+	var at uint64
+	for _, u := range used {
+		if u[0] > at {
+			if err := l.punch(at, u[0]-at); err != nil {
+				return err
+			}
+		}
+		at = max(at, u[1])
+	}
+	if err := l.data.Truncate(int64(at) << blockShift); err != nil {
+		return ioErr(err)
+	}
+	l.next.Store(at)
+	l.fileEnd.Store(at)
+	return nil
+}
+
+// punch frees n file blocks from file block fb of a dense layer's data file.
+func (l *layer) punch(fb, n uint64) error {
+	err := unix.Fallocate(int(l.data.Fd()), unix.FALLOC_FL_PUNCH_HOLE|unix.FALLOC_FL_KEEP_SIZE,
+		int64(fb)<<blockShift, int64(n)<<blockShift)
+	return ioErr(err)
+}
+
+// growStep is how far ahead of its appends a dense data file grows.
+const growStep = (64 << 20) >> blockShift
+
+// alloc reserves n file blocks at the end of a dense layer's data file and
+// returns the first. Blocks reserved and never recorded are freed by
+// unreserve, or by reclaim at the next open.
+func (l *layer) alloc(n uint64) (uint64, error) {
+	first := l.next.Add(n) - n
+	end := first + n
+	if l.fileEnd.Load() >= end {
+		return first, nil
+	}
+	l.growMu.Lock()
+	defer l.growMu.Unlock()
+	if l.fileEnd.Load() < end {
+		size := (end + growStep - 1) / growStep * growStep
+		// Sparse: the file's size, no space. Writes inside the size do
+		// not extend the file, which ext4 would make take its inode lock
+		// exclusively.
+		if err := l.data.Truncate(int64(size) << blockShift); err != nil {
+			return 0, ioErr(err)
+		}
+		l.fileEnd.Store(size)
+	}
+	return first, nil
+}
+
+// unreserve frees the file blocks of records that will not be recorded
+// (a write or merge that failed, copies a merge did not need), as far as
+// it can: what stays allocated is freed by reclaim at the next open.
+func (l *layer) unreserve(recs []ondisk.Range) {
+	if !l.dense {
+		return
+	}
+	for _, r := range recs {
+		if r.Loc != ondisk.LocZero && r.Count > 0 {
+			_ = l.punch(r.Loc, r.Count)
+		}
+	}
+}
+
+// piece is where part of a read or write of a layer's blocks lies in its
+// data file.
+type piece struct {
+	off  int64 // in the data file
+	n    int   // bytes
+	zero bool  // reads as zeros and has no data
+}
+
+// where appends to dst the pieces of the data file that hold bytes [off,
+// off+n) of the volume, blocks the layer owns, in order.
+func (l *layer) where(dst []piece, off int64, n int) ([]piece, error) {
+	if !l.dense {
+		return append(dst, piece{off: off, n: n}), nil
+	}
+	l.treeMu.RLock()
+	defer l.treeMu.RUnlock()
+	end := off + int64(n)
+	for pos := off; pos < end; {
+		b := uint64(pos >> blockShift)
+		loc, cnt, ok := l.locs.get(b)
+		if !ok {
+			return dst, errf(ErrCorrupt, "layer %d: block %d has no location", l.num, b)
+		}
+		stop := min(end, int64(b+cnt)<<blockShift)
+		p := piece{n: int(stop - pos), zero: loc == ondisk.LocZero}
+		if !p.zero {
+			p.off = int64(loc)<<blockShift + pos&(BlockSize-1)
+		}
+		if k := len(dst); k > 0 && dst[k-1].zero == p.zero && (p.zero || dst[k-1].off+int64(dst[k-1].n) == p.off) {
+			dst[k-1].n += p.n
+		} else {
+			dst = append(dst, p)
+		}
+		pos = stop
+	}
+	return dst, nil
+}
+
+// writePlaced writes p at volume offset off into blocks that have their
+// place in the data file already (placedAll).
+func (l *layer) writePlaced(p []byte, off int64) error {
+	var buf [4]piece
+	ps, err := l.where(buf[:0], off, len(p))
+	if err != nil {
+		return err
+	}
+	for _, pc := range ps {
+		if pc.zero {
+			return errf(ErrCorrupt, "layer %d: write at %d into blocks without a place", l.num, off)
+		}
+		if err := l.writeData(p[:pc.n], pc.off); err != nil {
+			return err
+		}
+		p = p[pc.n:]
+	}
+	return nil
+}
+
+// placedAll reports whether the layer owns blocks [first, last] and has
+// data places for them: a write to them goes in place.
+func (l *layer) placedAll(first, last uint64) bool {
+	l.treeMu.RLock()
+	defer l.treeMu.RUnlock()
+	if !l.dense {
+		for b := first; b <= last; b++ {
+			if l.tree.get(b) != l.num {
+				return false
+			}
+		}
+		return true
+	}
+	for b := first; b <= last; {
+		loc, n, ok := l.locs.get(b)
+		if !ok || loc == ondisk.LocZero {
+			return false
+		}
+		b += n
+	}
+	return true
+}
+
+// place records that a dense head owns the blocks of recs at their
+// locations (written already, or LocZero), in the index, the locations
+// and the records of the next flush, in that order.
+func (l *layer) place(recs []ondisk.Range) {
+	l.treeMu.Lock()
+	defer l.treeMu.Unlock()
+	before := l.locs.blocks
+	for _, r := range recs {
+		l.locs.set(r.Start, r.Count, r.Loc)
+		l.tree.setRange(r.Start, r.End(), l.num)
+		l.pending = append(l.pending, r)
+	}
+	l.owned.Add(int64(l.locs.blocks - before))
+}
+
+// joinRecords merges neighbouring records of a dense layer that continue
+// each other, keeping their order: a later record for a block replaces an
+// earlier one's location.
+func joinRecords(recs []ondisk.Range) []ondisk.Range {
+	var out []ondisk.Range
+	for _, r := range recs {
+		if n := len(out); n > 0 {
+			p := &out[n-1]
+			zeros := p.Loc == ondisk.LocZero && r.Loc == ondisk.LocZero
+			follows := p.Loc != ondisk.LocZero && r.Loc != ondisk.LocZero && p.Loc+p.Count == r.Loc
+			if p.End() == r.Start && (zeros || follows) {
+				p.Count += r.Count
+				continue
+			}
+		}
+		out = append(out, r)
+	}
+	return out
 }
 
 // unionCount counts the blocks covered by ranges, overlaps once.
@@ -582,8 +815,14 @@ func (l *layer) appendRecords(dir string, ranges []ondisk.Range) error {
 		return nil
 	}
 	var buf []byte
-	for _, r := range coalesce(ranges) {
-		buf = ondisk.EncodeRecord(buf, r)
+	if l.dense {
+		for _, r := range joinRecords(ranges) {
+			buf = ondisk.EncodeRecord(buf, r, ondisk.JournalDense)
+		}
+	} else {
+		for _, r := range coalesce(ranges) {
+			buf = ondisk.EncodeRecord(buf, r, ondisk.JournalIdentity)
+		}
 	}
 	end := l.jOff + int64(len(buf))
 	if end > l.jAlloc {

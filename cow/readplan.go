@@ -1,8 +1,6 @@
 package cow
 
 import (
-	"os"
-
 	"golang.org/x/sys/unix"
 
 	"github.com/cowcsi/cowcsi/cow/internal/blockio"
@@ -43,14 +41,27 @@ func (h *Volume) PlanRead(p []byte, off int64) (*blockio.Plan, error) {
 		if err != nil {
 			return err
 		}
+		var buf [4]piece
+		ps, err := l.where(buf[:0], at, len(q))
+		if err != nil {
+			l.ioMu.RUnlock()
+			return err
+		}
 		// A pin keeps the file open after the lock is gone; a merge
 		// leaves the blocks in place until it closes the file.
 		l.pins.Add(1)
-		seg := blockio.Seg{Off: at, Buf: q}
-		seg.Fd, seg.Flags = l.uncachedFile(q, at)
+		for _, pc := range ps {
+			if pc.zero {
+				clear(q[:pc.n])
+			} else {
+				seg := blockio.Seg{Off: pc.off, Buf: q[:pc.n]}
+				seg.Fd, seg.Flags = l.uncachedFile(seg.Buf, pc.off)
+				pl.Segs = append(pl.Segs, seg)
+			}
+			q = q[pc.n:]
+		}
 		l.ioMu.RUnlock()
 		pinned = append(pinned, l)
-		pl.Segs = append(pl.Segs, seg)
 		return nil
 	})
 	v.barrier.RUnlock()
@@ -110,18 +121,16 @@ func (h *Volume) PlanWrite(p []byte, off int64) (*blockio.Plan, error) {
 	}
 	head := v.head.Load()
 	first, last := uint64(off>>blockShift), uint64((off+int64(len(p))-1)>>blockShift)
-	var f *os.File
-	if head.ownsAll(first, last) {
-		if d := head.directFile(); d != nil && head.aligned(p, off) {
-			f = d
-		}
+	var segs []blockio.Seg
+	if head.placedAll(first, last) {
+		segs = head.directSegs(p, off)
 	}
-	if f == nil || !head.pin() {
+	if segs == nil || !head.pin() {
 		v.barrier.RUnlock()
 		return nil, nil
 	}
 	return &blockio.Plan{
-		Segs:   []blockio.Seg{{Fd: int(f.Fd()), Off: off, Buf: p}},
+		Segs:   segs,
 		N:      len(p),
 		Write:  true,
 		Commit: func() { head.dirty.Store(true) },
@@ -130,4 +139,29 @@ func (h *Volume) PlanWrite(p []byte, off int64) (*blockio.Plan, error) {
 			v.barrier.RUnlock()
 		},
 	}, nil
+}
+
+// directSegs returns the writes of p at volume offset off, blocks the
+// layer has data places for, through its O_DIRECT twin; nil if O_DIRECT
+// does not take one of them.
+func (l *layer) directSegs(p []byte, off int64) []blockio.Seg {
+	d := l.directFile()
+	if d == nil {
+		return nil
+	}
+	var buf [4]piece
+	ps, err := l.where(buf[:0], off, len(p))
+	if err != nil {
+		return nil
+	}
+	segs := make([]blockio.Seg, 0, len(ps))
+	for _, pc := range ps {
+		q := p[:pc.n]
+		p = p[pc.n:]
+		if pc.zero || !l.aligned(q, pc.off) {
+			return nil
+		}
+		segs = append(segs, blockio.Seg{Fd: int(d.Fd()), Off: pc.off, Buf: q})
+	}
+	return segs
 }

@@ -529,7 +529,7 @@ func (s *Store) ExpandVolume(ctx context.Context, id string, size int64) (Volume
 	head.filesMu.Lock()
 	head.size.Store(size)
 	var err error
-	if head.data != nil {
+	if head.data != nil && !head.dense {
 		err = head.data.Truncate(size)
 	}
 	head.filesMu.Unlock()

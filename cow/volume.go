@@ -223,34 +223,54 @@ func (s *Store) readOwner(owner uint32, p []byte, off int64, nowait bool) error 
 	if err != nil {
 		return err
 	}
-	if nowait {
-		if !l.cached(p, off) {
-			// A RWF_NOWAIT read that fails with EAGAIN has already
-			// started reading the pages in, on this thread; the read
-			// that follows goes past the page cache and would read
-			// them a second time.
-			l.ioMu.RUnlock()
-			return unix.EAGAIN
-		}
-		// All in memory: the flag leaves cached pages cached, and
-		// covers pages evicted since the check.
-		n, err := unix.Preadv2(int(l.data.Fd()), [][]byte{p}, off, unix.RWF_NOWAIT|l.dontcache)
-		l.ioMu.RUnlock()
-		if err == nil && n < len(p) {
-			// Partly in memory, or the end of a shorter layer's file:
-			// the blocking read tells them apart.
-			err = unix.EAGAIN
-		}
+	defer l.ioMu.RUnlock()
+	var buf [4]piece
+	ps, err := l.where(buf[:0], off, len(p))
+	if err != nil {
 		return err
 	}
-	fd, flags := l.uncachedFile(p, off)
-	n, err := unix.Preadv2(fd, [][]byte{p}, off, flags)
-	l.ioMu.RUnlock()
-	if err == nil && n < len(p) {
-		clear(p[n:]) // past the end of a shorter (older) layer's file
-		return nil
+	if nowait {
+		for i, q := 0, p; i < len(ps); q, i = q[ps[i].n:], i+1 {
+			if !ps[i].zero && !l.cached(q[:ps[i].n], ps[i].off) {
+				// A RWF_NOWAIT read that fails with EAGAIN has already
+				// started reading the pages in, on this thread; the read
+				// that follows goes past the page cache and would read
+				// them a second time.
+				return unix.EAGAIN
+			}
+		}
 	}
-	return err
+	for _, pc := range ps {
+		q := p[:pc.n]
+		p = p[pc.n:]
+		if pc.zero {
+			clear(q)
+			continue
+		}
+		if nowait {
+			// All in memory: the flag leaves cached pages cached, and
+			// covers pages evicted since the check.
+			n, err := unix.Preadv2(int(l.data.Fd()), [][]byte{q}, pc.off, unix.RWF_NOWAIT|l.dontcache)
+			if err == nil && n < len(q) {
+				// Partly in memory, or the end of a shorter layer's file:
+				// the blocking read tells them apart.
+				err = unix.EAGAIN
+			}
+			if err != nil {
+				return err
+			}
+			continue
+		}
+		fd, flags := l.uncachedFile(q, pc.off)
+		n, err := unix.Preadv2(fd, [][]byte{q}, pc.off, flags)
+		if err != nil {
+			return err
+		}
+		if n < len(q) {
+			clear(q[n:]) // past the end of a shorter (older) layer's file
+		}
+	}
+	return nil
 }
 
 // lockOwner returns the layer whose data file holds the blocks a tree entry
@@ -292,8 +312,8 @@ func (h *Volume) WriteAt(p []byte, off int64) (int, error) {
 	defer v.barrier.RUnlock()
 	head := v.head.Load()
 	first, last := uint64(off>>blockShift), uint64((off+int64(len(p))-1)>>blockShift)
-	if head.ownsAll(first, last) {
-		if err := head.writeData(p, off); err != nil {
+	if head.placedAll(first, last) {
+		if err := head.writePlaced(p, off); err != nil {
 			return 0, err
 		}
 		head.dirty.Store(true)
@@ -304,21 +324,102 @@ func (h *Volume) WriteAt(p []byte, off int64) (int, error) {
 	}
 	unlock := v.lockStripes(first, last)
 	defer unlock()
-	if err := v.writeOwning(head, p, off, first, last); err != nil {
+	write := v.writeOwning
+	if head.dense {
+		write = v.writeAppending
+	}
+	if err := write(head, p, off, first, last); err != nil {
 		return 0, err
 	}
 	return len(p), nil
 }
 
-func (l *layer) ownsAll(first, last uint64) bool {
+// blockRun is a run of blocks of a dense head, with data places already
+// (placed) or without.
+type blockRun struct {
+	start, count uint64
+	placed       bool
+}
+
+// placedRuns splits blocks [first, last] of a dense head into runs with
+// and without data places.
+func (l *layer) placedRuns(first, last uint64) []blockRun {
+	var runs []blockRun
 	l.treeMu.RLock()
 	defer l.treeMu.RUnlock()
-	for b := first; b <= last; b++ {
-		if l.tree.get(b) != l.num {
-			return false
+	for b := first; b <= last; {
+		loc, n, ok := l.locs.get(b)
+		placed := ok && loc != ondisk.LocZero
+		n = min(n, last+1-b)
+		if k := len(runs); k > 0 && runs[k-1].placed == placed {
+			runs[k-1].count += n
+		} else {
+			runs = append(runs, blockRun{b, n, placed})
+		}
+		b += n
+	}
+	return runs
+}
+
+// writeAppending is writeOwning for a dense head: blocks with a data place
+// are written in place, the others appended to the data file (a partial
+// edge block whole, its old content copied up from the view), then given
+// their places.
+func (v *volume) writeAppending(head *layer, p []byte, off int64, first, last uint64) error {
+	end := off + int64(len(p))
+	runs := head.placedRuns(first, last)
+	var need uint64
+	for _, r := range runs {
+		if !r.placed {
+			need += r.count
 		}
 	}
-	return true
+	loc, err := head.alloc(need)
+	if err != nil {
+		return err
+	}
+	var recs []ondisk.Range
+	var used uint64 // of the need blocks from loc
+	fail := func(err error) error {
+		head.unreserve([]ondisk.Range{{Count: need, Loc: loc}})
+		return err
+	}
+	for _, r := range runs {
+		rOff, rEnd := int64(r.start)<<blockShift, int64(r.start+r.count)<<blockShift
+		from, to := max(off, rOff), min(end, rEnd)
+		if r.placed {
+			if err := head.writePlaced(p[from-off:to-off], from); err != nil {
+				return fail(err)
+			}
+			continue
+		}
+		q := p[from-off : to-off]
+		if from != rOff || to != rEnd {
+			// Partial edge blocks: write them whole.
+			blk := make([]byte, rEnd-rOff)
+			if from != rOff {
+				if err := v.readBlock(head, r.start, blk[:BlockSize]); err != nil {
+					return fail(err)
+				}
+			}
+			if to != rEnd && (r.count > 1 || from == rOff) {
+				if err := v.readBlock(head, r.start+r.count-1, blk[len(blk)-BlockSize:]); err != nil {
+					return fail(err)
+				}
+			}
+			copy(blk[from-rOff:], q)
+			q = blk
+		}
+		at := loc + used
+		used += r.count
+		if err := head.writeData(q, int64(at)<<blockShift); err != nil {
+			return fail(err)
+		}
+		recs = append(recs, ondisk.Range{Start: r.start, Count: r.count, Loc: at})
+	}
+	head.dirty.Store(true)
+	head.place(recs)
+	return nil
 }
 
 // writeOwning is the slow write path, under the stripe locks of its blocks.
@@ -477,12 +578,42 @@ func (h *Volume) Discard(off, length int64) error {
 	}
 	unlock := v.lockStripes(first, last)
 	defer unlock()
+	if head.dense {
+		return head.discardDense(first, last)
+	}
 	if err := unix.Fallocate(int(head.data.Fd()), unix.FALLOC_FL_PUNCH_HOLE|unix.FALLOC_FL_KEEP_SIZE,
 		alignedStart, alignedEnd-alignedStart); err != nil {
 		return ioErr(err)
 	}
 	head.dirty.Store(true)
 	head.own(first, last)
+	return nil
+}
+
+// discardDense makes blocks [first, last] of a dense head read as zeros:
+// blocks with data places become holes there, the others are owned as
+// zeros (no data, no file space). The caller holds their stripe locks.
+func (l *layer) discardDense(first, last uint64) error {
+	var recs []ondisk.Range
+	for _, r := range l.placedRuns(first, last) {
+		if !r.placed {
+			recs = append(recs, ondisk.Range{Start: r.start, Count: r.count, Loc: ondisk.LocZero})
+			continue
+		}
+		var buf [4]piece
+		ps, err := l.where(buf[:0], int64(r.start)<<blockShift, int(r.count)<<blockShift)
+		if err != nil {
+			return err
+		}
+		for _, pc := range ps {
+			if err := unix.Fallocate(int(l.data.Fd()), unix.FALLOC_FL_PUNCH_HOLE|unix.FALLOC_FL_KEEP_SIZE,
+				pc.off, int64(pc.n)); err != nil {
+				return ioErr(err)
+			}
+		}
+	}
+	l.dirty.Store(true)
+	l.place(recs)
 	return nil
 }
 

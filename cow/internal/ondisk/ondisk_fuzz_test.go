@@ -3,6 +3,7 @@ package ondisk
 import (
 	"bytes"
 	"errors"
+	"fmt"
 	"reflect"
 	"testing"
 )
@@ -43,15 +44,31 @@ func TestFrameRoundTrip(t *testing.T) {
 }
 
 func TestJournalRoundTrip(t *testing.T) {
-	img := EncodeJournalHeader(JournalHeader{Layer: 9})
-	want := []Range{{0, 1}, {100, 256}, {1 << 40, 3}}
+	for _, v := range []uint16{JournalIdentity, JournalDense} {
+		t.Run(fmt.Sprint("version", v), func(t *testing.T) { testJournalRoundTrip(t, v) })
+	}
+}
+
+func testJournalRoundTrip(t *testing.T, version uint16) {
+	img := EncodeJournalHeader(JournalHeader{Layer: 9, Version: version})
+	want := []Range{{0, 1, 0}, {100, 256, 0}, {1 << 40, 3, 0}}
+	if version == JournalDense {
+		want = []Range{{0, 1, 7}, {100, 256, LocZero}, {1 << 40, 3, 1 << 33}}
+	}
 	for _, r := range want {
-		img = EncodeRecord(img, r)
+		img = EncodeRecord(img, r, version)
 	}
 	img = append(img, make([]byte, 4*RecordSize)...)
 	h, got, next, err := DecodeJournal(img)
-	if err != nil || h.Layer != 9 || !reflect.DeepEqual(got, want) || next != int64(JournalHeaderSize+3*RecordSize) {
+	if err != nil || h.Layer != 9 || h.Version != version || !reflect.DeepEqual(got, want) || next != int64(JournalHeaderSize+3*RecordSize) {
 		t.Fatalf("got %v %v %d %v", h, got, next, err)
+	}
+	// A record of the other version is damage.
+	other := EncodeJournalHeader(JournalHeader{Layer: 9, Version: JournalIdentity + JournalDense - version})
+	if _, _, _, err := DecodeJournal(append(other, img[JournalHeaderSize:]...)); !errors.Is(err, ErrCorrupt) && err != nil {
+		t.Fatalf("other version: %v", err)
+	} else if _, recs, _, _ := DecodeJournal(append(other, img[JournalHeaderSize:]...)); len(recs) != 0 {
+		t.Fatalf("other version's header read %d records", len(recs))
 	}
 	// A torn last record is dropped; the write position points at it.
 	torn := bytes.Clone(img)
@@ -93,10 +110,34 @@ func FuzzDecodeFrame(f *testing.F) {
 	})
 }
 
+func TestDenseRecordSplit(t *testing.T) {
+	img := EncodeJournalHeader(JournalHeader{Layer: 2, Version: JournalDense})
+	img = EncodeRecord(img, Range{Start: 10, Count: 1<<32 + 5, Loc: 100}, JournalDense)
+	img = EncodeRecord(img, Range{Start: 1 << 34, Count: 1<<32 + 1, Loc: LocZero}, JournalDense)
+	_, got, _, err := DecodeJournal(img)
+	want := []Range{{10, 1<<32 - 1, 100}, {10 + 1<<32 - 1, 6, 100 + 1<<32 - 1},
+		{1 << 34, 1<<32 - 1, LocZero}, {1<<34 + 1<<32 - 1, 2, LocZero}}
+	if err != nil || !reflect.DeepEqual(got, want) {
+		t.Fatalf("got %v %v, want %v", got, err, want)
+	}
+	// A location that wraps is damage.
+	bad := EncodeJournalHeader(JournalHeader{Layer: 2, Version: JournalDense})
+	bad = EncodeRecord(bad, Range{Start: 1, Count: 4, Loc: LocZero - 2}, JournalDense)
+	if _, _, _, err := DecodeJournal(bad); err != nil {
+		t.Fatalf("torn tail expected, got %v", err)
+	} else if _, recs, _, _ := DecodeJournal(bad); len(recs) != 0 {
+		t.Fatalf("wrapping location accepted: %v", recs)
+	}
+}
+
 func FuzzDecodeJournal(f *testing.F) {
-	img := EncodeJournalHeader(JournalHeader{Layer: 1})
-	img = EncodeRecord(img, Range{5, 10})
+	img := EncodeJournalHeader(JournalHeader{Layer: 1, Version: JournalIdentity})
+	img = EncodeRecord(img, Range{Start: 5, Count: 10}, JournalIdentity)
 	f.Add(img)
+	dense := EncodeJournalHeader(JournalHeader{Layer: 1, Version: JournalDense})
+	dense = EncodeRecord(dense, Range{Start: 5, Count: 10, Loc: 3}, JournalDense)
+	dense = EncodeRecord(dense, Range{Start: 50, Count: 2, Loc: LocZero}, JournalDense)
+	f.Add(dense)
 	f.Add(append(img, make([]byte, 64)...))
 	f.Add([]byte("CWM1"))
 	f.Fuzz(func(t *testing.T, b []byte) {
@@ -108,7 +149,7 @@ func FuzzDecodeJournal(f *testing.F) {
 			t.Fatalf("next offset %d out of [%d,%d]", next, JournalHeaderSize, len(b))
 		}
 		for _, r := range ranges {
-			if r.Count == 0 || r.End() < r.Start {
+			if r.Count == 0 || r.End() < r.Start || (r.Loc != LocZero && r.Loc+r.Count < r.Loc) {
 				t.Fatalf("invalid range %+v accepted", r)
 			}
 		}

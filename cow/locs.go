@@ -1,0 +1,185 @@
+package cow
+
+import (
+	"slices"
+	"sort"
+	"unsafe"
+
+	"github.com/cowcsi/cowcsi/cow/internal/ondisk"
+)
+
+// Dense layers and where their blocks are.
+//
+// A dense layer appends each block it comes to own to the end of its data
+// file and keeps the block's file position in a locMap: the file holds the
+// layer's blocks back to back, however scattered they are in the volume.
+// Layers of the first format (identity layers, journal version 1) keep
+// block b at byte b*BlockSize of a sparse file instead; a volume's random
+// 4 KiB writes after a snapshot then gave each layer file one ext4 extent
+// per block, and every read of a deep chain mapped its offset through an
+// extent tree of thousands of entries (ext4_es_lookup_extent was 8-10% of
+// the machine's samples at chain depth 64 against 0.1% at depth 1). On the
+// kernel alone, 4 KiB random reads over 64 files holding 4096 such blocks
+// each ran at 0.47-0.86 (median 0.65) of the same reads over 64 files with
+// the blocks appended (docs/BENCHMARKS.md, "What was tried").
+//
+// A block's location is chosen when the layer first comes to own it and
+// stays: rewrites go in place. The exceptions are blocks owned as zeros (a
+// discard, or zeros a merge brought in), which have no data until written.
+
+// locExt is a run of blocks of one leaf (start, relative to the leaf) whose
+// data lies back to back in the file from file block loc (ondisk.LocZero:
+// they read as zeros and have no data).
+type locExt struct {
+	start, count uint32
+	loc          uint64
+}
+
+func (e locExt) end() uint32 { return e.start + e.count }
+
+// locAt returns the location of block i of the extent's leaf, i in it.
+func (e locExt) locAt(i uint32) uint64 {
+	if e.loc == ondisk.LocZero {
+		return e.loc
+	}
+	return e.loc + uint64(i-e.start)
+}
+
+// locMap maps the blocks a dense layer owns to their locations, in sorted
+// extent lists per index leaf (leafBlocks blocks). Blocks written one after
+// the other take one extent; random 4 KiB writes take one each (16 bytes).
+// The zero value is empty. The layer's treeMu guards it.
+type locMap struct {
+	leaves map[uint64][]locExt
+	blocks uint64 // blocks mapped
+}
+
+// get returns the location of block b and how many blocks from b on (b
+// included, to the end of its leaf at most) follow it in the file, or are
+// zeros with it; ok is false if b has no location, and n then counts the
+// blocks from b on without one (to the end of the leaf at most).
+func (m *locMap) get(b uint64) (loc, n uint64, ok bool) {
+	exts := m.leaves[b>>leafShift]
+	i := uint32(b & (leafBlocks - 1))
+	k := sort.Search(len(exts), func(k int) bool { return exts[k].end() > i })
+	if k == len(exts) {
+		return 0, uint64(leafBlocks - i), false
+	}
+	if exts[k].start > i {
+		return 0, uint64(exts[k].start - i), false
+	}
+	e := exts[k]
+	return e.locAt(i), uint64(e.end() - i), true
+}
+
+// unmapped counts the blocks of [start, start+count) without a location.
+func (m *locMap) unmapped(start, count uint64) uint64 {
+	var mapped uint64
+	for b, end := start, start+count; b < end; {
+		leafEnd := min(end, (b|(leafBlocks-1))+1)
+		lo, hi := uint32(b&(leafBlocks-1)), uint32((leafEnd-1)&(leafBlocks-1))+1
+		for _, e := range m.leaves[b>>leafShift] {
+			if s, t := max(e.start, lo), min(e.end(), hi); s < t {
+				mapped += uint64(t - s)
+			}
+		}
+		b = leafEnd
+	}
+	return count - mapped
+}
+
+// set gives blocks [start, start+count) the locations loc, loc+1, ... (or
+// all ondisk.LocZero), replacing what they had.
+func (m *locMap) set(start, count, loc uint64) {
+	if m.leaves == nil {
+		m.leaves = map[uint64][]locExt{}
+	}
+	m.blocks += m.unmapped(start, count)
+	for b, end := start, start+count; b < end; {
+		leafEnd := min(end, (b|(leafBlocks-1))+1)
+		lo, hi := uint32(b&(leafBlocks-1)), uint32((leafEnd-1)&(leafBlocks-1))+1
+		key := b >> leafShift
+		m.leaves[key] = setExts(m.leaves[key], locExt{start: lo, count: hi - lo, loc: loc})
+		if loc != ondisk.LocZero {
+			loc += leafEnd - b
+		}
+		b = leafEnd
+	}
+}
+
+// setExts puts n into the sorted extents exts, cutting what it overlaps,
+// and merges it with neighbours that continue it.
+func setExts(exts []locExt, n locExt) []locExt {
+	i := sort.Search(len(exts), func(k int) bool { return exts[k].end() > n.start })
+	j := sort.Search(len(exts), func(k int) bool { return exts[k].start >= n.end() })
+	repl := make([]locExt, 0, 3)
+	if i < j && exts[i].start < n.start {
+		l := exts[i]
+		l.count = n.start - l.start
+		repl = append(repl, l)
+	}
+	repl = append(repl, n)
+	if i < j && exts[j-1].end() > n.end() {
+		r := exts[j-1]
+		r.loc, r.start, r.count = r.locAt(n.end()), n.end(), r.end()-n.end()
+		repl = append(repl, r)
+	}
+	exts = slices.Replace(exts, i, j, repl...)
+	// Merge around the new extent.
+	from, to := max(i-1, 0), min(i+len(repl), len(exts)-1)
+	for k := from; k < to && k+1 < len(exts); {
+		if a, b := exts[k], exts[k+1]; a.end() == b.start && continues(a, b) {
+			exts[k].count += b.count
+			exts = slices.Delete(exts, k+1, k+2)
+			to--
+			continue
+		}
+		k++
+	}
+	return exts
+}
+
+// continues reports whether b's blocks lie in the file right after a's,
+// or both read as zeros.
+func continues(a, b locExt) bool {
+	if a.loc == ondisk.LocZero || b.loc == ondisk.LocZero {
+		return a.loc == b.loc
+	}
+	return a.loc+uint64(a.count) == b.loc
+}
+
+// forEach calls fn for every extent, in block order.
+func (m *locMap) forEach(fn func(start, count, loc uint64)) {
+	keys := make([]uint64, 0, len(m.leaves))
+	for k := range m.leaves {
+		keys = append(keys, k)
+	}
+	slices.Sort(keys)
+	for _, k := range keys {
+		for _, e := range m.leaves[k] {
+			fn(k<<leafShift+uint64(e.start), uint64(e.count), e.loc)
+		}
+	}
+}
+
+// end returns the file block after the last one any location uses.
+func (m *locMap) end() uint64 {
+	var end uint64
+	for _, exts := range m.leaves {
+		for _, e := range exts {
+			if e.loc != ondisk.LocZero {
+				end = max(end, e.loc+uint64(e.count))
+			}
+		}
+	}
+	return end
+}
+
+// memory estimates the bytes the map holds.
+func (m *locMap) memory() int64 {
+	n := int64(len(m.leaves)) * 48
+	for _, exts := range m.leaves {
+		n += int64(cap(exts)) * int64(unsafe.Sizeof(locExt{}))
+	}
+	return n
+}
