@@ -108,11 +108,11 @@ func layerPaths(dir string, num uint32) (data, journal string) {
 }
 
 // identityLayers makes new layers use the identity format; tests set it to
-// build stores of the earlier format.
-var identityLayers = false
+// build stores of the earlier format, and chains that mix both.
+var identityLayers atomic.Bool
 
 func newLayerStruct(num uint32, size int64) *layer {
-	l := &layer{num: num, dense: !identityLayers}
+	l := &layer{num: num, dense: !identityLayers.Load()}
 	l.size.Store(size)
 	return l
 }

@@ -1,0 +1,264 @@
+package cow
+
+import (
+	"bytes"
+	"context"
+	"math/rand/v2"
+	"os"
+	"testing"
+	"unsafe"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/cowcsi/cowcsi/cow/internal/ondisk"
+)
+
+// TestLocMapModel: random sets against a per-block model.
+func TestLocMapModel(t *testing.T) {
+	rng := rand.New(rand.NewPCG(1, 2))
+	const blocks = 3 * leafBlocks
+	model := map[uint64]uint64{}
+	var m locMap
+	for step := range 3000 {
+		start := uint64(rng.IntN(blocks))
+		count := uint64(1 + rng.IntN(64))
+		if rng.IntN(50) == 0 {
+			count = uint64(1 + rng.IntN(2*leafBlocks))
+		}
+		count = min(count, blocks-start)
+		loc := uint64(rng.IntN(1 << 20))
+		if rng.IntN(5) == 0 {
+			loc = ondisk.LocZero
+		}
+		m.set(start, count, loc)
+		for i := range count {
+			if loc == ondisk.LocZero {
+				model[start+i] = loc
+			} else {
+				model[start+i] = loc + i
+			}
+		}
+		if step%100 != 99 {
+			continue
+		}
+		if m.blocks != uint64(len(model)) {
+			t.Fatalf("step %d: %d blocks mapped, model %d", step, m.blocks, len(model))
+		}
+		for b := uint64(0); b < blocks; {
+			loc, n, ok := m.get(b)
+			want, wok := model[b]
+			if ok != wok || ok && loc != want || n == 0 {
+				t.Fatalf("step %d block %d: got %d %v (n %d), want %d %v", step, b, loc, ok, n, want, wok)
+			}
+			// Every block of the run get reports continues it.
+			for i := uint64(1); i < n; i++ {
+				w, wok := model[b+i]
+				if wok != ok || ok && (loc == ondisk.LocZero && w != loc || loc != ondisk.LocZero && w != loc+i) {
+					t.Fatalf("step %d: block %d in the run of %d (loc %d, n %d) has %d %v", step, b+i, b, loc, n, w, wok)
+				}
+			}
+			b += n
+		}
+	}
+}
+
+// fiemapExtents returns how many extents the filesystem maps for f
+// (FS_IOC_FIEMAP with no room for them: the kernel only counts).
+func fiemapExtents(t *testing.T, f *os.File) uint32 {
+	t.Helper()
+	var fm struct {
+		start, length        uint64
+		flags, mapped, count uint32
+		reserved             uint32
+	}
+	fm.length = ^uint64(0)
+	fm.flags = 1 // FIEMAP_FLAG_SYNC
+	const fsIocFiemap = 0xC020660B
+	if _, _, errno := unix.Syscall(unix.SYS_IOCTL, f.Fd(), fsIocFiemap, uintptr(unsafe.Pointer(&fm))); errno != 0 {
+		t.Skipf("FIEMAP: %v", errno)
+	}
+	return fm.mapped
+}
+
+// TestDenseLayout: random 4 KiB writes after a snapshot (the first write of
+// each block to the new head) land back to back in the head's data file:
+// the file takes about the space written, in a few extents, where the
+// identity format takes one extent per block; the data reads back the
+// same, also after reopening the store.
+func TestDenseLayout(t *testing.T) {
+	for _, identity := range []bool{false, true} {
+		name := "dense"
+		if identity {
+			name = "identity"
+		}
+		t.Run(name, func(t *testing.T) { testDenseLayout(t, identity) })
+	}
+}
+
+func testDenseLayout(t *testing.T, identity bool) {
+	prev := identityLayers.Swap(identity)
+	defer identityLayers.Store(prev)
+	ctx := context.Background()
+	dir := t.TempDir()
+	var st unix.Statfs_t
+	if err := unix.Statfs(dir, &st); err != nil || st.Type == unix.TMPFS_MAGIC {
+		t.Skip("needs a disk filesystem for FIEMAP")
+	}
+	s, err := Open(dir, Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer func() { s.Close() }()
+	const size = 64 << 20
+	if _, err := s.CreateVolume(ctx, VolumeSpec{ID: "v", Size: size}); err != nil {
+		t.Fatal(err)
+	}
+	h, err := s.OpenVolume(ctx, "v")
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := make([]byte, size)
+	fill := bytes.Repeat([]byte("base...."), 1<<20/8)
+	for off := 0; off < size; off += len(fill) {
+		if _, err := h.WriteAt(fill, int64(off)); err != nil {
+			t.Fatal(err)
+		}
+		copy(want[off:], fill)
+	}
+	if _, err := s.CreateSnapshot(ctx, SnapshotSpec{ID: "s", VolumeID: "v"}); err != nil {
+		t.Fatal(err)
+	}
+	rng := rand.New(rand.NewPCG(3, 4))
+	const writes = 2048
+	seen := map[int]bool{}
+	for len(seen) < writes {
+		b := rng.IntN(size / BlockSize)
+		seen[b] = true
+		blk := bytes.Repeat([]byte{byte(b), byte(b >> 8), 'n', 'e', 'w', '.', '.', '.'}, BlockSize/8)
+		if _, err := h.WriteAt(blk, int64(b)*BlockSize); err != nil {
+			t.Fatal(err)
+		}
+		copy(want[b*BlockSize:], blk)
+	}
+	if err := h.Flush(); err != nil {
+		t.Fatal(err)
+	}
+	head := h.v.head.Load()
+	var fst unix.Stat_t
+	if err := unix.Fstat(int(head.data.Fd()), &fst); err != nil {
+		t.Fatal(err)
+	}
+	exts := fiemapExtents(t, head.data)
+	used := fst.Blocks * 512
+	t.Logf("%s: head data file %d bytes in %d extents for %d blocks written", map[bool]string{false: "dense", true: "identity"}[identity], used, exts, writes)
+	if used < writes*BlockSize || used > writes*BlockSize*5/4 {
+		t.Errorf("head data file takes %d bytes for %d bytes written", used, writes*BlockSize)
+	}
+	if !identity && exts > 64 {
+		t.Errorf("dense head: %d extents for %d blocks appended", exts, writes)
+	}
+	if identity && exts < writes/2 {
+		t.Errorf("identity head: %d extents for %d scattered blocks (the contrast this test relies on)", exts, writes)
+	}
+	got := make([]byte, size)
+	if _, err := h.ReadAt(got, 0); err != nil || !bytes.Equal(got, want) {
+		t.Fatalf("read back: %v, equal %v", err, bytes.Equal(got, want))
+	}
+	if err := h.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if err := s.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if s, err = Open(dir, Options{}); err != nil {
+		t.Fatal(err)
+	}
+	if err := s.Check(); err != nil {
+		t.Fatal(err)
+	}
+	if h, err = s.OpenVolume(ctx, "v"); err != nil {
+		t.Fatal(err)
+	}
+	defer h.Close()
+	clear(got)
+	if _, err := h.ReadAt(got, 0); err != nil || !bytes.Equal(got, want) {
+		t.Fatalf("read back after reopen: %v, equal %v", err, bytes.Equal(got, want))
+	}
+}
+
+// TestDenseReclaim: file blocks a dense layer wrote but never recorded (a
+// crash before the flush, a stopped merge) are freed when the store opens:
+// holes between recorded blocks, and the file ends after the last one.
+func TestDenseReclaim(t *testing.T) {
+	ctx := context.Background()
+	dir := t.TempDir()
+	s, err := Open(dir, Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer func() { s.Close() }()
+	if _, err := s.CreateVolume(ctx, VolumeSpec{ID: "v", Size: 16 << 20}); err != nil {
+		t.Fatal(err)
+	}
+	h, err := s.OpenVolume(ctx, "v")
+	if err != nil {
+		t.Fatal(err)
+	}
+	data := bytes.Repeat([]byte("kept...."), 64*BlockSize/8)
+	junk := bytes.Repeat([]byte("junk...."), 32*BlockSize/8)
+	head := h.v.head.Load()
+	// Recorded, unrecorded, recorded, unrecorded at the end.
+	if _, err := h.WriteAt(data, 0); err != nil {
+		t.Fatal(err)
+	}
+	for _, n := range []int{32, 0, 16} {
+		if n == 0 {
+			if _, err := h.WriteAt(data, 1<<20); err != nil {
+				t.Fatal(err)
+			}
+			continue
+		}
+		loc, err := head.alloc(uint64(n))
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := head.writeData(junk[:n*BlockSize], int64(loc)<<blockShift); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := h.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if err := s.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if s, err = Open(dir, Options{}); err != nil {
+		t.Fatal(err)
+	}
+	if err := s.Check(); err != nil {
+		t.Fatal(err)
+	}
+	l := s.vols["v"].head.Load()
+	var fst unix.Stat_t
+	if err := unix.Fstat(int(l.data.Fd()), &fst); err != nil {
+		t.Fatal(err)
+	}
+	// 64 + 32 unrecorded + 64 blocks: the file ends after the second 64.
+	if want := int64(64+32+64) * BlockSize; fst.Size != want || l.next.Load() != 64+32+64 {
+		t.Errorf("data file size %d, next block %d; want %d", fst.Size, l.next.Load(), want)
+	}
+	if want := int64(128) * BlockSize; fst.Blocks*512 != want {
+		t.Errorf("data file takes %d bytes, want %d (the unrecorded blocks freed)", fst.Blocks*512, want)
+	}
+	h, err = s.OpenVolume(ctx, "v")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer h.Close()
+	got := make([]byte, len(data))
+	for _, off := range []int64{0, 1 << 20} {
+		if _, err := h.ReadAt(got, off); err != nil || !bytes.Equal(got, data) {
+			t.Fatalf("read at %d: %v, equal %v", off, err, bytes.Equal(got, data))
+		}
+	}
+}
