@@ -326,6 +326,20 @@ func BenchmarkIndexMemory(b *testing.B) {
 		mixed := t.memory(map[any]bool{}) + m.memory(map[any]bool{})
 		b.ReportMetric(float64(seq)/(1<<20), "MiB/TiB-written-one-layer")
 		b.ReportMetric(float64(mixed)/(1<<20)/1.5, "MiB/TiB-written-two-layers-alternating")
+
+		// A dense layer's block locations (locs.go) for 1 GiB of first
+		// writes: in 1 MiB runs, and as 4 KiB blocks in random order (each
+		// block its own extent: the worst case), scaled to a TiB.
+		const gib = uint64(1) << 30 >> blockShift
+		var inRuns, random locMap
+		for blk := uint64(0); blk < gib; blk += 256 {
+			inRuns.set(blk, 256, blk)
+		}
+		for i, blk := range rand.New(rand.NewPCG(3, 4)).Perm(int(gib)) {
+			random.set(uint64(blk), 1, uint64(i))
+		}
+		b.ReportMetric(float64(inRuns.memory())/(1<<20)*1024, "MiB/TiB-written-dense-locs-1MiB-runs")
+		b.ReportMetric(float64(random.memory())/(1<<20)*1024, "MiB/TiB-written-dense-locs-random-4KiB")
 	}
 	heapPerTiB := func(volSize, written int64) float64 {
 		s := benchStore(b)

@@ -1,12 +1,28 @@
-// Package cow is cowcsi's storage engine: volumes as chains of sparse-file
+// Package cow is cowcsi's storage engine: volumes as chains of file-backed
 // layers under an extent map, with O(1) snapshots, restores and clones.
 //
 // A store is a directory:
 //
 //	LOCK            flock: one process per store
 //	catalog.log     volumes, snapshots, layers (package ondisk: framed, CRC32C)
-//	layers/N.data   a layer's data, sparse, block b at byte b*BlockSize
-//	layers/N.map    the journal of the blocks layer N owns
+//	layers/N.data   a layer's data: the blocks it owns, appended (see below)
+//	layers/N.map    the journal of the blocks layer N owns and where they are
+//
+// # Layer files: dense and identity
+//
+// A layer's data file is dense: the first write of a block appends it to the
+// file (runs of blocks written together stay together), and its journal
+// record (journal version 2) says where it went, so the index holds a file
+// offset for every block the layer owns. A layer written in random order
+// after a snapshot is then a few large extents instead of thousands of small
+// ones, which is what keeps first writes after a snapshot and reads through
+// deep chains close to a plain file (docs/BENCHMARKS.md, "What was tried").
+// Stores from before this format have identity layers (journal version 1:
+// block b at byte b*BlockSize of a sparse file); they are read and written as
+// they are, and new heads are dense. Space a dense layer gives back (discards,
+// overwritten copies from a merge, blocks of a write that never became
+// durable) is punched out, and the file is compacted at open: holes between
+// used blocks are punched and the tail is cut.
 //
 // # Reads, writes and snapshots
 //
@@ -36,12 +52,14 @@
 // # Durability
 //
 // Flush makes completed writes durable: fdatasync of the head's data, then
-// the journal records of newly owned blocks, fdatasynced. A block is owned
-// only once its record is durable, so after a crash a block whose write was
-// never flushed reads from below, as on a disk whose cache was lost. Catalog
-// changes are one checksummed frame each, durable with one fdatasync before
-// they apply in memory. Discarded blocks are owned by the head and punched
-// out of its data file, so they read as zeros, never as a parent's data.
+// the journal records of newly owned blocks (with their places in a dense
+// file), fdatasynced. A block is owned only once its record is durable, so
+// after a crash a block whose write was never flushed reads from below, as on
+// a disk whose cache was lost, and the space it took in a dense file is
+// reclaimed at open. Catalog changes are one checksummed frame each, durable
+// with one fdatasync before they apply in memory. Discarded blocks are owned
+// by the head as zero blocks (punched out of its data file), so they read as
+// zeros, never as a parent's data.
 //
 // # Deleting snapshots
 //
