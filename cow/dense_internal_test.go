@@ -164,18 +164,7 @@ func testDenseLayout(t *testing.T, identity bool) {
 	if _, err := h.ReadAt(got, 0); err != nil || !bytes.Equal(got, want) {
 		t.Fatalf("read back: %v, equal %v", err, bytes.Equal(got, want))
 	}
-	if err := h.Close(); err != nil {
-		t.Fatal(err)
-	}
-	if err := s.Close(); err != nil {
-		t.Fatal(err)
-	}
-	if s, err = Open(dir, Options{}); err != nil {
-		t.Fatal(err)
-	}
-	if err := s.Check(); err != nil {
-		t.Fatal(err)
-	}
+	s = reopenChecked(t, h, s, dir)
 	if h, err = s.OpenVolume(ctx, "v"); err != nil {
 		t.Fatal(err)
 	}
@@ -226,18 +215,7 @@ func TestDenseReclaim(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
-	if err := h.Close(); err != nil {
-		t.Fatal(err)
-	}
-	if err := s.Close(); err != nil {
-		t.Fatal(err)
-	}
-	if s, err = Open(dir, Options{}); err != nil {
-		t.Fatal(err)
-	}
-	if err := s.Check(); err != nil {
-		t.Fatal(err)
-	}
+	s = reopenChecked(t, h, s, dir)
 	l := s.vols["v"].head.Load()
 	var fst unix.Stat_t
 	if err := unix.Fstat(int(l.data.Fd()), &fst); err != nil {
@@ -261,4 +239,23 @@ func TestDenseReclaim(t *testing.T) {
 			t.Fatalf("read at %d: %v, equal %v", off, err, bytes.Equal(got, data))
 		}
 	}
+}
+
+// reopenChecked closes h and s, opens the store in dir again and checks it.
+func reopenChecked(t *testing.T, h *Volume, s *Store, dir string) *Store {
+	t.Helper()
+	if err := h.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if err := s.Close(); err != nil {
+		t.Fatal(err)
+	}
+	s, err := Open(dir, Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := s.Check(); err != nil {
+		t.Fatal(err)
+	}
+	return s
 }
