@@ -53,6 +53,7 @@ type config struct {
 	Cold       bool          `json:"cold"`
 	Only       []string      `json:"only,omitempty"`
 	CPUProfile string        `json:"-"`
+	MemProfile string        `json:"-"`
 	Baseline   []string      `json:"-"`
 	IOURing    bool          `json:"fuse_io_uring"`
 }
@@ -73,6 +74,7 @@ func main() {
 	flag.BoolVar(&c.Cold, "cold", false, "also run the raw read rows with the engine's layer files dropped from the page cache before each run, and the depth row with all caches dropped (drop_caches)")
 	flag.StringVar(&only, "only", "", "comma-separated row groups or row IDs to run (raw, snap, depth, ext4, raw-4k-randread, ...)")
 	flag.StringVar(&c.CPUProfile, "cpuprofile", "", "write a CPU profile of the serving process over all rounds")
+	flag.StringVar(&c.MemProfile, "memprofile", "", "write a heap profile of the serving process after the last round, its volumes still open (go tool pprof -sample_index=inuse_space)")
 	// The driver's default (--fuse-io-uring=auto): the ring where the
 	// kernel has it.
 	flag.BoolVar(&c.IOURing, "fuse-io-uring", fusefs.IOURingSupported(), "serve the FUSE file through FUSE over io_uring, as the driver does by default where the kernel has it (turns on the fuse module's enable_uring parameter); false: /dev/fuse")
@@ -293,6 +295,11 @@ func run(ctx context.Context, c config) error {
 		}
 	}
 	pprof.StopCPUProfile()
+	if c.MemProfile != "" {
+		if err := writeHeapProfile(c.MemProfile); err != nil {
+			return err
+		}
+	}
 	for _, v := range vols {
 		if err := checkFlushAgain(v); err != nil {
 			return err
@@ -707,4 +714,19 @@ func summarize(c config, rows []*row, vols []*countingVolume, rss *rssSampler, s
 		Flushes:  flushes,
 		Duration: time.Since(start).Round(time.Second).String(),
 	}
+}
+
+// writeHeapProfile writes the heap profile (after a GC, so in-use figures
+// are current) to path.
+func writeHeapProfile(path string) error {
+	f, err := os.Create(path)
+	if err != nil {
+		return err
+	}
+	runtime.GC()
+	if err := pprof.WriteHeapProfile(f); err != nil {
+		f.Close()
+		return err
+	}
+	return f.Close()
 }

@@ -1,7 +1,9 @@
 package main
 
 import (
+	"compress/gzip"
 	"encoding/json"
+	"io"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -28,17 +30,18 @@ func TestSmoke(t *testing.T) {
 	}
 	dir := t.TempDir()
 	c := config{
-		Dir:       filepath.Join(dir, "work"),
-		Out:       filepath.Join(dir, "out.json"),
-		Rounds:    1,
-		Runtime:   time.Second,
-		Size:      128 << 20,
-		DepthSize: 64 << 20,
-		Depth:     4,
-		FSSize:    256 << 20,
-		FileSize:  64 << 20,
-		EndFsync:  true,
-		Cold:      true,
+		Dir:        filepath.Join(dir, "work"),
+		Out:        filepath.Join(dir, "out.json"),
+		Rounds:     1,
+		Runtime:    time.Second,
+		Size:       128 << 20,
+		DepthSize:  64 << 20,
+		Depth:      4,
+		FSSize:     256 << 20,
+		FileSize:   64 << 20,
+		EndFsync:   true,
+		Cold:       true,
+		MemProfile: filepath.Join(dir, "heap.pprof"),
 		// The comparison after a run: a baseline no round can be below.
 		Baseline: []string{writeReport(t, "baseline.json", map[string][]float64{"raw-4k-randread": {0}})},
 	}
@@ -50,6 +53,18 @@ func TestSmoke(t *testing.T) {
 	b, err := os.ReadFile(c.Out)
 	if err != nil {
 		t.Fatal(err)
+	}
+	// The heap profile: pprof's format is a gzipped protocol buffer.
+	if f, err := os.Open(c.MemProfile); err != nil {
+		t.Error(err)
+	} else {
+		zr, err := gzip.NewReader(f)
+		if err != nil {
+			t.Errorf("heap profile: %v", err)
+		} else if n, err := io.Copy(io.Discard, zr); err != nil || n == 0 {
+			t.Errorf("heap profile: %d bytes, %v", n, err)
+		}
+		f.Close()
 	}
 	var rep struct {
 		Rows []struct {
