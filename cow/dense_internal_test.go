@@ -3,6 +3,7 @@ package cow
 import (
 	"bytes"
 	"context"
+	"errors"
 	"math/rand/v2"
 	"os"
 	"testing"
@@ -258,4 +259,47 @@ func reopenChecked(t *testing.T, h *Volume, s *Store, dir string) *Store {
 		t.Fatal(err)
 	}
 	return s
+}
+
+// TestDenseFileLimit: a dense layer's file blocks stop below maxFileBlocks
+// (locExt keeps 32 bits of them): alloc says ErrNoSpace past it, and the
+// last block below it is a location like any other.
+func TestDenseFileLimit(t *testing.T) {
+	var m locMap
+	m.set(leafBlocks-1, 2, maxFileBlocks-2) // across two leaves
+	for b, want := range map[uint64]uint64{leafBlocks - 1: maxFileBlocks - 2, leafBlocks: maxFileBlocks - 1} {
+		if loc, _, ok := m.get(b); !ok || loc != want {
+			t.Errorf("block %d: location %d, %v; want %d", b, loc, ok, want)
+		}
+	}
+	if end := m.end(); end != maxFileBlocks {
+		t.Errorf("end %d, want %d", end, uint64(maxFileBlocks))
+	}
+	m.set(5, 1, ondisk.LocZero)
+	if loc, _, ok := m.get(5); !ok || loc != ondisk.LocZero {
+		t.Errorf("zero block: location %d, %v", loc, ok)
+	}
+
+	s, err := Open(t.TempDir(), Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	ctx := context.Background()
+	if _, err := s.CreateVolume(ctx, VolumeSpec{ID: "v", Size: 1 << 20}); err != nil {
+		t.Fatal(err)
+	}
+	h, err := s.OpenVolume(ctx, "v")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer h.Close()
+	head := h.v.head.Load()
+	if _, err := h.WriteAt(make([]byte, BlockSize), 0); err != nil {
+		t.Fatal(err)
+	}
+	head.next.Store(maxFileBlocks - 1)
+	if _, err := head.alloc(2); !errors.Is(err, ErrNoSpace) {
+		t.Errorf("alloc past the limit: %v, want ErrNoSpace", err)
+	}
 }

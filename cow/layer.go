@@ -561,6 +561,10 @@ func openLayerFiles(dir string, num uint32, size int64) (*layer, []ondisk.Range,
 		return l, ranges, nil
 	}
 	for _, r := range ranges {
+		if r.Loc != ondisk.LocZero && (r.Loc >= maxFileBlocks || r.Count > maxFileBlocks-r.Loc) {
+			l.close()
+			return nil, nil, errf(ErrCorrupt, "layer %d: blocks %d+%d at file block %d, beyond %d", num, r.Start, r.Count, r.Loc, uint64(maxFileBlocks))
+		}
 		l.locs.set(r.Start, r.Count, r.Loc)
 	}
 	l.owned.Store(int64(l.locs.blocks))
@@ -616,6 +620,10 @@ const growStep = (64 << 20) >> blockShift
 func (l *layer) alloc(n uint64) (uint64, error) {
 	first := l.next.Add(n) - n
 	end := first + n
+	if end > maxFileBlocks {
+		// 16 TiB of file blocks: ext4's limit on a file, and locExt's.
+		return 0, fmt.Errorf("%w: layer %d's data file would pass %d blocks", ErrNoSpace, l.num, uint64(maxFileBlocks))
+	}
 	if l.fileEnd.Load() >= end {
 		return first, nil
 	}

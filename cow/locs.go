@@ -1,6 +1,8 @@
 package cow
 
 import (
+	"fmt"
+	"math"
 	"slices"
 	"sort"
 	"unsafe"
@@ -30,19 +32,46 @@ import (
 // locExt is a run of blocks of one leaf (start, relative to the leaf) whose
 // data lies back to back in the file from file block loc (ondisk.LocZero:
 // they read as zeros and have no data).
+// Eight bytes: 16-bit start and count within a leaf of leafBlocks, and a
+// 32-bit file block (maxFileBlocks: ext4's own limit on a file of 4 KiB
+// blocks); random 4 KiB writes take one extent a block, so its size is
+// the location map's memory per block (docs/BENCHMARKS.md, IndexMemory).
 type locExt struct {
-	start, count uint32
-	loc          uint64
+	start, count uint16
+	loc          uint32 // zeroLoc: no data, reads as zeros
 }
 
-func (e locExt) end() uint32 { return e.start + e.count }
+const (
+	zeroLoc = math.MaxUint32
+	// maxFileBlocks bounds a dense layer's data file: file blocks are
+	// below it.
+	maxFileBlocks = zeroLoc
+)
+
+// A leaf's block numbers and counts fit the 16-bit fields.
+var _ [math.MaxUint16 - leafBlocks]struct{}
+
+func (e locExt) first() uint32 { return uint32(e.start) }
+func (e locExt) end() uint32   { return uint32(e.start) + uint32(e.count) }
 
 // locAt returns the location of block i of the extent's leaf, i in it.
 func (e locExt) locAt(i uint32) uint64 {
-	if e.loc == ondisk.LocZero {
-		return e.loc
+	if e.loc == zeroLoc {
+		return ondisk.LocZero
 	}
-	return e.loc + uint64(i-e.start)
+	return uint64(e.loc) + uint64(i-e.first())
+}
+
+// packLoc is loc as stored in a locExt; loc is ondisk.LocZero or below
+// maxFileBlocks (alloc and the journal's replay see to it).
+func packLoc(loc uint64) uint32 {
+	if loc == ondisk.LocZero {
+		return zeroLoc
+	}
+	if loc >= maxFileBlocks {
+		panic(fmt.Sprintf("cow: file block %d beyond a dense layer's limit", loc))
+	}
+	return uint32(loc)
 }
 
 // locMap maps the blocks a dense layer owns to their locations, in sorted
@@ -65,8 +94,8 @@ func (m *locMap) get(b uint64) (loc, n uint64, ok bool) {
 	if k == len(exts) {
 		return 0, uint64(leafBlocks - i), false
 	}
-	if exts[k].start > i {
-		return 0, uint64(exts[k].start - i), false
+	if exts[k].first() > i {
+		return 0, uint64(exts[k].first() - i), false
 	}
 	e := exts[k]
 	return e.locAt(i), uint64(e.end() - i), true
@@ -79,7 +108,7 @@ func (m *locMap) unmapped(start, count uint64) uint64 {
 		leafEnd := min(end, (b|(leafBlocks-1))+1)
 		lo, hi := uint32(b&(leafBlocks-1)), uint32((leafEnd-1)&(leafBlocks-1))+1
 		for _, e := range m.leaves[b>>leafShift] {
-			if s, t := max(e.start, lo), min(e.end(), hi); s < t {
+			if s, t := max(e.first(), lo), min(e.end(), hi); s < t {
 				mapped += uint64(t - s)
 			}
 		}
@@ -99,7 +128,7 @@ func (m *locMap) set(start, count, loc uint64) {
 		leafEnd := min(end, (b|(leafBlocks-1))+1)
 		lo, hi := uint32(b&(leafBlocks-1)), uint32((leafEnd-1)&(leafBlocks-1))+1
 		key := b >> leafShift
-		m.leaves[key] = setExts(m.leaves[key], locExt{start: lo, count: hi - lo, loc: loc})
+		m.leaves[key] = setExts(m.leaves[key], locExt{start: uint16(lo), count: uint16(hi - lo), loc: packLoc(loc)})
 		if loc != ondisk.LocZero {
 			loc += leafEnd - b
 		}
@@ -110,10 +139,10 @@ func (m *locMap) set(start, count, loc uint64) {
 // setExts puts n into the sorted extents exts, cutting what it overlaps,
 // and merges it with neighbours that continue it.
 func setExts(exts []locExt, n locExt) []locExt {
-	i := sort.Search(len(exts), func(k int) bool { return exts[k].end() > n.start })
-	j := sort.Search(len(exts), func(k int) bool { return exts[k].start >= n.end() })
+	i := sort.Search(len(exts), func(k int) bool { return exts[k].end() > n.first() })
+	j := sort.Search(len(exts), func(k int) bool { return exts[k].first() >= n.end() })
 	repl := make([]locExt, 0, 3)
-	if i < j && exts[i].start < n.start {
+	if i < j && exts[i].first() < n.first() {
 		l := exts[i]
 		l.count = n.start - l.start
 		repl = append(repl, l)
@@ -121,14 +150,14 @@ func setExts(exts []locExt, n locExt) []locExt {
 	repl = append(repl, n)
 	if i < j && exts[j-1].end() > n.end() {
 		r := exts[j-1]
-		r.loc, r.start, r.count = r.locAt(n.end()), n.end(), r.end()-n.end()
+		r.loc, r.start, r.count = packLoc(r.locAt(n.end())), uint16(n.end()), uint16(r.end()-n.end())
 		repl = append(repl, r)
 	}
 	exts = slices.Replace(exts, i, j, repl...)
 	// Merge around the new extent.
 	from, to := max(i-1, 0), min(i+len(repl), len(exts)-1)
 	for k := from; k < to && k+1 < len(exts); {
-		if a, b := exts[k], exts[k+1]; a.end() == b.start && continues(a, b) {
+		if a, b := exts[k], exts[k+1]; a.end() == b.first() && continues(a, b) {
 			exts[k].count += b.count
 			exts = slices.Delete(exts, k+1, k+2)
 			to--
@@ -142,10 +171,10 @@ func setExts(exts []locExt, n locExt) []locExt {
 // continues reports whether b's blocks lie in the file right after a's,
 // or both read as zeros.
 func continues(a, b locExt) bool {
-	if a.loc == ondisk.LocZero || b.loc == ondisk.LocZero {
+	if a.loc == zeroLoc || b.loc == zeroLoc {
 		return a.loc == b.loc
 	}
-	return a.loc+uint64(a.count) == b.loc
+	return uint64(a.loc)+uint64(a.count) == uint64(b.loc)
 }
 
 // forEach calls fn for every extent, in block order.
@@ -157,7 +186,7 @@ func (m *locMap) forEach(fn func(start, count, loc uint64)) {
 	slices.Sort(keys)
 	for _, k := range keys {
 		for _, e := range m.leaves[k] {
-			fn(k<<leafShift+uint64(e.start), uint64(e.count), e.loc)
+			fn(k<<leafShift+uint64(e.start), uint64(e.count), e.locAt(e.first()))
 		}
 	}
 }
@@ -167,8 +196,8 @@ func (m *locMap) end() uint64 {
 	var end uint64
 	for _, exts := range m.leaves {
 		for _, e := range exts {
-			if e.loc != ondisk.LocZero {
-				end = max(end, e.loc+uint64(e.count))
+			if e.loc != zeroLoc {
+				end = max(end, uint64(e.loc)+uint64(e.count))
 			}
 		}
 	}
