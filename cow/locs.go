@@ -76,7 +76,7 @@ func packLoc(loc uint64) uint32 {
 
 // locMap maps the blocks a dense layer owns to their locations, in sorted
 // extent lists per index leaf (leafBlocks blocks). Blocks written one after
-// the other take one extent; random 4 KiB writes take one each (16 bytes).
+// the other take one extent; random 4 KiB writes take one each (8 bytes).
 // The zero value is empty. The layer's treeMu guards it.
 type locMap struct {
 	leaves map[uint64][]locExt
