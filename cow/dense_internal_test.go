@@ -279,6 +279,22 @@ func TestDenseFileLimit(t *testing.T) {
 	if loc, _, ok := m.get(5); !ok || loc != ondisk.LocZero {
 		t.Errorf("zero block: location %d, %v", loc, ok)
 	}
+	// What replay and Check accept: the last block below the limit, zeros;
+	// not a block at it, a run across it, nor one whose end wraps around.
+	for _, c := range []struct {
+		r    ondisk.Range
+		fits bool
+	}{
+		{ondisk.Range{Start: 0, Count: 1, Loc: maxFileBlocks - 1}, true},
+		{ondisk.Range{Start: 0, Count: 1 << 40, Loc: ondisk.LocZero}, true},
+		{ondisk.Range{Start: 0, Count: 1, Loc: maxFileBlocks}, false},
+		{ondisk.Range{Start: 0, Count: 2, Loc: maxFileBlocks - 1}, false},
+		{ondisk.Range{Start: 0, Count: 4, Loc: ondisk.LocZero - 2}, false},
+	} {
+		if got := fitsLocs(c.r); got != c.fits {
+			t.Errorf("fitsLocs(%+v) = %v, want %v", c.r, got, c.fits)
+		}
+	}
 
 	s, err := Open(t.TempDir(), Options{})
 	if err != nil {
@@ -295,6 +311,7 @@ func TestDenseFileLimit(t *testing.T) {
 	}
 	defer h.Close()
 	head := h.v.head.Load()
+	// A write creates the head's files, which alloc grows.
 	if _, err := h.WriteAt(make([]byte, BlockSize), 0); err != nil {
 		t.Fatal(err)
 	}

@@ -299,7 +299,7 @@ func (s *Store) Check() error {
 			}
 			t.setRange(r.Start, r.End(), l.num)
 			if l.dense {
-				if r.Loc != ondisk.LocZero && (r.Loc >= maxFileBlocks || r.Count > maxFileBlocks-r.Loc) {
+				if !fitsLocs(r) {
 					bad("layer %d: blocks %d+%d at file block %d, beyond %d", l.num, r.Start, r.Count, r.Loc, uint64(maxFileBlocks))
 					continue
 				}

@@ -561,7 +561,7 @@ func openLayerFiles(dir string, num uint32, size int64) (*layer, []ondisk.Range,
 		return l, ranges, nil
 	}
 	for _, r := range ranges {
-		if r.Loc != ondisk.LocZero && (r.Loc >= maxFileBlocks || r.Count > maxFileBlocks-r.Loc) {
+		if !fitsLocs(r) {
 			l.close()
 			return nil, nil, errf(ErrCorrupt, "layer %d: blocks %d+%d at file block %d, beyond %d", num, r.Start, r.Count, r.Loc, uint64(maxFileBlocks))
 		}

@@ -30,8 +30,9 @@ import (
 // discard, or zeros a merge brought in), which have no data until written.
 
 // locExt is a run of blocks of one leaf (start, relative to the leaf) whose
-// data lies back to back in the file from file block loc (ondisk.LocZero:
-// they read as zeros and have no data).
+// data lies back to back in the file from file block loc (zeroLoc: they
+// read as zeros and have no data).
+//
 // Eight bytes: 16-bit start and count within a leaf of leafBlocks, and a
 // 32-bit file block (maxFileBlocks: ext4's own limit on a file of 4 KiB
 // blocks); random 4 KiB writes take one extent a block, so its size is
@@ -60,6 +61,13 @@ func (e locExt) locAt(i uint32) uint64 {
 		return ondisk.LocZero
 	}
 	return uint64(e.loc) + uint64(i-e.first())
+}
+
+// fitsLocs reports whether a journal record's file blocks can be held in a
+// locMap: zeros, or blocks below maxFileBlocks. Replay and Check refuse
+// records that do not (a corrupt journal; alloc never hands them out).
+func fitsLocs(r ondisk.Range) bool {
+	return r.Loc == ondisk.LocZero || (r.Loc < maxFileBlocks && r.Count <= maxFileBlocks-r.Loc)
 }
 
 // packLoc is loc as stored in a locExt; loc is ondisk.LocZero or below
