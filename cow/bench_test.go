@@ -331,15 +331,33 @@ func BenchmarkIndexMemory(b *testing.B) {
 		// writes: in 1 MiB runs, and as 4 KiB blocks in random order (each
 		// block its own extent: the worst case), scaled to a TiB.
 		const gib = uint64(1) << 30 >> blockShift
-		var inRuns, random locMap
+		// The random case twice: on the heap alone, and with an arena
+		// (arena.go), where fragmented leaves keep their extents in
+		// pageable file-backed memory instead.
+		arena := newLocArena(b.TempDir())
+		if arena == nil {
+			b.Fatal("no location arena (O_TMPFILE) in the test directory")
+		}
+		inRuns, random, randomArena := locMap{}, locMap{}, locMap{arena: arena}
 		for blk := uint64(0); blk < gib; blk += 256 {
 			inRuns.set(blk, 256, blk)
 		}
 		for i, blk := range rand.New(rand.NewPCG(3, 4)).Perm(int(gib)) {
 			random.set(uint64(blk), 1, uint64(i))
+			randomArena.set(uint64(blk), 1, uint64(i))
 		}
-		b.ReportMetric(float64(inRuns.memory())/(1<<20)*1024, "MiB/TiB-written-dense-locs-1MiB-runs")
-		b.ReportMetric(float64(random.memory())/(1<<20)*1024, "MiB/TiB-written-dense-locs-random-4KiB")
+		perTiB := func(n int64) float64 { return float64(n) / (1 << 20) * 1024 }
+		runsHeap, _ := inRuns.memory()
+		randomHeap, _ := random.memory()
+		arenaHeap, arenaFile := randomArena.memory()
+		b.ReportMetric(perTiB(runsHeap), "MiB/TiB-written-dense-locs-1MiB-runs")
+		b.ReportMetric(perTiB(randomHeap), "MiB/TiB-written-dense-locs-random-4KiB-heap-only")
+		b.ReportMetric(perTiB(arenaHeap), "MiB/TiB-written-dense-locs-random-4KiB-heap")
+		b.ReportMetric(perTiB(arenaFile), "MiB/TiB-written-dense-locs-random-4KiB-arena")
+		randomArena.release()
+		if err := arena.close(); err != nil {
+			b.Fatal(err)
+		}
 	}
 	heapPerTiB := func(volSize, written int64) float64 {
 		s := benchStore(b)
@@ -354,6 +372,33 @@ func BenchmarkIndexMemory(b *testing.B) {
 	}
 	b.ReportMetric(heapPerTiB(2<<30, 2<<30), "MiB/TiB-written-engine-heap-dense")
 	b.ReportMetric(heapPerTiB(64<<30, 2<<30), "MiB/TiB-written-engine-heap-sparse")
+
+	// Random 4 KiB first writes after a snapshot, end to end: 256 MiB of
+	// a 1 GiB volume, each block written once in random order.
+	s := benchStore(b)
+	h := mustVolume(b, s, "random", 1<<30)
+	writeSpread(b, h, 1<<30)
+	if _, err := s.CreateSnapshot(context.Background(), SnapshotSpec{ID: "random-snap", VolumeID: "random"}); err != nil {
+		b.Fatal(err)
+	}
+	runtime.GC()
+	var before, after runtime.MemStats
+	runtime.ReadMemStats(&before)
+	const written = 256 << 20
+	blk := make([]byte, BlockSize)
+	for i, n := range rand.New(rand.NewPCG(5, 6)).Perm(1 << 30 / BlockSize)[:written/BlockSize] {
+		blk[0] = byte(i)
+		if _, err := h.WriteAt(blk, int64(n)*BlockSize); err != nil {
+			b.Fatal(err)
+		}
+	}
+	if err := h.Flush(); err != nil {
+		b.Fatal(err)
+	}
+	runtime.GC()
+	runtime.ReadMemStats(&after)
+	b.ReportMetric(float64(int64(after.HeapAlloc)-int64(before.HeapAlloc))/(1<<20)*float64(1<<40/written), "MiB/TiB-written-engine-heap-random-4KiB-after-snapshot")
+	b.ReportMetric(float64(s.arena.bytes())/(1<<20)*float64(1<<40/written), "MiB/TiB-written-engine-arena-random-4KiB-after-snapshot")
 }
 
 // BenchmarkLookupVsDepth isolates the engine's share of a random read (the

@@ -14,17 +14,65 @@ import (
 	"github.com/cowcsi/cowcsi/cow/internal/ondisk"
 )
 
-// TestLocMapModel: random sets against a per-block model.
+// TestLocMapModel: random sets against a per-block model, on the heap
+// alone and with an arena (leaves of more than arenaMinExts extents in
+// it, moving between slot classes and back to the heap as they grow and
+// shrink).
 func TestLocMapModel(t *testing.T) {
+	t.Run("heap", func(t *testing.T) { testLocMapModel(t, &locMap{}, 3000, 50) })
+	t.Run("arena", func(t *testing.T) {
+		a := testArena(t)
+		m := &locMap{arena: a}
+		// Enough single-block sets that leaves pass through every class.
+		maxClass, backToHeap := testLocMapModel(t, m, 40000, 4000)
+		if maxClass < 3 || !backToHeap {
+			t.Errorf("leaves reached class %d at most (want 3 or more), went back to the heap: %v", maxClass, backToHeap)
+		}
+		_, inArena := m.memory()
+		if got := a.bytes(); got != inArena {
+			t.Errorf("arena has %d bytes in slots, the map's leaves %d", got, inArena)
+		}
+		m.release()
+		if got := a.bytes(); got != 0 {
+			t.Errorf("%d bytes of slots after release", got)
+		}
+	})
+}
+
+// testArena returns an arena in a test directory, closed at the end (a
+// slot still in use fails the test).
+func testArena(t *testing.T) *locArena {
+	t.Helper()
+	a := newLocArena(t.TempDir())
+	if a == nil {
+		t.Fatal("no arena: the test directory's filesystem has no O_TMPFILE")
+	}
+	t.Cleanup(func() {
+		if err := a.close(); err != nil {
+			t.Error(err)
+		}
+	})
+	return a
+}
+
+// testLocMapModel runs steps random sets on m, one in bigEvery over up to
+// two leaves (which leave few extents), three in four of the others of one
+// block. It returns the largest arena class a leaf had, and whether a leaf
+// went back from the arena to the heap.
+func testLocMapModel(t *testing.T, m *locMap, steps, bigEvery int) (maxClass int, backToHeap bool) {
 	rng := rand.New(rand.NewPCG(1, 2))
 	const blocks = 3 * leafBlocks
 	model := map[uint64]uint64{}
-	var m locMap
-	for step := range 3000 {
+	maxClass = -1
+	wasInArena := map[uint64]bool{}
+	for step := range steps {
 		start := uint64(rng.IntN(blocks))
 		count := uint64(1 + rng.IntN(64))
-		if rng.IntN(50) == 0 {
+		switch {
+		case rng.IntN(bigEvery) == 0:
 			count = uint64(1 + rng.IntN(2*leafBlocks))
+		case step%4 != 0:
+			count = 1
 		}
 		count = min(count, blocks-start)
 		loc := uint64(rng.IntN(1 << 20))
@@ -32,6 +80,18 @@ func TestLocMapModel(t *testing.T) {
 			loc = ondisk.LocZero
 		}
 		m.set(start, count, loc)
+		for key, lf := range m.leaves {
+			backToHeap = backToHeap || wasInArena[key] && !lf.inArena
+			wasInArena[key] = lf.inArena
+			if lf.inArena {
+				maxClass = max(maxClass, int(lf.class))
+				if len(lf.exts) <= arenaMinExts/2 || cap(lf.exts) != classExts(int(lf.class)) {
+					t.Fatalf("step %d: arena leaf of %d extents in a slot of %d (class %d)", step, len(lf.exts), cap(lf.exts), lf.class)
+				}
+			} else if m.arena != nil && len(lf.exts) > arenaMinExts {
+				t.Fatalf("step %d: heap leaf of %d extents with an arena", step, len(lf.exts))
+			}
+		}
 		for i := range count {
 			if loc == ondisk.LocZero {
 				model[start+i] = loc
@@ -61,6 +121,7 @@ func TestLocMapModel(t *testing.T) {
 			b += n
 		}
 	}
+	return maxClass, backToHeap
 }
 
 // fiemapExtents returns how many extents the filesystem maps for f
@@ -318,5 +379,133 @@ func TestDenseFileLimit(t *testing.T) {
 	head.next.Store(maxFileBlocks - 1)
 	if _, err := head.alloc(2); !errors.Is(err, ErrNoSpace) {
 		t.Errorf("alloc past the limit: %v, want ErrNoSpace", err)
+	}
+}
+
+// TestArenaStore: random first writes after a snapshot put the head's
+// leaves in the store's arena; the data reads back the same after the
+// store reopens (the extents rebuilt from the journal into a new arena),
+// after the snapshot is deleted (its layer merged into the head, whose
+// leaves move), and every slot is given back when the layers go (Close
+// then fails if one is not).
+func TestArenaStore(t *testing.T) {
+	ctx := context.Background()
+	dir := t.TempDir()
+	s, err := Open(dir, Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer func() { s.Close() }()
+	if s.arena == nil {
+		t.Fatal("no arena: the test directory's filesystem has no O_TMPFILE")
+	}
+	const size = 64 << 20
+	if _, err := s.CreateVolume(ctx, VolumeSpec{ID: "v", Size: size}); err != nil {
+		t.Fatal(err)
+	}
+	h, err := s.OpenVolume(ctx, "v")
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := make([]byte, size)
+	rng := rand.New(rand.NewPCG(7, 8))
+	write := func(n int, tag byte) {
+		t.Helper()
+		for range n {
+			b := rng.IntN(size / BlockSize)
+			blk := bytes.Repeat([]byte{byte(b), byte(b >> 8), tag, '.'}, BlockSize/4)
+			if _, err := h.WriteAt(blk, int64(b)*BlockSize); err != nil {
+				t.Fatal(err)
+			}
+			copy(want[b*BlockSize:], blk)
+		}
+		if err := h.Flush(); err != nil {
+			t.Fatal(err)
+		}
+	}
+	check := func(what string) {
+		t.Helper()
+		got := make([]byte, size)
+		if _, err := h.ReadAt(got, 0); err != nil || !bytes.Equal(got, want) {
+			t.Fatalf("%s: read %v, equal %v", what, err, bytes.Equal(got, want))
+		}
+	}
+	write(3000, 'a')
+	if _, err := s.CreateSnapshot(ctx, SnapshotSpec{ID: "s", VolumeID: "v"}); err != nil {
+		t.Fatal(err)
+	}
+	write(3000, 'b')
+	inArena := s.arena.bytes()
+	if inArena == 0 {
+		t.Fatal("no leaf in the arena after 3000 random 4 KiB writes to two leaves")
+	}
+	check("after writes")
+
+	s = reopenChecked(t, h, s, dir)
+	if got := s.arena.bytes(); got != inArena {
+		t.Errorf("after reopen %d bytes of slots, before %d", got, inArena)
+	}
+	if h, err = s.OpenVolume(ctx, "v"); err != nil {
+		t.Fatal(err)
+	}
+	check("after reopen")
+
+	if err := s.DeleteSnapshot(ctx, "s"); err != nil {
+		t.Fatal(err)
+	}
+	if err := s.WaitIdle(ctx); err != nil {
+		t.Fatal(err)
+	}
+	check("after the merge")
+	if err := s.Check(); err != nil {
+		t.Fatal(err)
+	}
+	var held int64
+	for _, l := range s.byNum {
+		_, n := l.locs.memory()
+		held += n
+	}
+	if got := s.arena.bytes(); got != held {
+		t.Errorf("arena has %d bytes of slots, live layers hold %d", got, held)
+	}
+
+	if err := h.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if err := s.DeleteVolume(ctx, "v"); err != nil {
+		t.Fatal(err)
+	}
+	if err := s.WaitIdle(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if got := s.arena.bytes(); got != 0 {
+		t.Errorf("%d bytes of slots left with no layer", got)
+	}
+	if err := s.Close(); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// TestArenaFull: where the arena cannot reserve a segment (a full disk),
+// leaves stay on the heap, and the map works the same.
+func TestArenaFull(t *testing.T) {
+	a := testArena(t)
+	a.broken = true // as after a failed fallocate
+	m := &locMap{arena: a}
+	var model locMap
+	rng := rand.New(rand.NewPCG(9, 10))
+	for i, b := range rng.Perm(leafBlocks) {
+		m.set(uint64(b), 1, uint64(i))
+		model.set(uint64(b), 1, uint64(i))
+	}
+	if heap, arena := m.memory(); arena != 0 || heap == 0 || a.bytes() != 0 {
+		t.Errorf("heap %d, arena %d bytes, arena's own count %d", heap, arena, a.bytes())
+	}
+	for b := uint64(0); b < leafBlocks; b++ {
+		l1, n1, ok1 := m.get(b)
+		l2, n2, ok2 := model.get(b)
+		if l1 != l2 || n1 != n2 || ok1 != ok2 {
+			t.Fatalf("block %d: %d %d %v, want %d %d %v", b, l1, n1, ok1, l2, n2, ok2)
+		}
 	}
 }

@@ -111,8 +111,9 @@ func layerPaths(dir string, num uint32) (data, journal string) {
 // build stores of the earlier format, and chains that mix both.
 var identityLayers atomic.Bool
 
-func newLayerStruct(num uint32, size int64) *layer {
+func newLayerStruct(num uint32, size int64, arena *locArena) *layer {
 	l := &layer{num: num, dense: !identityLayers.Load()}
+	l.locs.arena = arena
 	l.size.Store(size)
 	return l
 }
@@ -493,8 +494,8 @@ func (l *layer) hasFiles() bool {
 
 // openLayerFiles opens an existing layer and returns its owned ranges. A
 // layer without a journal never owned a block: it stays without files.
-func openLayerFiles(dir string, num uint32, size int64) (*layer, []ondisk.Range, error) {
-	l := newLayerStruct(num, size)
+func openLayerFiles(dir string, num uint32, size int64, arena *locArena) (*layer, []ondisk.Range, error) {
+	l := newLayerStruct(num, size, arena)
 	dp, jp := layerPaths(dir, num)
 	img, err := os.ReadFile(jp)
 	if errors.Is(err, os.ErrNotExist) {
@@ -917,6 +918,11 @@ func (l *layer) close() {
 	l.ioMu.Unlock()
 	// No pin is taken once closed is set (pins are taken under ioMu).
 	l.pins.Wait()
+	// Readers look locations up under ioMu, which closed now turns away,
+	// so none is left to read the arena slots given back here.
+	l.treeMu.Lock()
+	l.locs.release()
+	l.treeMu.Unlock()
 	l.filesMu.Lock()
 	defer l.filesMu.Unlock()
 	if l.data != nil {

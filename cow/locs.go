@@ -85,10 +85,21 @@ func packLoc(loc uint64) uint32 {
 // locMap maps the blocks a dense layer owns to their locations, in sorted
 // extent lists per index leaf (leafBlocks blocks). Blocks written one after
 // the other take one extent; random 4 KiB writes take one each (8 bytes).
-// The zero value is empty. The layer's treeMu guards it.
+// A leaf of more than arenaMinExts extents keeps them in the arena, if the
+// map has one (arena.go). The zero value is empty and keeps everything on
+// the heap. The layer's treeMu guards it.
 type locMap struct {
-	leaves map[uint64][]locExt
+	leaves map[uint64]leafLocs
 	blocks uint64 // blocks mapped
+	arena  *locArena
+}
+
+// leafLocs is a leaf's extents, on the heap or in an arena slot.
+type leafLocs struct {
+	exts    []locExt
+	slot    arenaSlot
+	class   uint8
+	inArena bool // 32 bytes in all
 }
 
 // get returns the location of block b and how many blocks from b on (b
@@ -96,7 +107,7 @@ type locMap struct {
 // zeros with it; ok is false if b has no location, and n then counts the
 // blocks from b on without one (to the end of the leaf at most).
 func (m *locMap) get(b uint64) (loc, n uint64, ok bool) {
-	exts := m.leaves[b>>leafShift]
+	exts := m.leaves[b>>leafShift].exts
 	i := uint32(b & (leafBlocks - 1))
 	k := sort.Search(len(exts), func(k int) bool { return exts[k].end() > i })
 	if k == len(exts) {
@@ -115,7 +126,7 @@ func (m *locMap) unmapped(start, count uint64) uint64 {
 	for b, end := start, start+count; b < end; {
 		leafEnd := min(end, (b|(leafBlocks-1))+1)
 		lo, hi := uint32(b&(leafBlocks-1)), uint32((leafEnd-1)&(leafBlocks-1))+1
-		for _, e := range m.leaves[b>>leafShift] {
+		for _, e := range m.leaves[b>>leafShift].exts {
 			if s, t := max(e.first(), lo), min(e.end(), hi); s < t {
 				mapped += uint64(t - s)
 			}
@@ -129,19 +140,82 @@ func (m *locMap) unmapped(start, count uint64) uint64 {
 // all ondisk.LocZero), replacing what they had.
 func (m *locMap) set(start, count, loc uint64) {
 	if m.leaves == nil {
-		m.leaves = map[uint64][]locExt{}
+		m.leaves = map[uint64]leafLocs{}
 	}
 	m.blocks += m.unmapped(start, count)
 	for b, end := start, start+count; b < end; {
 		leafEnd := min(end, (b|(leafBlocks-1))+1)
 		lo, hi := uint32(b&(leafBlocks-1)), uint32((leafEnd-1)&(leafBlocks-1))+1
 		key := b >> leafShift
-		m.leaves[key] = setExts(m.leaves[key], locExt{start: uint16(lo), count: uint16(hi - lo), loc: packLoc(loc)})
+		lf := m.room(m.leaves[key])
+		lf.exts = setExts(lf.exts, locExt{start: uint16(lo), count: uint16(hi - lo), loc: packLoc(loc)})
+		m.leaves[key] = m.fit(lf)
 		if loc != ondisk.LocZero {
 			loc += leafEnd - b
 		}
 		b = leafEnd
 	}
+}
+
+// room makes sure a leaf's extents can take one set (setExts adds two
+// extents at most) in place: a leaf outgrowing arenaMinExts moves to the
+// arena, an arena leaf outgrowing its slot to a larger one. Where the
+// arena cannot give a slot, the extents grow on the heap.
+func (m *locMap) room(lf leafLocs) leafLocs {
+	need := min(len(lf.exts)+2, leafBlocks)
+	if cap(lf.exts) >= need || !lf.inArena && (need <= arenaMinExts || m.arena == nil) {
+		return lf
+	}
+	return m.move(lf, need)
+}
+
+// fit gives an arena leaf that shrank (a discard or merge made its
+// extents one) a smaller slot, or the heap back.
+func (m *locMap) fit(lf leafLocs) leafLocs {
+	if !lf.inArena {
+		return lf
+	}
+	n := len(lf.exts)
+	if n <= arenaMinExts/2 || lf.class > 0 && 4*(n+2) <= classExts(int(lf.class)) {
+		return m.move(lf, 2*n)
+	}
+	return lf
+}
+
+// move copies a leaf's extents to a slot for capacity want (at least its
+// length; the heap if want is within arenaMinExts or the arena has no
+// slot) and frees the slot they were in.
+func (m *locMap) move(lf leafLocs, want int) leafLocs {
+	want = max(min(want, leafBlocks), len(lf.exts))
+	var to leafLocs
+	if want > arenaMinExts {
+		c := arenaClass(want)
+		if s, exts, ok := m.arena.alloc(c); ok {
+			to = leafLocs{exts: exts, slot: s, class: uint8(c), inArena: true}
+		}
+	}
+	if !to.inArena {
+		if want > arenaMinExts {
+			want = min(2*want, leafBlocks) // grown by doubling, as append would
+		}
+		to.exts = make([]locExt, 0, want)
+	}
+	to.exts = append(to.exts, lf.exts...)
+	if lf.inArena {
+		m.arena.release(lf.slot, int(lf.class))
+	}
+	return to
+}
+
+// release gives the map's arena slots back and empties it; the layer is
+// closed and its map never used again.
+func (m *locMap) release() {
+	for _, lf := range m.leaves {
+		if lf.inArena {
+			m.arena.release(lf.slot, int(lf.class))
+		}
+	}
+	m.leaves, m.blocks = nil, 0
 }
 
 // setExts puts n into the sorted extents exts, cutting what it overlaps,
@@ -193,7 +267,7 @@ func (m *locMap) forEach(fn func(start, count, loc uint64)) {
 	}
 	slices.Sort(keys)
 	for _, k := range keys {
-		for _, e := range m.leaves[k] {
+		for _, e := range m.leaves[k].exts {
 			fn(k<<leafShift+uint64(e.start), uint64(e.count), e.locAt(e.first()))
 		}
 	}
@@ -202,8 +276,8 @@ func (m *locMap) forEach(fn func(start, count, loc uint64)) {
 // end returns the file block after the last one any location uses.
 func (m *locMap) end() uint64 {
 	var end uint64
-	for _, exts := range m.leaves {
-		for _, e := range exts {
+	for _, lf := range m.leaves {
+		for _, e := range lf.exts {
 			if e.loc != zeroLoc {
 				end = max(end, uint64(e.loc)+uint64(e.count))
 			}
@@ -212,11 +286,17 @@ func (m *locMap) end() uint64 {
 	return end
 }
 
-// memory estimates the bytes the map holds.
-func (m *locMap) memory() int64 {
-	n := int64(len(m.leaves)) * 48
-	for _, exts := range m.leaves {
-		n += int64(cap(exts)) * int64(unsafe.Sizeof(locExt{}))
+// memory estimates the bytes the map holds on the heap, and in arena
+// slots.
+func (m *locMap) memory() (heap, arena int64) {
+	heap = int64(len(m.leaves)) * 64
+	for _, lf := range m.leaves {
+		n := int64(cap(lf.exts)) * int64(unsafe.Sizeof(locExt{}))
+		if lf.inArena {
+			arena += n
+		} else {
+			heap += n
+		}
 	}
-	return n
+	return heap, arena
 }

@@ -44,6 +44,10 @@ type Store struct {
 	lock    *os.File
 	closed  atomic.Bool
 	layerFS string // dir/layers
+	// arena holds the location extents of dense layers' fragmented
+	// leaves (arena.go); nil where the filesystem has no O_TMPFILE
+	// (they stay on the heap).
+	arena *locArena
 
 	// topo serializes every change to the catalog and to the layer graph.
 	topo  sync.Mutex
@@ -93,8 +97,10 @@ func Open(dir string, opts Options) (*Store, error) {
 	s := &Store{dir: dir, opts: opts, lock: lock, layerFS: filepath.Join(dir, layersDir),
 		vols: map[string]*volume{}, byNum: map[uint32]*layer{},
 		gcKick: make(chan struct{}, 1), gcStop: make(chan struct{}), gcDone: make(chan struct{})}
+	s.arena = newLocArena(s.layerFS)
 	if err := s.load(); err != nil {
 		s.closeLayers()
+		_ = s.arena.close()
 		if s.cat != nil {
 			s.cat.close()
 		}
@@ -148,7 +154,7 @@ func (s *Store) load() error {
 		}
 	}
 	for _, rec := range order {
-		l, ranges, err := openLayerFiles(s.layerFS, rec.Num, rec.Size)
+		l, ranges, err := openLayerFiles(s.layerFS, rec.Num, rec.Size, s.arena)
 		if err != nil {
 			return err
 		}
@@ -280,6 +286,7 @@ func (s *Store) Close() error {
 		}
 	}
 	s.closeLayers()
+	errs = append(errs, s.arena.close())
 	errs = append(errs, s.cat.close())
 	errs = append(errs, s.lock.Close())
 	return errors.Join(errs...)
@@ -301,7 +308,7 @@ func (s *Store) newLayer(parent *layer, size int64) (*layer, error) {
 	if num/slotChunkSize >= slotChunks {
 		return nil, errf(ErrNoSpace, "layer numbers exhausted")
 	}
-	l := newLayerStruct(num, size)
+	l := newLayerStruct(num, size, s.arena)
 	l.parent = parent
 	if parent != nil {
 		l.tree = parent.tree.fork()

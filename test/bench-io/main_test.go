@@ -101,6 +101,13 @@ func TestSmoke(t *testing.T) {
 	if len(rep.RSS) == 0 || string(rep.RSS) == "null" {
 		t.Error("no RSS figures in the report")
 	}
+	var rss rssStats
+	if err := json.Unmarshal(rep.RSS, &rss); err != nil {
+		t.Fatal(err)
+	}
+	if rss.AnonMedian <= 0 || rss.AnonMedian > rss.MedianUnderLoad || rss.FileMedian > rss.MedianUnderLoad {
+		t.Errorf("RSS median %d bytes, of it anonymous %d and file-backed %d", rss.MedianUnderLoad, rss.AnonMedian, rss.FileMedian)
+	}
 	if _, err := os.Stat(c.Dir); !os.IsNotExist(err) {
 		t.Errorf("work directory left behind: %v", err)
 	}

@@ -19,6 +19,8 @@ type rssSampler struct {
 	on       atomic.Pointer[countingVolume] // the volume under load, if any
 	mu       sync.Mutex
 	samples  []int64 // bytes, taken while on
+	anon     []int64 // RssAnon (heap, stacks, ring buffers), sampled with samples
+	file     []int64 // RssFile (file-backed mappings: the location arena)
 	inflight []int64 // engine calls in progress, sampled with samples
 	done     chan struct{}
 	wg       sync.WaitGroup
@@ -27,10 +29,15 @@ type rssSampler struct {
 type rssStats struct {
 	MaxUnderLoad    int64 `json:"max_under_load_bytes"`
 	MedianUnderLoad int64 `json:"median_under_load_bytes"`
-	Peak            int64 `json:"peak_bytes"` // VmHWM: over the whole run, setup included
-	GoHeapSys       int64 `json:"go_heap_sys_bytes"`
-	GoSys           int64 `json:"go_sys_bytes"`
-	Samples         int   `json:"samples"`
+	// The median split: anonymous memory the kernel cannot reclaim
+	// without swap, and file-backed pages it can write back and drop
+	// (the engine's location arena, cow/arena.go).
+	AnonMedian int64 `json:"anon_median_under_load_bytes"`
+	FileMedian int64 `json:"file_median_under_load_bytes"`
+	Peak       int64 `json:"peak_bytes"` // VmHWM: over the whole run, setup included
+	GoHeapSys  int64 `json:"go_heap_sys_bytes"`
+	GoSys      int64 `json:"go_sys_bytes"`
+	Samples    int   `json:"samples"`
 	// Engine reads and writes in progress at the same samples: the
 	// serving process's effective queue depth (fio keeps 32 in flight).
 	InflightMedian int64 `json:"inflight_median"`
@@ -54,8 +61,11 @@ func newRSSSampler() *rssSampler {
 					continue
 				}
 				if rss := procStatus("VmRSS"); rss > 0 {
+					anon, file := procStatus("RssAnon"), procStatus("RssFile")
 					s.mu.Lock()
 					s.samples = append(s.samples, rss)
+					s.anon = append(s.anon, anon)
+					s.file = append(s.file, file)
 					s.inflight = append(s.inflight, v.inflight.Load())
 					s.mu.Unlock()
 				}
@@ -81,14 +91,18 @@ func (s *rssSampler) stats() rssStats {
 	s.mu.Lock()
 	xs := slices.Clone(s.samples)
 	in := slices.Clone(s.inflight)
+	anon, file := slices.Clone(s.anon), slices.Clone(s.file)
 	s.mu.Unlock()
 	slices.Sort(xs)
 	slices.Sort(in)
+	slices.Sort(anon)
+	slices.Sort(file)
 	var st rssStats
 	if len(xs) > 0 {
 		st.MaxUnderLoad = xs[len(xs)-1]
 		st.MedianUnderLoad = xs[len(xs)/2]
 		st.InflightMedian, st.InflightMax = in[len(in)/2], in[len(in)-1]
+		st.AnonMedian, st.FileMedian = anon[len(anon)/2], file[len(file)/2]
 	}
 	st.Samples = len(xs)
 	st.Peak = procStatus("VmHWM")
@@ -172,8 +186,8 @@ func printTable(w io.Writer, c config, rows []*row, rss rssStats) {
 			r.Name+" ("+r.Unit+")", r.A, r.AMed, r.B, r.BMed, r.RMed, lo, hi, r.Target, mark, r.CPURatioMed, flush)
 	}
 	mib := func(b int64) string { return fmt.Sprintf("%.0f MiB", float64(b)/(1<<20)) }
-	fmt.Fprintf(w, "\nserving process RSS under load: median %s, max %s (%d samples); peak over the run %s; Go heap sys %s\n",
-		mib(rss.MedianUnderLoad), mib(rss.MaxUnderLoad), rss.Samples, mib(rss.Peak), mib(rss.GoHeapSys))
+	fmt.Fprintf(w, "\nserving process RSS under load: median %s (anonymous %s, file-backed %s), max %s (%d samples); peak over the run %s; Go heap sys %s\n",
+		mib(rss.MedianUnderLoad), mib(rss.AnonMedian), mib(rss.FileMedian), mib(rss.MaxUnderLoad), rss.Samples, mib(rss.Peak), mib(rss.GoHeapSys))
 	fmt.Fprintf(w, "engine reads/writes in progress at the same samples: median %d, max %d\n", rss.InflightMedian, rss.InflightMax)
 	fmt.Fprintf(w, "cpu B/A: the machine's busy CPU time per I/O during B's runs over A's (median of rounds; /proc/stat)\n")
 }
