@@ -44,10 +44,15 @@
 // and rewrite the whole chunk (64 KiB chunks: 16x the I/O of a 4 KiB random
 // write). The map stays small anyway: a leaf of the index covers 32 MiB; a
 // leaf one layer owns is a few dozen bytes, a leaf mixing two layers 1 KiB (1
-// bit per block). Metadata memory per TiB written is therefore at most
-// 32 MiB in the mixed worst case and near zero for sequentially written data
-// (see docs/BENCHMARKS.md for measured figures). Unaligned writes from other
-// callers still work: the engine copies up the partial edge blocks.
+// bit per block). Index memory per TiB written is therefore at most 32 MiB
+// in the mixed worst case and near zero for sequentially written data (see
+// docs/BENCHMARKS.md for measured figures). A dense layer also keeps where
+// each block lies in its file: 8 bytes per run of blocks written together,
+// so 8 bytes a block for random 4 KiB writes. A leaf of many runs keeps them
+// in the store's location arena (arena.go), file-backed pages the kernel
+// can write back and drop, so that those bytes are not heap the process can
+// never give back. Unaligned writes from other callers still work: the
+// engine copies up the partial edge blocks.
 //
 // # Durability
 //
