@@ -32,7 +32,10 @@ import (
 // disk shows as a failed reservation (leaves then stay on the heap), never
 // as a fault on a page that has no block behind it. A read error on a
 // page that was written back and dropped faults the process (SIGBUS), as
-// it would for a binary's own pages on a failing disk.
+// it would for a binary's own pages on a failing disk. A page that turns
+// dirty again after writeback goes through the kernel's dirty throttling
+// in the fault, under the layer's treeMu; the data writes around it are
+// throttled the same way, and a page turns dirty once per writeback cycle.
 
 const (
 	// arenaMinExts: leaves with more extents than this (512 bytes) move

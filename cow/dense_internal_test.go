@@ -166,19 +166,9 @@ func testDenseLayout(t *testing.T, identity bool) {
 	if err := unix.Statfs(dir, &st); err != nil || st.Type == unix.TMPFS_MAGIC {
 		t.Skip("needs a disk filesystem for FIEMAP")
 	}
-	s, err := Open(dir, Options{})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer func() { s.Close() }()
 	const size = 64 << 20
-	if _, err := s.CreateVolume(ctx, VolumeSpec{ID: "v", Size: size}); err != nil {
-		t.Fatal(err)
-	}
-	h, err := s.OpenVolume(ctx, "v")
-	if err != nil {
-		t.Fatal(err)
-	}
+	s, h := storeWithVolume(t, dir, size)
+	defer func() { s.Close() }()
 	want := make([]byte, size)
 	fill := bytes.Repeat([]byte("base...."), 1<<20/8)
 	for off := 0; off < size; off += len(fill) {
@@ -227,6 +217,7 @@ func testDenseLayout(t *testing.T, identity bool) {
 		t.Fatalf("read back: %v, equal %v", err, bytes.Equal(got, want))
 	}
 	s = reopenChecked(t, h, s, dir)
+	var err error
 	if h, err = s.OpenVolume(ctx, "v"); err != nil {
 		t.Fatal(err)
 	}
@@ -243,18 +234,8 @@ func testDenseLayout(t *testing.T, identity bool) {
 func TestDenseReclaim(t *testing.T) {
 	ctx := context.Background()
 	dir := t.TempDir()
-	s, err := Open(dir, Options{})
-	if err != nil {
-		t.Fatal(err)
-	}
+	s, h := storeWithVolume(t, dir, 16<<20)
 	defer func() { s.Close() }()
-	if _, err := s.CreateVolume(ctx, VolumeSpec{ID: "v", Size: 16 << 20}); err != nil {
-		t.Fatal(err)
-	}
-	h, err := s.OpenVolume(ctx, "v")
-	if err != nil {
-		t.Fatal(err)
-	}
 	data := bytes.Repeat([]byte("kept...."), 64*BlockSize/8)
 	junk := bytes.Repeat([]byte("junk...."), 32*BlockSize/8)
 	head := h.v.head.Load()
@@ -290,7 +271,7 @@ func TestDenseReclaim(t *testing.T) {
 	if want := int64(128) * BlockSize; fst.Blocks*512 != want {
 		t.Errorf("data file takes %d bytes, want %d (the unrecorded blocks freed)", fst.Blocks*512, want)
 	}
-	h, err = s.OpenVolume(ctx, "v")
+	h, err := s.OpenVolume(ctx, "v")
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -301,6 +282,27 @@ func TestDenseReclaim(t *testing.T) {
 			t.Fatalf("read at %d: %v, equal %v", off, err, bytes.Equal(got, data))
 		}
 	}
+}
+
+// storeWithVolume opens a store in dir with a volume "v" of size bytes,
+// and opens the volume. The caller closes the store.
+func storeWithVolume(t *testing.T, dir string, size int64) (*Store, *Volume) {
+	t.Helper()
+	ctx := context.Background()
+	s, err := Open(dir, Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := s.CreateVolume(ctx, VolumeSpec{ID: "v", Size: size}); err != nil {
+		s.Close()
+		t.Fatal(err)
+	}
+	h, err := s.OpenVolume(ctx, "v")
+	if err != nil {
+		s.Close()
+		t.Fatal(err)
+	}
+	return s, h
 }
 
 // reopenChecked closes h and s, opens the store in dir again and checks it.
@@ -391,21 +393,11 @@ func TestDenseFileLimit(t *testing.T) {
 func TestArenaStore(t *testing.T) {
 	ctx := context.Background()
 	dir := t.TempDir()
-	s, err := Open(dir, Options{})
-	if err != nil {
-		t.Fatal(err)
-	}
+	const size = 64 << 20
+	s, h := storeWithVolume(t, dir, size)
 	defer func() { s.Close() }()
 	if s.arena == nil {
 		t.Fatal("no arena: the test directory's filesystem has no O_TMPFILE")
-	}
-	const size = 64 << 20
-	if _, err := s.CreateVolume(ctx, VolumeSpec{ID: "v", Size: size}); err != nil {
-		t.Fatal(err)
-	}
-	h, err := s.OpenVolume(ctx, "v")
-	if err != nil {
-		t.Fatal(err)
 	}
 	want := make([]byte, size)
 	rng := rand.New(rand.NewPCG(7, 8))
@@ -445,6 +437,7 @@ func TestArenaStore(t *testing.T) {
 	if got := s.arena.bytes(); got != inArena {
 		t.Errorf("after reopen %d bytes of slots, before %d", got, inArena)
 	}
+	var err error
 	if h, err = s.OpenVolume(ctx, "v"); err != nil {
 		t.Fatal(err)
 	}
