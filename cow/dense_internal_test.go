@@ -502,3 +502,60 @@ func TestArenaFull(t *testing.T) {
 		}
 	}
 }
+
+// TestArenaPagedOut: the arena's pages are the kernel's to reclaim. After
+// they are written back (msync) and paged out (MADV_PAGEOUT, what reclaim
+// under pressure does), none is resident, and the locations fault back in
+// from the file unchanged.
+func TestArenaPagedOut(t *testing.T) {
+	dir := t.TempDir()
+	var st unix.Statfs_t
+	if err := unix.Statfs(dir, &st); err != nil || st.Type == unix.TMPFS_MAGIC {
+		t.Skip("needs a disk filesystem: tmpfs pages go to swap, not to the file")
+	}
+	a := testArena(t)
+	m := &locMap{arena: a}
+	var model locMap
+	const blocks = 4 * leafBlocks
+	for i, b := range rand.New(rand.NewPCG(11, 12)).Perm(blocks) {
+		m.set(uint64(b), 1, uint64(i))
+		model.set(uint64(b), 1, uint64(i))
+	}
+	if _, inArena := m.memory(); inArena < blocks*int64(unsafe.Sizeof(locExt{})) {
+		t.Fatalf("%d bytes in the arena for %d one-block extents", inArena, blocks)
+	}
+	resident := func() (n int) {
+		for _, seg := range a.segs {
+			vec := make([]byte, (len(seg)+os.Getpagesize()-1)/os.Getpagesize())
+			if _, _, errno := unix.Syscall(unix.SYS_MINCORE, uintptr(unsafe.Pointer(&seg[0])), uintptr(len(seg)), uintptr(unsafe.Pointer(&vec[0]))); errno != 0 {
+				t.Fatal(errno)
+			}
+			for _, v := range vec {
+				n += int(v & 1)
+			}
+		}
+		return n
+	}
+	before := resident()
+	for _, seg := range a.segs {
+		if err := unix.Msync(seg, unix.MS_SYNC); err != nil {
+			t.Fatal(err)
+		}
+		if err := unix.Madvise(seg, unix.MADV_PAGEOUT); err != nil {
+			t.Fatal(err)
+		}
+	}
+	after := resident()
+	t.Logf("resident arena pages: %d, after writeback and pageout %d", before, after)
+	if before == 0 || after > before/10 {
+		t.Errorf("resident arena pages %d before, %d after pageout", before, after)
+	}
+	for b := uint64(0); b < blocks; b++ {
+		l1, n1, ok1 := m.get(b)
+		l2, n2, ok2 := model.get(b)
+		if l1 != l2 || n1 != n2 || ok1 != ok2 {
+			t.Fatalf("block %d after pageout: %d %d %v, want %d %d %v", b, l1, n1, ok1, l2, n2, ok2)
+		}
+	}
+	m.release()
+}
