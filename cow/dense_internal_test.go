@@ -4,8 +4,12 @@ import (
 	"bytes"
 	"context"
 	"errors"
+	"fmt"
+	"io"
 	"math/rand/v2"
 	"os"
+	"os/exec"
+	"strings"
 	"testing"
 	"unsafe"
 
@@ -558,4 +562,98 @@ func TestArenaPagedOut(t *testing.T) {
 		}
 	}
 	m.release()
+}
+
+// TestArenaUnderMemoryLimit: a process whose memory cgroup allows 64 MiB
+// holds 256 MiB of location extents in an arena and reads every one back:
+// the kernel writes the arena's pages back to its file and drops them to
+// stay under the limit, as it cannot do for heap memory without swap. The
+// holding process is this test binary again (arenaChildEnv), moved into a
+// cgroup made for it before it starts.
+func TestArenaUnderMemoryLimit(t *testing.T) {
+	if dir := os.Getenv(arenaChildEnv); dir != "" {
+		arenaChild(t, dir)
+		return
+	}
+	requireRootInternal(t)
+	dir := t.TempDir()
+	var st unix.Statfs_t
+	if err := unix.Statfs(dir, &st); err != nil || st.Type == unix.TMPFS_MAGIC {
+		t.Skip("needs a disk filesystem: tmpfs pages go to swap, not to the file")
+	}
+	cg := newMemCgroup(t, 64<<20)
+	cmd := exec.Command(os.Args[0], "-test.run=^TestArenaUnderMemoryLimit$", "-test.v")
+	cmd.Env = append(os.Environ(), arenaChildEnv+"="+dir)
+	stdin, err := cmd.StdinPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	var out bytes.Buffer
+	cmd.Stdout, cmd.Stderr = &out, &out
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	if err := cg.add(cmd.Process.Pid); err != nil {
+		cmd.Process.Kill()
+		cmd.Wait()
+		t.Fatal(err)
+	}
+	stdin.Close() // the child starts on EOF
+	err = cmd.Wait()
+	t.Logf("child:\n%s", out.String())
+	t.Logf("cgroup: %s", cg.summary())
+	if err != nil {
+		t.Fatalf("child holding 256 MiB of arena under a 64 MiB limit: %v (an OOM kill shows as signal: killed)", err)
+	}
+	if !strings.Contains(out.String(), "arena child: ok") {
+		t.Fatal("child did not report its check")
+	}
+}
+
+const arenaChildEnv = "COWCSI_ARENA_CHILD_DIR"
+
+// arenaChild fills 256 MiB of arena slots (whole-leaf ones, 64 KiB) with
+// extents named after their slot, then checks every one.
+func arenaChild(t *testing.T, dir string) {
+	if _, err := io.Copy(io.Discard, os.Stdin); err != nil { // wait for the cgroup
+		t.Fatal(err)
+	}
+	a := newLocArena(dir)
+	if a == nil {
+		t.Fatal("no arena")
+	}
+	const class = arenaClasses - 1
+	n := 256 << 20 / (classExts(class) * int(unsafe.Sizeof(locExt{})))
+	slots := make([]arenaSlot, n)
+	for i := range n {
+		s, exts, ok := a.alloc(class)
+		if !ok {
+			t.Fatalf("slot %d: no space", i)
+		}
+		for k := range cap(exts) {
+			exts = append(exts, locExt{start: uint16(k), count: 1, loc: uint32(i)})
+		}
+		slots[i] = s
+	}
+	for i, s := range slots {
+		exts := a.exts(s, class)[:classExts(class)]
+		for k, e := range exts {
+			if e.start != uint16(k) || e.loc != uint32(i) {
+				t.Fatalf("slot %d extent %d: %+v", i, k, e)
+			}
+		}
+		a.release(s, class)
+	}
+	if err := a.close(); err != nil {
+		t.Fatal(err)
+	}
+	var rss string
+	if b, err := os.ReadFile("/proc/self/status"); err == nil {
+		for _, line := range strings.Split(string(b), "\n") {
+			if strings.HasPrefix(line, "VmHWM") || strings.HasPrefix(line, "RssFile") || strings.HasPrefix(line, "RssAnon") {
+				rss += " " + strings.Join(strings.Fields(line), " ")
+			}
+		}
+	}
+	fmt.Printf("arena child: ok, %d slots of 64 KiB checked;%s\n", n, rss)
 }
