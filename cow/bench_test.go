@@ -347,6 +347,30 @@ func BenchmarkIndexMemory(b *testing.B) {
 			randomArena.set(uint64(blk), 1, uint64(i))
 		}
 		perTiB := func(n int64) float64 { return float64(n) / (1 << 20) * 1024 }
+
+		// bench-io's deep volume: a 1 GiB volume, 64 snapshots, after
+		// each one a 64th of the blocks spread over the whole volume
+		// rewritten (128 in every leaf). Every snapshot keeps its own
+		// resolved index, so each one's leaves are copies, packed with
+		// more owners (wider) as the chain grows.
+		deep := tree{gen: newGen()}
+		deep.setRange(0, gib, 1)
+		gens := []tree{deep}
+		for k := uint32(2); k <= 64; k++ {
+			next := gens[len(gens)-1].fork()
+			for blk := uint64(0); blk < gib; blk++ {
+				if uint32((blk*0x9E3779B97F4A7C15)>>32)%64 == k-1 {
+					next.setRange(blk, blk+1, k)
+				}
+			}
+			gens = append(gens, next)
+		}
+		seen := map[any]bool{}
+		var deepMem int64
+		for i := range gens {
+			deepMem += gens[i].memory(seen)
+		}
+		b.ReportMetric(perTiB(deepMem), "MiB/TiB-written-index-64-snapshots-spread")
 		runsHeap, _ := inRuns.memory()
 		randomHeap, _ := random.memory()
 		arenaHeap, arenaFile := randomArena.memory()

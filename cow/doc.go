@@ -45,8 +45,11 @@
 // write). The map stays small anyway: a leaf of the index covers 32 MiB; a
 // leaf one layer owns is a few dozen bytes, a leaf mixing two layers 1 KiB (1
 // bit per block). Index memory per TiB written is therefore at most 32 MiB
-// in the mixed worst case and near zero for sequentially written data (see
-// docs/BENCHMARKS.md for measured figures). A dense layer also keeps where
+// for two layers mixed block by block and near zero for sequentially written
+// data. Deep chains of spread writes cost more: every snapshot whose writes
+// touch a leaf keeps its own copy of it, packed wider as owners add up (64
+// snapshots each rewriting a 64th of every leaf: 16 GiB per TiB written;
+// see docs/BENCHMARKS.md for measured figures). A dense layer also keeps where
 // each block lies in its file: 8 bytes per run of blocks written together,
 // so 8 bytes a block for random 4 KiB writes. A leaf of many runs keeps them
 // in the store's location arena (arena.go), file-backed pages the kernel
