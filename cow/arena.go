@@ -167,7 +167,8 @@ func (a *locArena) grow() error {
 	}
 	// No readahead on faults: slots are touched one by one, and readahead
 	// filled the page cache with the zeros of whole segments around them
-	// (TestArenaPagedOut: a 4 MiB segment all resident for 64 KiB used).
+	// (TestArenaPagedOut: 1024 pages resident, a whole 4 MiB segment, for
+	// the 127 its slots had touched).
 	if err := unix.Madvise(b, unix.MADV_RANDOM); err != nil {
 		unix.Munmap(b)
 		return err

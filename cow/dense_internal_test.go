@@ -88,9 +88,9 @@ func testLocMapModel(t *testing.T, m *locMap, steps, bigEvery int) (maxClass int
 			backToHeap = backToHeap || wasInArena[key] && !lf.inArena
 			wasInArena[key] = lf.inArena
 			if lf.inArena {
-				maxClass = max(maxClass, int(lf.class))
-				if len(lf.exts) <= arenaMinExts/2 || cap(lf.exts) != classExts(int(lf.class)) {
-					t.Fatalf("step %d: arena leaf of %d extents in a slot of %d (class %d)", step, len(lf.exts), cap(lf.exts), lf.class)
+				maxClass = max(maxClass, lf.class())
+				if len(lf.exts) <= arenaMinExts/2 || cap(lf.exts) != classExts(lf.class()) {
+					t.Fatalf("step %d: arena leaf of %d extents in a slot of %d extents (not a class's size)", step, len(lf.exts), cap(lf.exts))
 				}
 			} else if m.arena != nil && len(lf.exts) > arenaMinExts {
 				t.Fatalf("step %d: heap leaf of %d extents with an arena", step, len(lf.exts))

@@ -94,13 +94,16 @@ type locMap struct {
 	arena  *locArena
 }
 
-// leafLocs is a leaf's extents, on the heap or in an arena slot.
+// leafLocs is a leaf's extents, on the heap or in an arena slot (whose
+// class the slice's capacity gives).
 type leafLocs struct {
 	exts    []locExt
 	slot    arenaSlot
-	class   uint8
 	inArena bool // 32 bytes in all
 }
+
+// class is the arena class of an arena leaf's slot.
+func (lf leafLocs) class() int { return arenaClass(cap(lf.exts)) }
 
 // get returns the location of block b and how many blocks from b on (b
 // included, to the end of its leaf at most) follow it in the file, or are
@@ -176,7 +179,7 @@ func (m *locMap) fit(lf leafLocs) leafLocs {
 		return lf
 	}
 	n := len(lf.exts)
-	if n <= arenaMinExts/2 || lf.class > 0 && 4*(n+2) <= classExts(int(lf.class)) {
+	if n <= arenaMinExts/2 || 4*(n+2) <= cap(lf.exts) {
 		return m.move(lf, 2*n)
 	}
 	return lf
@@ -191,7 +194,7 @@ func (m *locMap) move(lf leafLocs, want int) leafLocs {
 	if want > arenaMinExts {
 		c := arenaClass(want)
 		if s, exts, ok := m.arena.alloc(c); ok {
-			to = leafLocs{exts: exts, slot: s, class: uint8(c), inArena: true}
+			to = leafLocs{exts: exts, slot: s, inArena: true}
 		}
 	}
 	if !to.inArena {
@@ -202,7 +205,7 @@ func (m *locMap) move(lf leafLocs, want int) leafLocs {
 	}
 	to.exts = append(to.exts, lf.exts...)
 	if lf.inArena {
-		m.arena.release(lf.slot, int(lf.class))
+		m.arena.release(lf.slot, lf.class())
 	}
 	return to
 }
@@ -212,7 +215,7 @@ func (m *locMap) move(lf leafLocs, want int) leafLocs {
 func (m *locMap) release() {
 	for _, lf := range m.leaves {
 		if lf.inArena {
-			m.arena.release(lf.slot, int(lf.class))
+			m.arena.release(lf.slot, lf.class())
 		}
 	}
 	m.leaves, m.blocks = nil, 0
