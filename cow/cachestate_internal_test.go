@@ -2,7 +2,6 @@ package cow
 
 import (
 	"bytes"
-	"context"
 	"errors"
 	"os"
 	"syscall"
@@ -17,7 +16,6 @@ import (
 // misses on a file whose pages are gone clear it, and a write after that
 // sets it again, so that what was just written is still read from memory.
 func TestMayCache(t *testing.T) {
-	ctx := context.Background()
 	dir := t.TempDir()
 	var sfs unix.Statfs_t
 	if err := unix.Statfs(dir, &sfs); err != nil {
@@ -26,18 +24,8 @@ func TestMayCache(t *testing.T) {
 	if sfs.Type == unix.TMPFS_MAGIC {
 		t.Fatalf("%s is tmpfs: it keeps file data in the page cache, and the test needs a disk", dir)
 	}
-	s, err := Open(dir, Options{})
-	if err != nil {
-		t.Fatal(err)
-	}
+	s, h := storeWithVolume(t, dir, 4<<20)
 	defer s.Close()
-	if _, err := s.CreateVolume(ctx, VolumeSpec{ID: "v", Size: 4 << 20}); err != nil {
-		t.Fatal(err)
-	}
-	h, err := s.OpenVolume(ctx, "v")
-	if err != nil {
-		t.Fatal(err)
-	}
 	defer h.Close()
 	data := bytes.Repeat([]byte("cached.."), BlockSize/8)
 	if _, err := h.WriteAt(data, 0); err != nil {

@@ -363,19 +363,8 @@ func TestDenseFileLimit(t *testing.T) {
 		}
 	}
 
-	s, err := Open(t.TempDir(), Options{})
-	if err != nil {
-		t.Fatal(err)
-	}
+	s, h := storeWithVolume(t, t.TempDir(), 1<<20)
 	defer s.Close()
-	ctx := context.Background()
-	if _, err := s.CreateVolume(ctx, VolumeSpec{ID: "v", Size: 1 << 20}); err != nil {
-		t.Fatal(err)
-	}
-	h, err := s.OpenVolume(ctx, "v")
-	if err != nil {
-		t.Fatal(err)
-	}
 	defer h.Close()
 	head := h.v.head.Load()
 	// A write creates the head's files, which alloc grows.
