@@ -15,8 +15,8 @@ import (
 	"github.com/hanwen/go-fuse/v2/fuse"
 	"golang.org/x/sys/unix"
 
+	"github.com/cowcsi/cowcsi/cow/fusefs/internal/uring"
 	"github.com/cowcsi/cowcsi/cow/internal/blockio"
-	"github.com/cowcsi/cowcsi/cow/internal/uring"
 )
 
 // FUSE over io_uring (Linux 6.14+, include/uapi/linux/fuse.h).

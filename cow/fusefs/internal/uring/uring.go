@@ -45,52 +45,29 @@ import (
 type SetupFlags uint32
 
 const (
-	// SetupCQSize is implied by NewWithCQSize; New rejects it because the
-	// kernel needs an explicit CQ size alongside it.
-	SetupCQSize SetupFlags = 1 << 3
-	// SetupClamp clamps oversized entry counts instead of failing.
-	SetupClamp SetupFlags = 1 << 4
-	// SetupSubmitAll keeps submitting a batch after one SQE fails to prep.
-	SetupSubmitAll SetupFlags = 1 << 7
-	// SetupCoopTaskrun defers completion task work until the submitter next
-	// enters the kernel, instead of interrupting it.
-	SetupCoopTaskrun SetupFlags = 1 << 8
-	// SetupTaskrunFlag makes the kernel raise a flag in the SQ ring when such
-	// deferred work is pending; PeekCQE and ForEachCQE then enter the kernel
-	// to run it. Needs SetupCoopTaskrun or SetupDeferTaskrun.
-	SetupTaskrunFlag SetupFlags = 1 << 9
 	// SetupSingleIssuer promises one submitting thread; see the package doc.
 	SetupSingleIssuer SetupFlags = 1 << 12
 	// SetupDeferTaskrun runs completion work only when the submitter waits
 	// (SubmitAndWait, WaitCQE). Requires SetupSingleIssuer.
 	SetupDeferTaskrun SetupFlags = 1 << 13
 
+	// setupTaskrunFlag makes the kernel raise a flag in the SQ ring when
+	// deferred completion work is pending; PeekCQE and ForEachCQE then
+	// enter the kernel to run it. Needs SetupDeferTaskrun (tests).
+	setupTaskrunFlag SetupFlags = 1 << 9
+
 	setupSQE128 = 1 << 10
 	setupCQE32  = 1 << 11
 
 	// Everything else (SQPOLL, IOPOLL, NO_MMAP, NO_SQARRAY, ...) changes how
 	// the rings must be driven or mapped, which this package does not do.
-	allowedSetup = SetupCQSize | SetupClamp | SetupSubmitAll | SetupCoopTaskrun |
-		SetupTaskrunFlag | SetupSingleIssuer | SetupDeferTaskrun
+	allowedSetup = SetupSingleIssuer | SetupDeferTaskrun | setupTaskrunFlag
 )
 
-// Feature bits reported by Ring.Features (IORING_FEAT_*).
+// Feature bits reported by io_uring_setup (IORING_FEAT_*).
 const (
-	FeatSingleMMap     uint32 = 1 << 0
-	FeatNoDrop         uint32 = 1 << 1
-	FeatSubmitStable   uint32 = 1 << 2
-	FeatRWCurPos       uint32 = 1 << 3
-	FeatCurPersonality uint32 = 1 << 4
-	FeatFastPoll       uint32 = 1 << 5
-	FeatExtArg         uint32 = 1 << 8
-)
-
-// CQE.Flags bits (IORING_CQE_F_*).
-const (
-	CQEFBuffer uint32 = 1 << 0
-	// CQEFMore means the request stays armed and will post more CQEs.
-	CQEFMore  uint32 = 1 << 1
-	CQEFNotif uint32 = 1 << 3
+	featSingleMMap uint32 = 1 << 0
+	featNoDrop     uint32 = 1 << 1
 )
 
 const (
@@ -104,8 +81,8 @@ const (
 	sqTaskrun    = 1 << 2
 )
 
-// ErrClosed is returned by operations on a closed Ring.
-var ErrClosed = errors.New("uring: ring closed")
+// errClosed is returned by operations on a closed Ring.
+var errClosed = errors.New("uring: ring closed")
 
 // CQE is one 32-byte completion queue entry (struct io_uring_cqe under
 // IORING_SETUP_CQE32). It is returned by value because the ring slot is
@@ -113,7 +90,7 @@ var ErrClosed = errors.New("uring: ring closed")
 type CQE struct {
 	UserData uint64    // @0, from the SQE
 	Res      int32     // @8, result or -errno
-	Flags    uint32    // @12, CQEF* bits
+	Flags    uint32    // @12, IORING_CQE_F_* bits
 	BigCQE   [2]uint64 // @16, extra data some URING_CMD drivers return
 }
 
@@ -144,7 +121,7 @@ type Ring struct {
 	features uint32
 
 	sqRing []byte
-	cqRing []byte // same mapping as sqRing under FeatSingleMMap
+	cqRing []byte // same mapping as sqRing under featSingleMMap
 	sqeMem []byte
 
 	// Pointers into the shared rings. Kernel-written fields are only read
@@ -177,27 +154,10 @@ type Ring struct {
 // errors.Is(err, unix.ENOSYS) / unix.EPERM detect a kernel without io_uring
 // or with it disabled by sysctl.
 func New(entries uint32, flags SetupFlags) (*Ring, error) {
-	if flags&SetupCQSize != 0 {
-		return nil, fmt.Errorf("uring: SetupCQSize needs a CQ size, use NewWithCQSize: %w", unix.EINVAL)
-	}
-	return newRing(entries, 0, flags)
-}
-
-// NewWithCQSize is New with an explicit CQ size (IORING_SETUP_CQSIZE), which
-// must be at least entries. A larger CQ lets more requests be in flight than
-// there are SQE slots, which matters for long-lived URING_CMD fetches.
-func NewWithCQSize(entries, cqEntries uint32, flags SetupFlags) (*Ring, error) {
-	if cqEntries == 0 {
-		return nil, fmt.Errorf("uring: zero CQ size: %w", unix.EINVAL)
-	}
-	return newRing(entries, cqEntries, flags|SetupCQSize)
-}
-
-func newRing(entries, cqEntries uint32, flags SetupFlags) (*Ring, error) {
 	if flags&^allowedSetup != 0 {
 		return nil, fmt.Errorf("uring: unsupported setup flags %#x: %w", uint32(flags&^allowedSetup), unix.EINVAL)
 	}
-	p := params{flags: uint32(flags) | setupSQE128 | setupCQE32, cqEntries: cqEntries}
+	p := params{flags: uint32(flags) | setupSQE128 | setupCQE32}
 	fd, _, errno := unix.Syscall(unix.SYS_IO_URING_SETUP, uintptr(entries), uintptr(unsafe.Pointer(&p)), 0)
 	if errno != 0 {
 		return nil, fmt.Errorf("io_uring_setup: %w", errno)
@@ -216,7 +176,7 @@ func (r *Ring) mapRings(p *params) error {
 
 	sqSize := int(p.sqOff.array) + int(p.sqEntries)*4
 	cqSize := int(p.cqOff.cqes) + int(p.cqEntries)*int(unsafe.Sizeof(CQE{}))
-	single := p.features&FeatSingleMMap != 0
+	single := p.features&featSingleMMap != 0
 	if single {
 		// One mapping backs both rings, so it must cover the larger.
 		sqSize = max(sqSize, cqSize)
@@ -264,18 +224,6 @@ func ringU32(mem []byte, off uint32) *uint32 {
 	return (*uint32)(unsafe.Pointer(&mem[off : off+4][0]))
 }
 
-// Fd is the ring's file descriptor, for io_uring_register(2) or polling.
-func (r *Ring) Fd() int { return r.fd }
-
-// Features returns the IORING_FEAT_* bits the kernel reported.
-func (r *Ring) Features() uint32 { return r.features }
-
-// SQEntries is the SQ size the kernel chose (entries rounded up).
-func (r *Ring) SQEntries() uint32 { return r.sqLen }
-
-// CQEntries is the CQ size the kernel chose.
-func (r *Ring) CQEntries() uint32 { return r.cqLen }
-
 // GetSQE returns a zeroed free submission slot, or nil if all slots are
 // queued but not yet consumed by the kernel (submit, then retry) or the ring
 // is closed. The slot is queued for the next submit as soon as it is
@@ -294,9 +242,9 @@ func (r *Ring) GetSQE() *SQE {
 	return s
 }
 
-// SQReady is the number of SQEs obtained from GetSQE and not yet consumed by
-// the kernel.
-func (r *Ring) SQReady() uint32 {
+// sqReady is the number of SQEs obtained from GetSQE and not yet consumed
+// by the kernel.
+func (r *Ring) sqReady() uint32 {
 	if !r.open {
 		return 0
 	}
@@ -329,10 +277,10 @@ func (r *Ring) enter(toSubmit, minComplete, flags uint32) (int, error) {
 
 // Submit hands all queued SQEs to the kernel without waiting and returns how
 // many it consumed. The kernel can stop early (resource shortage, or a
-// failed SQE without SetupSubmitAll); the rest stay queued for the next call.
+// failed SQE); the rest stay queued for the next call.
 func (r *Ring) Submit() (int, error) {
 	if !r.open {
-		return 0, ErrClosed
+		return 0, errClosed
 	}
 	n := r.flushSQ()
 	if n == 0 {
@@ -347,7 +295,7 @@ func (r *Ring) Submit() (int, error) {
 // CQ size, which is all the kernel can ever report at once.
 func (r *Ring) SubmitAndWait(waitNr uint32) (int, error) {
 	if !r.open {
-		return 0, ErrClosed
+		return 0, errClosed
 	}
 	if waitNr == 0 {
 		return r.Submit()
@@ -369,22 +317,15 @@ func (r *Ring) SubmitAndWait(waitNr uint32) (int, error) {
 	}
 }
 
-// CQReady is the number of CQEs in the ring not yet reaped. It does not
-// enter the kernel, so with SetupCoopTaskrun/SetupDeferTaskrun completions
-// whose task work has not run yet are not counted.
-func (r *Ring) CQReady() uint32 {
-	if !r.open {
-		return 0
-	}
-	return r.cqReady()
-}
-
+// cqReady is the number of CQEs in the ring not yet reaped. It does not
+// enter the kernel, so with SetupDeferTaskrun completions whose task work
+// has not run yet are not counted.
 func (r *Ring) cqReady() uint32 {
 	return atomic.LoadUint32(r.cqTail) - r.cqHeadLocal
 }
 
 // cqTailFlushed loads the CQ tail. If the ring is empty but the kernel has
-// flagged overflowed CQEs or pending task work (SetupTaskrunFlag), it enters
+// flagged overflowed CQEs or pending task work (setupTaskrunFlag), it enters
 // the kernel once to get them posted; without that a poller would never see
 // them.
 func (r *Ring) cqTailFlushed() uint32 {
@@ -446,7 +387,7 @@ func (r *Ring) ForEachCQE(fn func(CQE)) int {
 func (r *Ring) WaitCQE() (CQE, error) {
 	for {
 		if !r.open {
-			return CQE{}, ErrClosed
+			return CQE{}, errClosed
 		}
 		if c, ok := r.PeekCQE(); ok {
 			return c, nil
@@ -500,7 +441,7 @@ const (
 // may never use registers a buffer only once it is worth pinning.
 func (r *Ring) RegisterSparseBuffers(n uint32) error {
 	if !r.open {
-		return ErrClosed
+		return errClosed
 	}
 	// struct io_uring_rsrc_register: nr u32, flags u32, resv2 u64,
 	// data u64, tags u64.
@@ -525,7 +466,7 @@ func (r *Ring) RegisterSparseBuffers(n uint32) error {
 // pages the garbage collector may reuse for other objects).
 func (r *Ring) UpdateBuffer(index uint32, buf []byte) error {
 	if !r.open {
-		return ErrClosed
+		return errClosed
 	}
 	if len(buf) == 0 {
 		return errors.New("uring: empty buffer")

@@ -7,35 +7,19 @@ import (
 	"unsafe"
 )
 
-// Opcodes (enum io_uring_op). Only the ones this project issues are named;
-// any other value can be stored in SQE.Opcode directly.
+// Opcodes (enum io_uring_op) this package issues.
 const (
-	OpNop         uint8 = 0
-	OpReadv       uint8 = 1
-	OpWritev      uint8 = 2
-	OpFsync       uint8 = 3
-	OpReadFixed   uint8 = 4
-	OpWriteFixed  uint8 = 5
-	OpAsyncCancel uint8 = 14
-	OpRead        uint8 = 22
-	OpWrite       uint8 = 23
-	OpURingCmd    uint8 = 46
+	opNop        uint8 = 0
+	opReadFixed  uint8 = 4
+	opWriteFixed uint8 = 5
+	opRead       uint8 = 22
+	opWrite      uint8 = 23
+	opURingCmd   uint8 = 46
 )
 
-// SQE.Flags bits (IOSQE_*).
-const (
-	SQEFixedFile      uint8 = 1 << 0
-	SQEIODrain        uint8 = 1 << 1
-	SQEIOLink         uint8 = 1 << 2
-	SQEIOHardlink     uint8 = 1 << 3
-	SQEAsync          uint8 = 1 << 4
-	SQEBufferSelect   uint8 = 1 << 5
-	SQECQESkipSuccess uint8 = 1 << 6
-)
-
-// SQECmdSize is the length of the URING_CMD payload in a 128-byte SQE: the
+// sqeCmdSize is the length of the URING_CMD payload in a 128-byte SQE: the
 // kernel treats everything from offset 48 to the end as command data.
-const SQECmdSize = 80
+const sqeCmdSize = 80
 
 // SQE is one 128-byte submission queue entry (struct io_uring_sqe as laid out
 // under IORING_SETUP_SQE128). The unions of the C struct are collapsed onto
@@ -46,11 +30,11 @@ const SQECmdSize = 80
 // the slot may be handed out again.
 type SQE struct {
 	Opcode uint8  // @0
-	Flags  uint8  // @1, SQE* bits
+	Flags  uint8  // @1, IOSQE_* bits
 	IOPrio uint16 // @2
 	Fd     int32  // @4
 	// Off is the file offset; also addr2, and for URING_CMD its first four
-	// bytes are cmd_op (use SetCmdOp/CmdOp, which are endian-neutral).
+	// bytes are cmd_op (use setCmdOp/CmdOp, which are endian-neutral).
 	Off         uint64 // @8
 	Addr        uint64 // @16, buffer address (also splice_off_in)
 	Len         uint32 // @24
@@ -68,25 +52,25 @@ type SQE struct {
 // Cmd returns the 80-byte URING_CMD payload area (offsets 48..127). The slice
 // aliases the SQE, so writes go straight into the submission slot.
 func (s *SQE) Cmd() []byte {
-	return unsafe.Slice((*byte)(unsafe.Pointer(&s.Addr3)), SQECmdSize)
+	return unsafe.Slice((*byte)(unsafe.Pointer(&s.Addr3)), sqeCmdSize)
 }
 
-// SetCmdOp stores cmd_op, which shares offset 8 with Off.
-func (s *SQE) SetCmdOp(op uint32) {
+// setCmdOp stores cmd_op, which shares offset 8 with Off.
+func (s *SQE) setCmdOp(op uint32) {
 	// Written through a *uint32 rather than as Off's low bits so the layout
 	// is right on big-endian too: cmd_op is the first four bytes, not the low
 	// half of the integer.
 	*(*uint32)(unsafe.Pointer(&s.Off)) = op
 }
 
-// CmdOp reads cmd_op back (see SetCmdOp).
-func (s *SQE) CmdOp() uint32 {
+// CmdOp reads cmd_op back (see setCmdOp).
+func (s *SQE) cmdOp() uint32 {
 	return *(*uint32)(unsafe.Pointer(&s.Off))
 }
 
-// PrepNop fills s as a no-op whose completion carries userData and res 0.
-func (s *SQE) PrepNop(userData uint64) {
-	*s = SQE{Opcode: OpNop, Fd: -1, UserData: userData}
+// prepNop fills s as a no-op whose completion carries userData and res 0.
+func (s *SQE) prepNop(userData uint64) {
+	*s = SQE{Opcode: opNop, Fd: -1, UserData: userData}
 }
 
 // PrepURingCmd fills s as IORING_OP_URING_CMD. addr and length mean whatever
@@ -98,8 +82,8 @@ func (s *SQE) PrepNop(userData uint64) {
 // keeps referenced until the command's CQE has been reaped. Never point it at
 // something that may live on a goroutine stack, since stacks move.
 func (s *SQE) PrepURingCmd(fd int32, cmdOp uint32, addr uint64, length uint32, userData uint64) {
-	*s = SQE{Opcode: OpURingCmd, Fd: fd, Addr: addr, Len: length, UserData: userData}
-	s.SetCmdOp(cmdOp)
+	*s = SQE{Opcode: opURingCmd, Fd: fd, Addr: addr, Len: length, UserData: userData}
+	s.setCmdOp(cmdOp)
 }
 
 // PrepRead fills s as IORING_OP_READ of len(buf) bytes at off into buf.
@@ -109,14 +93,14 @@ func (s *SQE) PrepURingCmd(fd int32, cmdOp uint32, addr uint64, length uint32, u
 // buf referenced and untouched until the CQE for userData has been reaped.
 // Nothing is retained by the Ring.
 func (s *SQE) PrepRead(fd int32, buf []byte, off uint64, userData uint64) {
-	s.prepRW(OpRead, fd, uintptr(unsafe.Pointer(unsafe.SliceData(buf))), rwLen(buf), off, userData)
+	s.prepRW(opRead, fd, uintptr(unsafe.Pointer(unsafe.SliceData(buf))), rwLen(buf), off, userData)
 }
 
 // PrepWrite fills s as IORING_OP_WRITE of buf at off. The same ownership
 // rule as PrepRead applies: buf must stay referenced and unmodified until
 // the CQE has been reaped.
 func (s *SQE) PrepWrite(fd int32, buf []byte, off uint64, userData uint64) {
-	s.prepRW(OpWrite, fd, uintptr(unsafe.Pointer(unsafe.SliceData(buf))), rwLen(buf), off, userData)
+	s.prepRW(opWrite, fd, uintptr(unsafe.Pointer(unsafe.SliceData(buf))), rwLen(buf), off, userData)
 }
 
 // PrepReadFixed is PrepRead into a registered buffer: buf must lie within
@@ -124,13 +108,13 @@ func (s *SQE) PrepWrite(fd int32, buf []byte, off uint64, userData uint64) {
 // the pages' references when they were registered, so a direct read into
 // them skips pinning the pages again for each request.
 func (s *SQE) PrepReadFixed(fd int32, buf []byte, off uint64, index uint16, userData uint64) {
-	s.prepRW(OpReadFixed, fd, uintptr(unsafe.Pointer(unsafe.SliceData(buf))), rwLen(buf), off, userData)
+	s.prepRW(opReadFixed, fd, uintptr(unsafe.Pointer(unsafe.SliceData(buf))), rwLen(buf), off, userData)
 	s.BufIndex = index
 }
 
 // PrepWriteFixed is PrepWrite from a registered buffer (see PrepReadFixed).
 func (s *SQE) PrepWriteFixed(fd int32, buf []byte, off uint64, index uint16, userData uint64) {
-	s.prepRW(OpWriteFixed, fd, uintptr(unsafe.Pointer(unsafe.SliceData(buf))), rwLen(buf), off, userData)
+	s.prepRW(opWriteFixed, fd, uintptr(unsafe.Pointer(unsafe.SliceData(buf))), rwLen(buf), off, userData)
 	s.BufIndex = index
 }
 
