@@ -14,7 +14,6 @@ import (
 	"errors"
 	"fmt"
 	"io/fs"
-	"log"
 	"os"
 	"path/filepath"
 	"strconv"
@@ -246,83 +245,6 @@ func Mount(ctx context.Context, dir string, opts Options) (*Server, error) {
 		return nil, err
 	}
 	return s, nil
-}
-
-// startRing moves request handling to FUSE over io_uring if the kernel
-// negotiated it; on any failure /dev/fuse keeps serving (ringErr says why).
-func (s *Server) startRing(fd int) {
-	if s.srv.KernelSettings().Flags64()&fuse.CAP_OVER_IO_URING == 0 {
-		unix.Close(fd)
-		s.ringErr = errors.New("fusefs: the kernel does not offer FUSE over io_uring (fuse module parameter enable_uring)")
-		return
-	}
-	// From here on the kernel holds every request until all queues are
-	// registered or a registration failed: a failure before rs.start
-	// (which handles its own) must refuse the ring explicitly.
-	fail := func(err error) {
-		if rerr := refuseRing(fd); rerr != nil {
-			err = fmt.Errorf("%w; and falling back to /dev/fuse: %v", err, rerr)
-		}
-		unix.Close(fd)
-		s.ringErr = err
-	}
-	nq, err := possibleCPUs()
-	if err != nil {
-		fail(err)
-		return
-	}
-	entries := s.opts.RingEntries
-	if entries <= 0 {
-		entries = min(max(256/nq, 8), 32)
-	}
-	// The connection's number, from the mount table: a stat of the mount
-	// would be a request, and requests wait for the ring (deadlock).
-	conn, err := connID(s.dir)
-	if err != nil {
-		fail(err)
-		return
-	}
-	rs := &ringServer{rfs: s.fs, fd: fd, refuseEntry: s.opts.refuseEntry}
-	// A queue that fails while the connection is up would leave its CPU's
-	// requests waiting forever: abort the connection, so that they fail.
-	rs.onExit = func(qid int, err error) {
-		log.Printf("fusefs: %s: ring queue %d failed, aborting the connection: %v", s.dir, qid, err)
-		if err := abortConn(conn); err != nil {
-			log.Printf("fusefs: %s: abort: %v", s.dir, err)
-		}
-	}
-	if err := rs.start(nq, entries, maxWrite()); err != nil {
-		s.ringErr = err
-		return
-	}
-	s.ring, s.ringDone = rs, make(chan struct{})
-	go func() {
-		defer close(s.ringDone)
-		<-s.served
-		// The connection is gone: every entry's command ends with an
-		// error and the queues end by themselves.
-		rs.wait()
-	}()
-}
-
-// IOURing reports whether requests are served through FUSE over io_uring,
-// and if not, why not (nil error when it was not asked for).
-func (s *Server) IOURing() (bool, error) { return s.ring != nil, s.ringErr }
-
-// ringPolls is how many FUSE_POLL requests the ring answered (tests).
-func (s *Server) ringPolls() uint64 {
-	if s.ring == nil {
-		return 0
-	}
-	return s.ring.polls.Load()
-}
-
-// ringRequests is how many requests the ring answered (tests).
-func (s *Server) ringRequests() uint64 {
-	if s.ring == nil {
-		return 0
-	}
-	return s.ring.requests.Load()
 }
 
 // Dir returns the mount point.
