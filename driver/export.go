@@ -5,6 +5,9 @@ import (
 	"errors"
 	"fmt"
 	"io/fs"
+	"os"
+	"runtime"
+	"sync"
 	"syscall"
 
 	"k8s.io/klog/v2"
@@ -49,9 +52,31 @@ func MountFuseExport(ctx context.Context, dir, ioURing string) (FileExport, erro
 		klog.InfoS("FUSE over io_uring not in use; serving through /dev/fuse", "reason", why.Error())
 	} else if on {
 		klog.InfoS("Serving the FUSE filesystem through FUSE over io_uring", "dir", dir)
+		reserveProcs(s.RingQueues())
 	}
 	return fuseExport{s}, nil
 }
+
+// reserveProcs raises GOMAXPROCS, once per process, by the number of ring
+// queues, unless the GOMAXPROCS environment variable set it. A queue's
+// thread spends most of its time blocked in io_uring_enter, and a
+// goroutine blocked in a syscall keeps its P until sysmon takes it back
+// (from 20 µs, and sysmon sleeps longer when idle): with one P per CPU,
+// busy queues left the rest of the process (the engine's goroutines,
+// go-fuse's /dev/fuse readers, the garbage collector) waiting for sysmon
+// (docs/DECISIONS.md, "GOMAXPROCS raised by the ring queue count").
+// Setting GOMAXPROCS also stops the runtime from following a later change
+// of the container's CPU limit (Go 1.25+).
+func reserveProcs(queues int) {
+	procsOnce.Do(func() {
+		if os.Getenv("GOMAXPROCS") != "" {
+			return
+		}
+		runtime.GOMAXPROCS(runtime.GOMAXPROCS(0) + queues)
+	})
+}
+
+var procsOnce sync.Once
 
 // engineErrno tells the kernel what an engine error means, so that a full
 // store surfaces in the volume's filesystem as ENOSPC rather than EIO.

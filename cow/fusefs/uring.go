@@ -5,7 +5,6 @@ import (
 	"errors"
 	"fmt"
 	"log"
-	"os"
 	"runtime"
 	"sync"
 	"sync/atomic"
@@ -156,32 +155,8 @@ func (rs *ringServer) start(nq, entries, payload int) error {
 		rs.stop()
 		return first
 	}
-	reserveProcs(nq)
 	return nil
 }
-
-// reserveProcs raises GOMAXPROCS, once per process, by the number of ring
-// queues, unless the GOMAXPROCS environment variable set it. A queue's
-// thread spends most of its time blocked in io_uring_enter, and a
-// goroutine blocked in a syscall keeps its P until sysmon takes it back
-// (from 20 µs, and sysmon sleeps longer when idle): with one P per CPU,
-// two busy queues on two CPUs left the rest of the process (the engine's
-// goroutines, go-fuse's /dev/fuse readers, the garbage collector) waiting
-// for sysmon. With a spare P per queue, 4 KiB reads at chain depth 64 ran
-// at 0.92 of depth 1 on average over five bench-io runs against 0.83
-// without (docs/BENCHMARKS.md, "What was tried"). Setting GOMAXPROCS
-// also stops the runtime from following a later change of the container's
-// CPU limit (Go 1.25+).
-func reserveProcs(queues int) {
-	procsOnce.Do(func() {
-		if os.Getenv("GOMAXPROCS") != "" {
-			return
-		}
-		runtime.GOMAXPROCS(runtime.GOMAXPROCS(0) + queues)
-	})
-}
-
-var procsOnce sync.Once
 
 // stop ends every queue and waits for them. The kernel keeps requests that
 // would have gone to the ring queued; only call it when the connection is

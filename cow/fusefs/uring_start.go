@@ -164,6 +164,19 @@ func (s *Server) startRing(fd int) {
 // and if not, why not (nil error when it was not asked for).
 func (s *Server) IOURing() (bool, error) { return s.ring != nil, s.ringErr }
 
+// RingQueues is the number of FUSE over io_uring queues serving, 0 when
+// /dev/fuse serves everything. Each queue is a goroutine locked to its own
+// OS thread, pinned to its CPU, that spends most of its time blocked in
+// io_uring_enter(2) and keeps its P (GOMAXPROCS slot) while it does: a
+// process that serves rings may want that many more Ps (the driver
+// decides, see driver.MountFuseExport; fusefs leaves GOMAXPROCS alone).
+func (s *Server) RingQueues() int {
+	if s.ring == nil {
+		return 0
+	}
+	return len(s.ring.queues)
+}
+
 // ringPolls is how many FUSE_POLL requests the ring answered (tests).
 func (s *Server) ringPolls() uint64 {
 	if s.ring == nil {

@@ -328,21 +328,24 @@ func TestRingPollHack(t *testing.T) {
 // set before tests start, and no ring serves before then).
 var procsAtStart = runtime.GOMAXPROCS(0)
 
-// TestRingReservesProcs: once a ring serves, the process has a P per ring
-// queue on top of what it started with (once per process, however many
-// rings), unless the GOMAXPROCS environment variable set it.
-func TestRingReservesProcs(t *testing.T) {
-	mountRing(t, Options{})
-	mountRing(t, Options{})
+// TestRingQueuesLeavesProcs: a ring serves with one queue per possible CPU
+// and says so (RingQueues), and fusefs leaves GOMAXPROCS alone, however
+// many rings serve: reserving Ps for the queues is the driver's decision
+// (driver.MountFuseExport, TestMountFuseExportReservesProcs).
+func TestRingQueuesLeavesProcs(t *testing.T) {
 	nq, err := possibleCPUs()
 	if err != nil {
 		t.Fatal(err)
 	}
-	want := procsAtStart + nq
-	if os.Getenv("GOMAXPROCS") != "" {
-		want = procsAtStart
+	for range 2 {
+		if got := mountRing(t, Options{}).RingQueues(); got != nq {
+			t.Fatalf("RingQueues %d, want %d (possible CPUs)", got, nq)
+		}
 	}
-	if got := runtime.GOMAXPROCS(0); got != want {
-		t.Fatalf("GOMAXPROCS %d after two ring mounts with %d queues each, started at %d: want %d", got, nq, procsAtStart, want)
+	if got := runtime.GOMAXPROCS(0); got != procsAtStart {
+		t.Fatalf("GOMAXPROCS %d after two ring mounts, started at %d: fusefs changed it", got, procsAtStart)
+	}
+	if got := mount(t, Options{}).RingQueues(); got != 0 {
+		t.Fatalf("RingQueues %d on /dev/fuse, want 0", got)
 	}
 }
