@@ -23,6 +23,18 @@ type fuseExport struct{ s *fusefs.Server }
 
 var _ FileExport = fuseExport{}
 
+// fusefs finds the engine's fast paths on a volume by type assertion: a
+// method renamed or retyped in cow would silently send every request the
+// slow way (no reads without waiting, no reads or writes through the FUSE
+// ring). These fail the build instead. They live here, where the engine
+// meets fusefs: fusefs serves any BlockFile and does not import cow.
+var (
+	_ fusefs.BlockFile    = (*cow.Volume)(nil)
+	_ fusefs.NoWaitReader = (*cow.Volume)(nil)
+	_ fusefs.ReadPlanner  = (*cow.Volume)(nil)
+	_ fusefs.WritePlanner = (*cow.Volume)(nil)
+)
+
 // MountFuseExport mounts the driver's FUSE filesystem at dir. A stale mount
 // left there by a crashed driver is detached first (fusefs.Mount does it).
 // ioURing is Options.FuseIOURing: FUSE over io_uring served 1.2-2.4x the

@@ -77,6 +77,10 @@ type WritePlanner interface {
 	PlanWrite(p []byte, off int64) (*blockio.Plan, error)
 }
 
+// The engine's volumes (cow.Volume) implement NoWaitReader, ReadPlanner
+// and WritePlanner; rawFS finds them by type assertion, and
+// driver/export.go checks at compile time that cow.Volume still has them.
+
 // ErrBusy is wrapped by Server.Remove when the file is still open, for
 // instance by a loop device.
 var ErrBusy = errors.New("file is busy")
