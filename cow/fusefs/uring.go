@@ -4,7 +4,6 @@ import (
 	"encoding/binary"
 	"errors"
 	"fmt"
-	"log"
 	"runtime"
 	"sync"
 	"sync/atomic"
@@ -13,6 +12,7 @@ import (
 
 	"github.com/hanwen/go-fuse/v2/fuse"
 	"golang.org/x/sys/unix"
+	"k8s.io/klog/v2"
 
 	"github.com/cowcsi/cowcsi/cow/fusefs/internal/uring"
 	"github.com/cowcsi/cowcsi/cow/internal/blockio"
@@ -313,7 +313,7 @@ func (q *ringQueue) register() error {
 		if q.live == 0 {
 			return refused
 		}
-		log.Printf("%v; the queue serves with %d of %d entries", refused, q.live, len(q.entries))
+		klog.ErrorS(refused, "FUSE ring queue serves with fewer entries", "queue", q.qid, "entries", q.live, "wanted", len(q.entries))
 	}
 	return nil
 }

@@ -4,13 +4,13 @@ import (
 	"encoding/binary"
 	"errors"
 	"fmt"
-	"log"
 	"os"
 	"runtime"
 	"unsafe"
 
 	"github.com/hanwen/go-fuse/v2/fuse"
 	"golang.org/x/sys/unix"
+	"k8s.io/klog/v2"
 
 	"github.com/cowcsi/cowcsi/cow/fusefs/internal/uring"
 )
@@ -141,9 +141,9 @@ func (s *Server) startRing(fd int) {
 	// A queue that fails while the connection is up would leave its CPU's
 	// requests waiting forever: abort the connection, so that they fail.
 	rs.onExit = func(qid int, err error) {
-		log.Printf("fusefs: %s: ring queue %d failed, aborting the connection: %v", s.dir, qid, err)
+		klog.ErrorS(err, "FUSE ring queue failed, aborting the connection", "dir", s.dir, "queue", qid)
 		if err := abortConn(conn); err != nil {
-			log.Printf("fusefs: %s: abort: %v", s.dir, err)
+			klog.ErrorS(err, "Aborting the FUSE connection failed", "dir", s.dir)
 		}
 	}
 	if err := rs.start(nq, entries, maxWrite()); err != nil {
