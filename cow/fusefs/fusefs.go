@@ -96,7 +96,7 @@ type Options struct {
 	Errno func(error) syscall.Errno
 	// PageCache opens files without FOPEN_DIRECT_IO, so I/O through the
 	// FUSE file (other than the loop device's own direct I/O) goes through
-	// the page cache. Off by default: see the measurements in rawfs.go.
+	// the page cache. Off by default: mountOptions says why.
 	PageCache bool
 	// IOURing serves requests through FUSE over io_uring when the kernel
 	// offers it (Linux 6.14+ with the fuse module's enable_uring

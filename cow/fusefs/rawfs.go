@@ -13,63 +13,37 @@ import (
 	"github.com/cowcsi/cowcsi/cow/internal/blockio"
 )
 
-// Why the raw API and these options.
-//
-// The table below measured the /dev/fuse transport. FUSE over io_uring
-// (uring.go), used where the kernel has it, keeps these options and
-// replaces how requests travel; its figures are in docs/BENCHMARKS.md.
+// mountOptions returns the go-fuse mount options. FUSE over io_uring
+// (uring.go), where the kernel has it, keeps them and only changes how
+// requests travel.
 //
 // The raw go-fuse API is used instead of the fs package: the filesystem is
 // flat with a handful of files, so the fs package's inode tree buys nothing,
 // and the raw API leaves the hot path (READ/WRITE) at one map lookup under a
 // read lock.
 //
-// Measured with TestMeasure on a 2-core VM (Linux 6.18, go-fuse v2.12.1):
-// fio libaio, direct, iodepth 32, 10 s per job, on a loop device (4 KiB
-// sectors) attached to a FUSE file whose BlockFile is a plain O_DIRECT file;
-// ratio to a loop device with direct I/O on the same kind of plain file.
-// Runs are noisy (about ±0.15 between identical runs, other tests shared
-// the machine), so only differences well beyond that count:
-//
-//	                                   4k randread 4k randwrite 1M read 1M write
-//	backing on tmpfs (CPU-bound), 3 runs of the chosen settings:
-//	  FOPEN_DIRECT_IO, loop dio        0.42-0.64   0.48-0.60  0.32-0.64 0.22-0.78
-//	  page cache, loop dio             0.32-0.54   0.33-0.69  0.26-0.48 0.22-0.76
-//	  FOPEN_DIRECT_IO, loop buffered   0.06-0.16   0.08-0.13  0.11-0.50 0.25-0.47
-//	  page cache, loop buffered        0.07-0.13   0.07-0.15  0.30-0.55 0.10-0.26
-//	  no CAP_ASYNC_DIO                 0.06-0.17   0.04-0.28  0.19-0.35 0.21-0.55
-//	  MaxBackground 12                 0.39-0.56   0.36-0.64  0.25-0.48 0.24-0.64
-//	backing on ext4 (virtio disk):
-//	  FOPEN_DIRECT_IO, loop dio        0.47        0.72       0.81      0.66
-//	  no CAP_ASYNC_DIO                 0.08        0.19       0.38      0.41
-//
-// In absolute terms the chosen settings served 26-30k 4 KiB random IOPS
-// and 1.1-2.7 GB/s at 1 MiB from tmpfs (baseline 47-63k and 2.4-5.1 GB/s).
-//
-// What mattered:
+// Why these settings (docs/DECISIONS.md, "Raw go-fuse API and the mount
+// options"):
 //   - CAP_ASYNC_DIO: the loop driver issues its direct I/O asynchronously;
 //     without this capability FUSE turns every such request synchronous and
 //     the loop worker serializes them (iodepth 1 in effect).
-//   - Loop direct I/O: loop's buffered mode pushes every request through
-//     the FUSE file's page cache and a synchronous FUSE request.
+//   - Loop direct I/O (where the loop device is attached): loop's buffered
+//     mode pushes every request through the FUSE file's page cache and a
+//     synchronous FUSE request.
 //   - MaxBackground: async direct I/O requests are FUSE "background"
-//     requests, capped by max_background (go-fuse default 12). At
-//     iodepth 32 on 2 cores 12 and 128 were within noise of each other;
-//     128 keeps deeper queues on bigger nodes from being capped.
-//   - FOPEN_DIRECT_IO vs the page cache made no difference beyond noise
-//     under a direct-I/O loop device; direct I/O is kept so that nothing
-//     (a backup reading the file, a buffered loop) caches volume data a
-//     second time or sees stale pages after the engine changed a volume.
+//     requests, capped by max_background (go-fuse default 12); 128 keeps
+//     deeper queues on bigger nodes from being capped.
+//   - FOPEN_DIRECT_IO rather than the page cache (no faster under a
+//     direct-I/O loop device): nothing (a backup reading the file, a
+//     buffered loop) caches volume data a second time or sees stale pages
+//     after the engine changed a volume.
 //   - DisableXAttrs: go-fuse does not negotiate HANDLE_KILLPRIV, and some
 //     kernels ask for security.capability before writes; ENOSYS makes the
-//     kernel stop asking for the whole connection. On 6.18 a counting
-//     GETXATTR handler saw no request at all in 1000 writes (loop dio,
-//     loop buffered, or plain pwrite), so here it costs and gains nothing.
+//     kernel stop asking for the whole connection.
 //   - DisableSplice (below): go-fuse otherwise tries a pipe splice for
 //     every READ reply before falling back to a copy.
 //   - FOPEN_PARALLEL_DIRECT_WRITES: otherwise FUSE takes the inode lock
-//     exclusively for every direct write (from fs/fuse/file.c; not
-//     measured separately).
+//     exclusively for every direct write (fs/fuse/file.c).
 //   - FOPEN_NOFLUSH: close(2) is no durability point (fsync is), so the
 //     kernel need not send FLUSH at all.
 func mountOptions(o Options) *fuse.MountOptions {

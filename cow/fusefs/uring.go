@@ -32,7 +32,8 @@ import (
 //
 // go-fuse (v2.12.1) only negotiates the capability; the ring side is here.
 // go-fuse still serves the /dev/fuse side: INIT, requests sent before every
-// queue is registered, FORGET and INTERRUPT, and it writes notifications.
+// queue is registered, FORGET and INTERRUPT, and it writes notifications
+// (docs/DECISIONS.md, "FUSE over io_uring instead of /dev/fuse").
 //
 // This file runs the queues; uring_proto.go has the wire format,
 // uring_answer.go answers requests, uring_io.go submits the file reads and

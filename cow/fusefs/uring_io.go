@@ -13,11 +13,11 @@ import (
 
 // fixedMin is the smallest file read or write that uses the entry's
 // payload as a fixed buffer. A direct read or write pins its buffer's
-// pages for each request (in a profile of the 1 MiB rows, the kernel's
-// gup_fast_fallback took about 7% of the machine's time); a fixed buffer
-// was pinned once, when registered. Registering pins all of the payload
-// (maxWrite), so only entries that carry large requests, whose payload
-// is then mostly in memory anyway, are registered.
+// pages for each request; a fixed buffer was pinned once, when registered
+// (docs/DECISIONS.md, "Fixed buffers for the ring's large I/O").
+// Registering pins all of the payload (maxWrite), so only entries that
+// carry large requests, whose payload is then mostly in memory anyway, are
+// registered.
 const fixedMin = 256 << 10
 
 // fixedBuf reports whether buf, a file read's or write's buffer for entry
