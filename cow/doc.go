@@ -8,7 +8,7 @@
 //	layers/N.data   a layer's data: the blocks it owns, appended (see below)
 //	layers/N.map    the journal of the blocks layer N owns and where they are
 //
-// # Layer files: dense and identity
+// # Layer files
 //
 // A layer's data file is dense: the first write of a block appends it to the
 // file (runs of blocks written together stay together), and its journal
@@ -17,12 +17,12 @@
 // after a snapshot is then a few large extents instead of thousands of small
 // ones, which is what keeps first writes after a snapshot and reads through
 // deep chains close to a plain file (docs/BENCHMARKS.md, "What was tried").
-// Stores from before this format have identity layers (journal version 1:
-// block b at byte b*BlockSize of a sparse file); they are read and written as
-// they are, and new heads are dense. Space a dense layer gives back (discards,
-// overwritten copies from a merge, blocks of a write that never became
-// durable) is punched out, and the file is compacted at open: holes between
-// used blocks are punched and the tail is cut.
+// The identity layout of pre-release builds (journal version 1: block b at
+// byte b*BlockSize of a sparse file) is no longer read: opening a store
+// with such a layer fails with ErrIdentityLayout. Space a layer gives back
+// (discards, overwritten copies from a merge, blocks of a write that never
+// became durable) is punched out, and the file is compacted at open: holes
+// between used blocks are punched and the tail is cut.
 //
 // # Reads, writes and snapshots
 //

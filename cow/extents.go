@@ -221,9 +221,7 @@ func (s *Store) Check() error {
 			switch {
 			case err != nil:
 				bad("volume %s: head data file: %v", id, err)
-			case !h.dense && st.Size() != rec.Size:
-				bad("volume %s: head data file size %d, want %d", id, st.Size(), rec.Size)
-			case h.dense && st.Size() < int64(h.next.Load())<<blockShift:
+			case st.Size() < int64(h.next.Load())<<blockShift:
 				bad("volume %s: head data file size %d, places up to %d", id, st.Size(), int64(h.next.Load())<<blockShift)
 			}
 		}
@@ -298,17 +296,13 @@ func (s *Store) Check() error {
 				continue
 			}
 			t.setRange(r.Start, r.End(), l.num)
-			if l.dense {
-				if !fitsLocs(r) {
-					bad("layer %d: blocks %d+%d at file block %d, beyond %d", l.num, r.Start, r.Count, r.Loc, uint64(maxFileBlocks))
-					continue
-				}
-				locs.set(r.Start, r.Count, r.Loc)
+			if !fitsLocs(r) {
+				bad("layer %d: blocks %d+%d at file block %d, beyond %d", l.num, r.Start, r.Count, r.Loc, uint64(maxFileBlocks))
+				continue
 			}
+			locs.set(r.Start, r.Count, r.Loc)
 		}
-		if l.dense {
-			checkLocs(l, &locs, limit, bad)
-		}
+		checkLocs(l, &locs, limit, bad)
 		fresh[l.num] = &t
 		return &t, nil
 	}
@@ -346,7 +340,7 @@ func (s *Store) Check() error {
 	return fmt.Errorf("%w: %s", ErrCorrupt, strings.Join(problems, "; "))
 }
 
-// checkLocs compares a dense layer's locations with want, rebuilt from its
+// checkLocs compares a layer's locations with want, rebuilt from its
 // journal and pending records, and checks that no two blocks share a place.
 func checkLocs(l *layer, want *locMap, limit uint64, bad func(string, ...any)) {
 	l.treeMu.RLock()

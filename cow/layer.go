@@ -30,13 +30,10 @@ type layer struct {
 	frozen bool   // guarded by Store.topo
 	size   atomic.Int64
 
-	// dense: the layer appends the blocks it comes to own to its data file
-	// and locs says where (locs.go). Every layer this version creates is
-	// dense; layers of the identity format (journal version 1) keep block
-	// b at byte b*BlockSize.
-	dense bool
-	locs  locMap // guarded by treeMu
-	// next is a dense layer's next free file block; fileEnd the data
+	// The layer appends the blocks it comes to own to its data file and
+	// locs says where (locs.go).
+	locs locMap // guarded by treeMu
+	// next is the data file's next free file block; fileEnd the data
 	// file's size in blocks, grown ahead of the appends (grow) so that
 	// writes never extend the file.
 	next    atomic.Uint64
@@ -107,23 +104,11 @@ func layerPaths(dir string, num uint32) (data, journal string) {
 	return base + ".data", base + ".map"
 }
 
-// identityLayers makes new layers use the identity format; tests set it to
-// build stores of the earlier format, and chains that mix both.
-var identityLayers atomic.Bool
-
 func newLayerStruct(num uint32, size int64, arena *locArena) *layer {
-	l := &layer{num: num, dense: !identityLayers.Load()}
+	l := &layer{num: num}
 	l.locs.arena = arena
 	l.size.Store(size)
 	return l
-}
-
-// journalVersion is the version of the layer's journal.
-func (l *layer) journalVersion() uint16 {
-	if l.dense {
-		return ondisk.JournalDense
-	}
-	return ondisk.JournalIdentity
 }
 
 // ensureFiles creates the layer's files if they do not exist yet. The
@@ -140,7 +125,7 @@ func (l *layer) ensureFiles(dir string) error {
 	if err != nil {
 		return ioErr(err)
 	}
-	img := append(ondisk.EncodeJournalHeader(ondisk.JournalHeader{Layer: l.num, Version: l.journalVersion()}),
+	img := append(ondisk.EncodeJournalHeader(ondisk.JournalHeader{Layer: l.num}),
 		make([]byte, 4096-ondisk.JournalHeaderSize)...)
 	if _, err := j.WriteAt(img, 0); err != nil {
 		j.Close()
@@ -150,13 +135,6 @@ func (l *layer) ensureFiles(dir string) error {
 	if err != nil {
 		j.Close()
 		return ioErr(err)
-	}
-	if !l.dense {
-		if err := data.Truncate(l.size.Load()); err != nil {
-			j.Close()
-			data.Close()
-			return ioErr(err)
-		}
 	}
 	adviseRandom(data)
 	l.dontcache = dontcacheFlag(data)
@@ -508,6 +486,9 @@ func openLayerFiles(dir string, num uint32, size int64, arena *locArena) (*layer
 		return nil, nil, ioErr(err)
 	}
 	h, ranges, next, err := ondisk.DecodeJournal(img)
+	if errors.Is(err, ondisk.ErrIdentityJournal) {
+		return nil, nil, fmt.Errorf("%w: layer %d has journal version 1", ErrIdentityLayout, num)
+	}
 	if err != nil && !ondisk.HasValidRecord(img) {
 		// A header that never became durable: records only count after an
 		// fdatasync that also covers the header, so this layer owned
@@ -525,7 +506,6 @@ func openLayerFiles(dir string, num uint32, size int64, arena *locArena) (*layer
 	if err != nil {
 		return nil, nil, errf(ErrCorrupt, "layer %d: %v", num, err)
 	}
-	l.dense = h.Version == ondisk.JournalDense
 	data, err := openData(dp, os.O_RDWR)
 	if errors.Is(err, os.ErrNotExist) && len(ranges) == 0 {
 		// Crashed between creating the journal and the data file.
@@ -537,17 +517,6 @@ func openLayerFiles(dir string, num uint32, size int64, arena *locArena) (*layer
 	if err != nil {
 		return nil, nil, errf(ErrCorrupt, "layer %d: journal has records but data file: %v", num, err)
 	}
-	// ExpandVolume commits the new size before it grows the file: a crash in
-	// between leaves the file short. Grow it now (sparse, reads zeros).
-	if st, err := data.Stat(); !l.dense && (err != nil || st.Size() < size) {
-		if err == nil {
-			err = data.Truncate(size)
-		}
-		if err != nil {
-			data.Close()
-			return nil, nil, ioErr(err)
-		}
-	}
 	adviseRandom(data)
 	l.dontcache = dontcacheFlag(data)
 	l.mayCache.Store(true) // an earlier process may have left pages cached
@@ -557,10 +526,6 @@ func openLayerFiles(dir string, num uint32, size int64, arena *locArena) (*layer
 		return nil, nil, ioErr(err)
 	}
 	l.data, l.journal, l.jOff, l.jAlloc, l.dirSynced = data, j, next, int64(len(img)), true
-	if !l.dense {
-		l.owned.Store(int64(unionCount(ranges)))
-		return l, ranges, nil
-	}
 	for _, r := range ranges {
 		if !fitsLocs(r) {
 			l.close()
@@ -647,9 +612,6 @@ func (l *layer) alloc(n uint64) (uint64, error) {
 // (a write or merge that failed, copies a merge did not need), as far as
 // it can: what stays allocated is freed by reclaim at the next open.
 func (l *layer) unreserve(recs []ondisk.Range) {
-	if !l.dense {
-		return
-	}
 	for _, r := range recs {
 		if r.Loc != ondisk.LocZero && r.Count > 0 {
 			_ = l.punch(r.Loc, r.Count)
@@ -668,9 +630,6 @@ type piece struct {
 // where appends to dst the pieces of the data file that hold bytes [off,
 // off+n) of the volume, blocks the layer owns, in order.
 func (l *layer) where(dst []piece, off int64, n int) ([]piece, error) {
-	if !l.dense {
-		return append(dst, piece{off: off, n: n}), nil
-	}
 	l.treeMu.RLock()
 	defer l.treeMu.RUnlock()
 	end := off + int64(n)
@@ -720,14 +679,6 @@ func (l *layer) writePlaced(p []byte, off int64) error {
 func (l *layer) placedAll(first, last uint64) bool {
 	l.treeMu.RLock()
 	defer l.treeMu.RUnlock()
-	if !l.dense {
-		for b := first; b <= last; b++ {
-			if l.tree.get(b) != l.num {
-				return false
-			}
-		}
-		return true
-	}
 	for b := first; b <= last; {
 		loc, n, ok := l.locs.get(b)
 		if !ok || loc == ondisk.LocZero {
@@ -773,15 +724,6 @@ func joinRecords(recs []ondisk.Range) []ondisk.Range {
 	return out
 }
 
-// unionCount counts the blocks covered by ranges, overlaps once.
-func unionCount(ranges []ondisk.Range) uint64 {
-	var n uint64
-	for _, r := range coalesce(ranges) {
-		n += r.Count
-	}
-	return n
-}
-
 // coalesce sorts ranges and merges overlapping or adjacent ones.
 func coalesce(ranges []ondisk.Range) []ondisk.Range {
 	rs := append([]ondisk.Range(nil), ranges...)
@@ -824,14 +766,8 @@ func (l *layer) appendRecords(dir string, ranges []ondisk.Range) error {
 		return nil
 	}
 	var buf []byte
-	if l.dense {
-		for _, r := range joinRecords(ranges) {
-			buf = ondisk.EncodeRecord(buf, r, ondisk.JournalDense)
-		}
-	} else {
-		for _, r := range coalesce(ranges) {
-			buf = ondisk.EncodeRecord(buf, r, ondisk.JournalIdentity)
-		}
+	for _, r := range joinRecords(ranges) {
+		buf = ondisk.EncodeRecord(buf, r)
 	}
 	end := l.jOff + int64(len(buf))
 	if end > l.jAlloc {

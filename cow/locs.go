@@ -12,18 +12,13 @@ import (
 
 // Dense layers and where their blocks are.
 //
-// A dense layer appends each block it comes to own to the end of its data
-// file and keeps the block's file position in a locMap: the file holds the
+// A layer appends each block it comes to own to the end of its data file
+// and keeps the block's file position in a locMap: the file holds the
 // layer's blocks back to back, however scattered they are in the volume.
-// Layers of the first format (identity layers, journal version 1) keep
-// block b at byte b*BlockSize of a sparse file instead; a volume's random
-// 4 KiB writes after a snapshot then gave each layer file one ext4 extent
-// per block, and every read of a deep chain mapped its offset through an
-// extent tree of thousands of entries (ext4_es_lookup_extent was 8-10% of
-// the machine's samples at chain depth 64 against 0.1% at depth 1). On the
-// kernel alone, 4 KiB random reads over 64 files holding 4096 such blocks
-// each ran at 0.47-0.86 (median 0.65) of the same reads over 64 files with
-// the blocks appended (docs/BENCHMARKS.md, "What was tried").
+// Keeping block b at byte b*BlockSize of a sparse file instead (the
+// identity layout of pre-release builds) gave a layer file written at
+// random one ext4 extent per block, and reads through deep chains paid for
+// those extent trees (docs/BENCHMARKS.md, "What was tried").
 //
 // A block's location is chosen when the layer first comes to own it and
 // stays: rewrites go in place. The exceptions are blocks owned as zeros (a

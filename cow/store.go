@@ -533,19 +533,8 @@ func (s *Store) ExpandVolume(ctx context.Context, id string, size int64) (Volume
 	if err := s.cat.commit([]ondisk.Op{{Kind: ondisk.OpPutLayer, Layer: lrec}, {Kind: ondisk.OpPutVolume, Volume: &rec}}); err != nil {
 		return VolumeInfo{}, err
 	}
-	head.filesMu.Lock()
 	head.size.Store(size)
-	var err error
-	if head.data != nil && !head.dense {
-		err = head.data.Truncate(size)
-	}
-	head.filesMu.Unlock()
 	v.size.Store(size)
-	if err != nil {
-		// Reads past the file's end return zeros and writes extend it, so a
-		// short file is still correct; report the failure all the same.
-		return VolumeInfo{}, ioErr(err)
-	}
 	return volumeInfo(&rec), nil
 }
 
