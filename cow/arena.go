@@ -166,9 +166,9 @@ func (a *locArena) grow() error {
 		return err
 	}
 	// No readahead on faults: slots are touched one by one, and readahead
-	// filled the page cache with the zeros of whole segments around them
-	// (TestArenaPagedOut: 1024 pages resident, a whole 4 MiB segment, for
-	// the 127 its slots had touched).
+	// fills the page cache with the zeros of whole segments around them
+	// (TestArenaPagedOut; docs/DECISIONS.md, "Arena mappings without
+	// readahead").
 	if err := unix.Madvise(b, unix.MADV_RANDOM); err != nil {
 		unix.Munmap(b)
 		return err

@@ -16,7 +16,7 @@
 // offset for every block the layer owns. A layer written in random order
 // after a snapshot is then a few large extents instead of thousands of small
 // ones, which is what keeps first writes after a snapshot and reads through
-// deep chains close to a plain file (docs/BENCHMARKS.md, "What was tried").
+// deep chains close to a plain file (docs/DECISIONS.md, "Dense layer files").
 // The identity layout of pre-release builds (journal version 1: block b at
 // byte b*BlockSize of a sparse file) is no longer read: opening a store
 // with such a layer fails with ErrIdentityLayout. Space a layer gives back
@@ -49,7 +49,7 @@
 // data. Deep chains of spread writes cost more: every snapshot whose writes
 // touch a leaf keeps its own copy of it, packed wider as owners add up (64
 // snapshots each rewriting a 64th of every leaf: 16 GiB per TiB written;
-// see docs/BENCHMARKS.md for measured figures). A dense layer also keeps where
+// docs/DECISIONS.md, "Index memory per TiB written"). A dense layer also keeps where
 // each block lies in its file: 8 bytes per run of blocks written together,
 // so 8 bytes a block for random 4 KiB writes. A leaf of many runs keeps them
 // in the store's location arena (arena.go), file-backed pages the kernel

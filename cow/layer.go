@@ -18,7 +18,8 @@ import (
 
 // journalGrow is how much zero-filled space the journal keeps ahead of its
 // last record. Overwriting blocks that already exist makes fdatasync skip the
-// inode update: measured here at about 170 µs against 250 µs for an append.
+// inode update an append needs (docs/DECISIONS.md, "Snapshot cost: one
+// catalog fdatasync").
 const journalGrow = 64 << 10
 
 // layer is one data file plus the journal of which blocks it owns. A head
@@ -48,9 +49,11 @@ type layer struct {
 	// will still use the data files; close waits for them.
 	pins sync.WaitGroup
 	// data and journal are created on first use (filesMu), not with the
-	// layer: a file creation put into the same ext4 journal commit as the
-	// catalog's fdatasync doubled CreateSnapshot's latency. Only a layer that
-	// owns blocks needs files, and owning a block requires them first.
+	// layer: a file creation in the same ext4 journal commit as the
+	// catalog's fdatasync would make CreateSnapshot wait for it
+	// (docs/DECISIONS.md, "Snapshot cost: one catalog fdatasync"). Only a
+	// layer that owns blocks needs files, and owning a block requires them
+	// first.
 	// Lock order: filesMu before flushMu.
 	filesMu sync.Mutex
 	data    *os.File
@@ -152,30 +155,21 @@ func (l *layer) ensureFiles(dir string) error {
 // brought them in (up to megabytes on ext4 and xfs). A 4 KiB write into such a
 // folio walks all its buffers and dirties the whole folio, so after one
 // sequential pass (a 1 MiB fio job, mkfs, a restore) random 4 KiB writes to
-// the volume slowed to a fraction of what they were on a fresh file. Measured
-// here with 32 goroutines of 4 KiB pwrite(2) on a cached 2 GiB ext4 file,
-// after filling it with the write size on the left (one run, both columns;
-// the last row from another run):
-//
-//	fill write size      fill throughput    4 KiB random writes after
-//	1 MiB                10.4 GB/s            30k/s
-//	256 KiB               9.9 GB/s            90k/s
-//	64 KiB                6.7 GB/s           170k/s
-//	16 KiB                3.8 GB/s           207k/s
-//	(page cache dropped)                     292-355k/s
-//
-// So writes go to the kernel in pieces of at most writePiece bytes (still
-// several times what the disk takes), and the data files are opened with
-// POSIX_FADV_RANDOM: readahead, whose large folios did the same to writes
-// after a sequential read (17k/s), stays off; a FUSE read already asks for
-// exactly what the loop device above needs.
+// the volume run at a fraction of their speed on a fresh file. So writes go
+// to the kernel in pieces of at most writePiece bytes (still several times
+// what the disk takes), and the data files are opened with
+// POSIX_FADV_RANDOM: readahead, whose large folios do the same to writes
+// after a sequential read, stays off; a FUSE read already asks for exactly
+// what the loop device above needs (docs/DECISIONS.md, "Layer writes in 64
+// KiB pieces, readahead off").
 const writePiece = 64 << 10
 
 // openData opens a layer data file with O_NOATIME where the kernel lets
 // this process (the file's owner, or CAP_FOWNER): every read of a volume
 // is a read of layer files, and relatime still updates a file's atime on
-// the first read after each write, an inode write that showed in perf
-// profiles of deep-chain reads (touch_atime). Nothing reads layer atimes.
+// the first read after each write, an inode write on the read path
+// (docs/DECISIONS.md, "Layer files opened with O_NOATIME"). Nothing reads
+// layer atimes.
 func openData(path string, flag int) (*os.File, error) {
 	f, err := os.OpenFile(path, flag|unix.O_NOATIME, 0o600)
 	if errors.Is(err, os.ErrPermission) {
@@ -196,23 +190,18 @@ func adviseRandom(f *os.File) {
 // (Linux 6.14+ on ext4, xfs and others) any other. A volume is a block
 // device: the filesystem on it caches what it reads itself, as over the
 // loop device of a plain file, so a second copy here was memory for
-// nothing. And a small read that missed cost more through the cache: its
-// RWF_NOWAIT try started the read of the page on the FUSE ring's thread (a
+// nothing. And a small read that misses costs more through the cache: its
+// RWF_NOWAIT try starts the read of the page on the FUSE ring's thread (a
 // page cache read without waiting still allocates and inserts the folio,
 // maps the block and submits the I/O, and may wait for an extent tree
-// block), then the ring waited for the page and copied it; now cachestat
-// tells the miss without I/O, and the ring reads the block directly.
-// Measured with bench-io (two runs of 2 rounds each per binary, alternating,
-// 2026-12-04), against reads through the cache: 4 KiB random reads from
-// disk at 0.77 and 0.69 of the limit against 0.55 and 0.56; with the layer
-// file's cache dropped first 0.98 and 0.68 against 0.71 and 0.53; through
-// ext4 on the volume 0.72 and 0.69 against 0.63 and 0.63.
-// Data already cached stays cached (small writes go through the cache, and
-// reads of what was just written find it there). Before this, only reads
-// of 256 KiB and more went past the cache: the 4 KiB folios that
-// POSIX_FADV_RANDOM reads leave made a later sequential rewrite of the
-// same range cost 2.7-3.1x the CPU of one over folios its own writes left
-// (BenchmarkSeqRewriteCacheStates).
+// block), then the ring waits for the page and copies it; cachestat tells
+// the miss without I/O, and the ring reads the block directly. The 4 KiB
+// folios that POSIX_FADV_RANDOM reads would leave also make a later
+// sequential rewrite of the same range cost more CPU than one over folios
+// its own writes left (BenchmarkSeqRewriteCacheStates). Data already cached
+// stays cached (small writes go through the cache, and reads of what was
+// just written find it there). See docs/DECISIONS.md, "Reads that miss the
+// page cache go past it".
 
 // dontcacheFlag returns RWF_DONTCACHE if reads of f take it, else 0. The
 // kernel checks the flag before any I/O (EOPNOTSUPP where the kernel or the
@@ -264,13 +253,10 @@ const writebackStart = 256 << 10
 // behindBytes is how much data written through the page cache makes the
 // layer start writeback of its whole data file, in a goroutine. Without it
 // the kernel writes dirty pages back after 30 s or past 10% of memory, so a
-// burst of small writes all waited for the next flush: in bench-io's 4 KiB
-// random write row the closing fsync spent 1.3-3 s writing them, after the
-// writes themselves, which the limit (direct I/O) had done during its run
-// (ratio 0.57 [0.45-0.61]); started behind the writes, the flush took
-// 0.05 s and the row ran at 0.70 [0.64-1.46], ext4's 4 KiB random writes at
-// 0.82 against 0.48. A flush, and so a snapshot's freeze, finds at most
-// about this much left to write.
+// burst of small writes would all wait for the next flush, after the writes
+// themselves. Started behind the writes, a flush, and so a snapshot's
+// freeze, finds at most about this much left to write (docs/DECISIONS.md,
+// "Writeback behind small writes").
 const behindBytes = 32 << 20
 
 // writeBehind counts n bytes of small writes through the page cache (large
@@ -295,16 +281,13 @@ func (l *layer) writeBehind(n int64) {
 // (aligned buffer, offset and length; the FUSE ring's buffers are page
 // aligned) go past the page cache. A large write is a stream (fio at 1 MiB,
 // the writeback of the filesystem on the volume, a restore) that the page
-// cache of the volume's own filesystem holds already. Through the page
-// cache, its copy into new folios and their writeback made the serving
-// process use 2.4-4.9x the CPU per byte of a loop device's direct writes,
-// and on 2 vCPUs the 1 MiB write row ran at 0.18-0.46 of that device after
-// reads had left the range in 4 KiB folios (BenchmarkSeqRewriteCacheStates);
-// written directly, 0.70-0.99 over three runs of the same rows, at 1.6-1.9x
-// the limit's CPU per I/O (docs/BENCHMARKS.md); submitted through the FUSE
-// ring instead of blocking a goroutine each (Volume.PlanWrite), 1.04-1.10
-// at 1.4-1.5x. The kernel keeps the cache coherent: a direct write first
-// writes back and afterwards drops cached pages of its range.
+// cache of the volume's own filesystem holds already: through this page
+// cache, its copy into new folios and their writeback cost the serving
+// process several times the CPU per byte of direct writes, and more still
+// after reads had left the range in 4 KiB folios
+// (BenchmarkSeqRewriteCacheStates; docs/DECISIONS.md, "Large writes go
+// past the page cache"). The kernel keeps the cache coherent: a direct
+// write first writes back and afterwards drops cached pages of its range.
 const directWrite = 256 << 10
 
 const (
@@ -352,10 +335,9 @@ func (l *layer) uncachedFile(p []byte, off int64) (fd, flags int) {
 // cached reports whether all of the range p at off is in the data file's
 // page cache (cachestat(2), Linux 6.5+; true where it is missing, so that
 // the caller tries the cache). It starts no I/O. A file known to have no
-// cached pages (mayCache) is not asked: a syscall, on this kind of VM, is
-// a large part of a read's cost in the serving process (in a perf profile
-// of bench-io's 4 KiB random read row, cachestat's syscall was 6% of the
-// serving process's CPU, for reads that all missed).
+// cached pages (mayCache) is not asked: a syscall is a large part of a
+// small read's cost in the serving process (docs/DECISIONS.md, "No-wait
+// reads ask cachestat, skipped on uncached files").
 func (l *layer) cached(p []byte, off int64) bool {
 	if !l.mayCache.Load() {
 		return false
@@ -385,11 +367,10 @@ func (l *layer) cached(p []byte, off int64) bool {
 // start, a drop of the cache). While the file does have pages cached, each
 // check doubles the misses until the next, up to recheckMax: a
 // whole-file cachestat walks every cached page of the file, and after 4
-// KiB random writes to an 8 GiB volume that is hundreds of thousands.
-// One took 14-18 ms with 280k pages cached here; checking every 64 misses
-// on the reading thread took bench-io's 4 KiB random reads to 0.14-0.17 of
-// the limit in some rounds. So the check also runs on a goroutine of its
-// own, one at a time per layer, not on the thread that reads.
+// KiB random writes to an 8 GiB volume that is hundreds of thousands, which
+// takes milliseconds. So the check also runs on a goroutine of its own, one
+// at a time per layer, not on the thread that reads (docs/DECISIONS.md,
+// "Whole-file cache recheck backs off, off the ring's thread").
 const (
 	recheckMisses = 64
 	recheckMax    = 1 << 16

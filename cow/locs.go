@@ -18,7 +18,7 @@ import (
 // Keeping block b at byte b*BlockSize of a sparse file instead (the
 // identity layout of pre-release builds) gave a layer file written at
 // random one ext4 extent per block, and reads through deep chains paid for
-// those extent trees (docs/BENCHMARKS.md, "What was tried").
+// those extent trees (docs/DECISIONS.md, "Dense layer files").
 //
 // A block's location is chosen when the layer first comes to own it and
 // stays: rewrites go in place. The exceptions are blocks owned as zeros (a
@@ -31,7 +31,8 @@ import (
 // Eight bytes: 16-bit start and count within a leaf of leafBlocks, and a
 // 32-bit file block (maxFileBlocks: ext4's own limit on a file of 4 KiB
 // blocks); random 4 KiB writes take one extent a block, so its size is
-// the location map's memory per block (docs/BENCHMARKS.md, IndexMemory).
+// the location map's memory per block (docs/DECISIONS.md, "8-byte location
+// extents").
 type locExt struct {
 	start, count uint16
 	loc          uint32 // zeroLoc: no data, reads as zeros
