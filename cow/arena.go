@@ -5,7 +5,6 @@ import (
 	"fmt"
 	"math/bits"
 	"os"
-	"sync"
 	"unsafe"
 
 	"golang.org/x/sys/unix"
@@ -88,7 +87,7 @@ func (s arenaSlot) off() int          { return int(s&(1<<slotOffBits-1)) * slotU
 // are safe for concurrent use; the extents in a slot are guarded by the
 // lock of the locMap that holds the slot (a layer's treeMu).
 type locArena struct {
-	mu     sync.Mutex
+	mu     rankedMutex[arenaRank]
 	fd     int
 	segs   [][]byte
 	used   int // bytes handed out of the last segment, by bump
