@@ -12,7 +12,7 @@ import (
 
 // Location extents of fragmented leaves, in a file the kernel can page.
 //
-// A dense layer written in random 4 KiB blocks holds one 8-byte locExt per
+// A layer written in random 4 KiB blocks holds one 8-byte locExt per
 // block (locs.go). Held on the Go heap, that is memory the kernel can never
 // take back: 2.25 GiB per TiB written that way, and on a node without swap
 // (the Kubernetes default) a driver's heap grows with what its volumes were

@@ -232,7 +232,7 @@ func (l *layer) hasFiles() bool {
 	return l.data != nil
 }
 
-// reclaim frees the space of a dense data file that no location uses:
+// reclaim frees the space of a data file that no location uses:
 // blocks written and never recorded (a crash before the flush, a merge
 // stopped midway) become holes, and the file ends after the last block a
 // location uses.
@@ -261,17 +261,17 @@ func (l *layer) reclaim() error {
 	return nil
 }
 
-// punch frees n file blocks from file block fb of a dense layer's data file.
+// punch frees n file blocks from file block fb of a layer's data file.
 func (l *layer) punch(fb, n uint64) error {
 	err := unix.Fallocate(int(l.data.Fd()), unix.FALLOC_FL_PUNCH_HOLE|unix.FALLOC_FL_KEEP_SIZE,
 		int64(fb)<<blockShift, int64(n)<<blockShift)
 	return ioErr(err)
 }
 
-// growStep is how far ahead of its appends a dense data file grows.
+// growStep is how far ahead of its appends a data file grows.
 const growStep = (64 << 20) >> blockShift
 
-// alloc reserves n file blocks at the end of a dense layer's data file and
+// alloc reserves n file blocks at the end of a layer's data file and
 // returns the first. Blocks reserved and never recorded are freed by
 // unreserve, or by reclaim at the next open.
 func (l *layer) alloc(n uint64) (uint64, error) {

@@ -77,7 +77,7 @@ func (l *layer) placedAll(first, last uint64) bool {
 	return true
 }
 
-// place records that a dense head owns the blocks of recs at their
+// place records that a head owns the blocks of recs at their
 // locations (written already, or LocZero), in the index, the locations
 // and the records of the next flush, in that order.
 func (l *layer) place(recs []ondisk.Range) {

@@ -16,7 +16,7 @@ import (
 // catalog fdatasync").
 const journalGrow = 64 << 10
 
-// joinRecords merges neighbouring records of a dense layer that continue
+// joinRecords merges neighbouring records of a layer that continue
 // each other, keeping their order: a later record for a block replaces an
 // earlier one's location.
 func joinRecords(recs []ondisk.Range) []ondisk.Range {

@@ -40,7 +40,7 @@ type locExt struct {
 
 const (
 	zeroLoc = math.MaxUint32
-	// maxFileBlocks bounds a dense layer's data file: file blocks are
+	// maxFileBlocks bounds a layer's data file: file blocks are
 	// below it.
 	maxFileBlocks = zeroLoc
 )
@@ -78,7 +78,7 @@ func packLoc(loc uint64) uint32 {
 	return uint32(loc)
 }
 
-// locMap maps the blocks a dense layer owns to their locations, in sorted
+// locMap maps the blocks a layer owns to their locations, in sorted
 // extent lists per index leaf (leafBlocks blocks). Blocks written one after
 // the other take one extent; random 4 KiB writes take one each (8 bytes).
 // A leaf of more than arenaMinExts extents keeps them in the arena, if the

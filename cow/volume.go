@@ -330,14 +330,14 @@ func (h *Volume) WriteAt(p []byte, off int64) (int, error) {
 	return len(p), nil
 }
 
-// blockRun is a run of blocks of a dense head, with data places already
+// blockRun is a run of blocks of a head, with data places already
 // (placed) or without.
 type blockRun struct {
 	start, count uint64
 	placed       bool
 }
 
-// placedRuns splits blocks [first, last] of a dense head into runs with
+// placedRuns splits blocks [first, last] of a head into runs with
 // and without data places.
 func (l *layer) placedRuns(first, last uint64) []blockRun {
 	var runs []blockRun
@@ -504,7 +504,7 @@ func (h *Volume) Discard(off, length int64) error {
 	return head.discardDense(first, last)
 }
 
-// discardDense makes blocks [first, last] of a dense head read as zeros:
+// discardDense makes blocks [first, last] of a head read as zeros:
 // blocks with data places become holes there, the others are owned as
 // zeros (no data, no file space). The caller holds their stripe locks.
 func (l *layer) discardDense(first, last uint64) error {
