@@ -111,7 +111,7 @@ func (l *layer) appendRecords(dir string, ranges []ondisk.Range) error {
 // first the data, then the journal records that point at it.
 func (l *layer) flush(dir string) error {
 	// No files: nothing was ever written (owning needs the files). Checked
-	// before flushMu: ensureFiles takes filesMu, then flushMu.
+	// before flushMu, which ranks after filesMu (lockrank.go).
 	if !l.hasFiles() {
 		return nil
 	}
