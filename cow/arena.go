@@ -5,7 +5,6 @@ import (
 	"fmt"
 	"math/bits"
 	"os"
-	"sync"
 	"unsafe"
 
 	"golang.org/x/sys/unix"
@@ -13,7 +12,7 @@ import (
 
 // Location extents of fragmented leaves, in a file the kernel can page.
 //
-// A dense layer written in random 4 KiB blocks holds one 8-byte locExt per
+// A layer written in random 4 KiB blocks holds one 8-byte locExt per
 // block (locs.go). Held on the Go heap, that is memory the kernel can never
 // take back: 2.25 GiB per TiB written that way, and on a node without swap
 // (the Kubernetes default) a driver's heap grows with what its volumes were
@@ -88,7 +87,7 @@ func (s arenaSlot) off() int          { return int(s&(1<<slotOffBits-1)) * slotU
 // are safe for concurrent use; the extents in a slot are guarded by the
 // lock of the locMap that holds the slot (a layer's treeMu).
 type locArena struct {
-	mu     sync.Mutex
+	mu     rankedMutex[arenaRank]
 	fd     int
 	segs   [][]byte
 	used   int // bytes handed out of the last segment, by bump
@@ -166,9 +165,9 @@ func (a *locArena) grow() error {
 		return err
 	}
 	// No readahead on faults: slots are touched one by one, and readahead
-	// filled the page cache with the zeros of whole segments around them
-	// (TestArenaPagedOut: 1024 pages resident, a whole 4 MiB segment, for
-	// the 127 its slots had touched).
+	// fills the page cache with the zeros of whole segments around them
+	// (TestArenaPagedOut; docs/DECISIONS.md, "Arena mappings without
+	// readahead").
 	if err := unix.Madvise(b, unix.MADV_RANDOM); err != nil {
 		unix.Munmap(b)
 		return err

@@ -8,7 +8,7 @@
 //	layers/N.data   a layer's data: the blocks it owns, appended (see below)
 //	layers/N.map    the journal of the blocks layer N owns and where they are
 //
-// # Layer files: dense and identity
+// # Layer files
 //
 // A layer's data file is dense: the first write of a block appends it to the
 // file (runs of blocks written together stay together), and its journal
@@ -16,13 +16,13 @@
 // offset for every block the layer owns. A layer written in random order
 // after a snapshot is then a few large extents instead of thousands of small
 // ones, which is what keeps first writes after a snapshot and reads through
-// deep chains close to a plain file (docs/BENCHMARKS.md, "What was tried").
-// Stores from before this format have identity layers (journal version 1:
-// block b at byte b*BlockSize of a sparse file); they are read and written as
-// they are, and new heads are dense. Space a dense layer gives back (discards,
-// overwritten copies from a merge, blocks of a write that never became
-// durable) is punched out, and the file is compacted at open: holes between
-// used blocks are punched and the tail is cut.
+// deep chains close to a plain file (docs/DECISIONS.md, "Dense layer files").
+// The identity layout of pre-release builds (journal version 1: block b at
+// byte b*BlockSize of a sparse file) is no longer read: opening a store
+// with such a layer fails with ErrIdentityLayout. Space a layer gives back
+// (discards, overwritten copies from a merge, blocks of a write that never
+// became durable) is punched out, and the file is compacted at open: holes
+// between used blocks are punched and the tail is cut.
 //
 // # Reads, writes and snapshots
 //
@@ -49,7 +49,7 @@
 // data. Deep chains of spread writes cost more: every snapshot whose writes
 // touch a leaf keeps its own copy of it, packed wider as owners add up (64
 // snapshots each rewriting a 64th of every leaf: 16 GiB per TiB written;
-// see docs/BENCHMARKS.md for measured figures). A dense layer also keeps where
+// docs/DECISIONS.md, "Index memory per TiB written"). A dense layer also keeps where
 // each block lies in its file: 8 bytes per run of blocks written together,
 // so 8 bytes a block for random 4 KiB writes. A leaf of many runs keeps them
 // in the store's location arena (arena.go), file-backed pages the kernel

@@ -23,6 +23,10 @@ var (
 	ErrClosed = errors.New("closed")
 	// ErrCorrupt: on-disk metadata failed validation.
 	ErrCorrupt = errors.New("corrupt metadata")
+	// ErrIdentityLayout: a layer's journal is of version 1, the identity
+	// layout (block b at byte b*BlockSize of a sparse file) of pre-release
+	// builds, which this build no longer reads.
+	ErrIdentityLayout = errors.New("the identity-layout layer format of pre-release builds is no longer supported")
 )
 
 func errf(sentinel error, format string, args ...any) error {

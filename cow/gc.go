@@ -4,8 +4,6 @@ import (
 	"context"
 	"sort"
 
-	"golang.org/x/sys/unix"
-
 	"github.com/cowcsi/cowcsi/cow/internal/ondisk"
 )
 
@@ -179,7 +177,7 @@ func (s *Store) merge(ctx context.Context, job gcJob) error {
 	for _, r := range coalesce(ranges) {
 		for start := r.Start; start < r.End(); start += mergeBatch {
 			if err := ctx.Err(); err != nil {
-				c.unreserve(copied) // a dense child's copies, never owned
+				c.unreserve(copied) // the child's copies, never owned
 				return err
 			}
 			end := min(start+mergeBatch, r.End())
@@ -191,55 +189,10 @@ func (s *Store) merge(ctx context.Context, job gcJob) error {
 			copied = append(copied, got...)
 		}
 	}
-	if c.dense {
-		return s.mergeCommit(job, copied)
-	}
-	// Blocks skipped above because the child owns them may be owned only in
-	// memory (written, not flushed): make that ownership durable before the
-	// parent can disappear, or a crash would leave them reading from below
-	// with nothing there.
-	if err := c.flush(s.layerFS); err != nil {
-		return err
-	}
-	if len(copied) > 0 {
-		if err := fdatasync(c.data); err != nil {
-			return err
-		}
-		c.flushMu.Lock()
-		err := c.appendRecords(s.layerFS, copied)
-		c.flushMu.Unlock()
-		if err != nil {
-			return err
-		}
-	}
-	s.topo.Lock()
-	defer s.topo.Unlock()
-	if err := s.commitMerge(f, c); err != nil {
-		return err
-	}
-	var added int64
-	if !c.frozen {
-		// Still a head: let its writes take the fast path on these blocks.
-		c.treeMu.Lock()
-		for _, r := range copied {
-			for b := r.Start; b < r.End(); b++ {
-				if c.tree.get(b) != c.num {
-					added++
-				}
-			}
-			c.tree.setRange(r.Start, r.End(), c.num)
-		}
-		c.treeMu.Unlock()
-	} else {
-		for _, r := range copied {
-			added += int64(r.Count)
-		}
-	}
-	c.owned.Add(added)
-	return s.dropMerged(f)
+	return s.mergeCommit(job, copied)
 }
 
-// mergeCommit ends the merge of f into a dense child c, which holds copies
+// mergeCommit ends the merge of f into its child c, which holds copies
 // of the blocks in copied at new places: c adopts those it still has no
 // place for (the others it came to own since their copy, and their copies
 // are freed), its records become durable with its own writes' (one flush:
@@ -264,7 +217,7 @@ func (s *Store) mergeCommit(job gcJob, copied []ondisk.Range) error {
 	return s.dropMerged(f)
 }
 
-// adopt makes a dense layer own the copies in recs (merge) of blocks it has
+// adopt makes a layer own the copies in recs (merge) of blocks it has
 // no place for yet, and frees the copies of the others.
 func (l *layer) adopt(recs []ondisk.Range) {
 	l.treeMu.Lock()
@@ -354,52 +307,18 @@ func (s *Store) mergeStep(job gcJob, start, end uint64, buf []byte) ([]ondisk.Ra
 			c.unreserve(out)
 			return nil, err
 		}
-		if c.dense {
-			recs, err := c.appendCopy(p, b)
-			if err != nil {
-				c.unreserve(out)
-				return nil, err
-			}
-			out = append(out, recs...)
-		} else {
-			if err := writeOrPunch(c, p, int64(b)<<blockShift); err != nil {
-				return nil, err
-			}
-			out = append(out, ondisk.Range{Start: b, Count: e - b})
+		recs, err := c.appendCopy(p, b)
+		if err != nil {
+			c.unreserve(out)
+			return nil, err
 		}
+		out = append(out, recs...)
 		b = e
 	}
 	return out, nil
 }
 
-func fdatasync(f interface{ Fd() uintptr }) error {
-	return ioErr(unix.Fdatasync(int(f.Fd())))
-}
-
-// writeOrPunch writes p at off into l's data file, as holes where a whole
-// block is zero: merged discards stay unallocated.
-func writeOrPunch(l *layer, p []byte, off int64) error {
-	for i := 0; i < len(p); {
-		zero := allZeroBytes(p[i : i+BlockSize])
-		j := i + BlockSize
-		for j < len(p) && allZeroBytes(p[j:j+BlockSize]) == zero {
-			j += BlockSize
-		}
-		var err error
-		if zero {
-			err = unix.Fallocate(int(l.data.Fd()), unix.FALLOC_FL_PUNCH_HOLE|unix.FALLOC_FL_KEEP_SIZE, off+int64(i), int64(j-i))
-		} else {
-			err = l.writeData(p[i:j], off+int64(i))
-		}
-		if err != nil {
-			return ioErr(err)
-		}
-		i = j
-	}
-	return nil
-}
-
-// appendCopy appends blocks p, from block b on, to a dense layer's data
+// appendCopy appends blocks p, from block b on, to a layer's data
 // file, and returns their records: places for blocks with data, LocZero
 // for blocks all zero (merged discards take no space). Nothing is owned
 // yet (adopt).

@@ -12,18 +12,13 @@ import (
 
 // Dense layers and where their blocks are.
 //
-// A dense layer appends each block it comes to own to the end of its data
-// file and keeps the block's file position in a locMap: the file holds the
+// A layer appends each block it comes to own to the end of its data file
+// and keeps the block's file position in a locMap: the file holds the
 // layer's blocks back to back, however scattered they are in the volume.
-// Layers of the first format (identity layers, journal version 1) keep
-// block b at byte b*BlockSize of a sparse file instead; a volume's random
-// 4 KiB writes after a snapshot then gave each layer file one ext4 extent
-// per block, and every read of a deep chain mapped its offset through an
-// extent tree of thousands of entries (ext4_es_lookup_extent was 8-10% of
-// the machine's samples at chain depth 64 against 0.1% at depth 1). On the
-// kernel alone, 4 KiB random reads over 64 files holding 4096 such blocks
-// each ran at 0.47-0.86 (median 0.65) of the same reads over 64 files with
-// the blocks appended (docs/BENCHMARKS.md, "What was tried").
+// Keeping block b at byte b*BlockSize of a sparse file instead (the
+// identity layout of pre-release builds) gave a layer file written at
+// random one ext4 extent per block, and reads through deep chains paid for
+// those extent trees (docs/DECISIONS.md, "Dense layer files").
 //
 // A block's location is chosen when the layer first comes to own it and
 // stays: rewrites go in place. The exceptions are blocks owned as zeros (a
@@ -36,7 +31,8 @@ import (
 // Eight bytes: 16-bit start and count within a leaf of leafBlocks, and a
 // 32-bit file block (maxFileBlocks: ext4's own limit on a file of 4 KiB
 // blocks); random 4 KiB writes take one extent a block, so its size is
-// the location map's memory per block (docs/BENCHMARKS.md, IndexMemory).
+// the location map's memory per block (docs/DECISIONS.md, "8-byte location
+// extents").
 type locExt struct {
 	start, count uint16
 	loc          uint32 // zeroLoc: no data, reads as zeros
@@ -44,7 +40,7 @@ type locExt struct {
 
 const (
 	zeroLoc = math.MaxUint32
-	// maxFileBlocks bounds a dense layer's data file: file blocks are
+	// maxFileBlocks bounds a layer's data file: file blocks are
 	// below it.
 	maxFileBlocks = zeroLoc
 )
@@ -82,7 +78,7 @@ func packLoc(loc uint64) uint32 {
 	return uint32(loc)
 }
 
-// locMap maps the blocks a dense layer owns to their locations, in sorted
+// locMap maps the blocks a layer owns to their locations, in sorted
 // extent lists per index leaf (leafBlocks blocks). Blocks written one after
 // the other take one extent; random 4 KiB writes take one each (8 bytes).
 // A leaf of more than arenaMinExts extents keeps them in the arena, if the

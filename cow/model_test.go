@@ -79,12 +79,7 @@ func TestModelRandomized(t *testing.T) {
 		snaps: map[string]*modelSnap{},
 		open:  map[string]*cow.Volume{},
 	}
-	// Layers of both formats, in any mix along a chain: the identity format
-	// of stores made before dense layers must keep working under them.
-	identity := rng.Intn(2) == 0
-	prev := cow.SetIdentityLayers(identity)
-	t.Cleanup(func() { cow.SetIdentityLayers(prev) })
-	t.Logf("options %+v, identity layers first %v, %d steps", m.opts, identity, steps)
+	t.Logf("options %+v, %d steps", m.opts, steps)
 	m.s = openStoreOpts(t, fastTempDir(t), m.opts)
 	t.Cleanup(m.closeAll)
 
@@ -112,7 +107,6 @@ func TestModelRandomized(t *testing.T) {
 		{"allocatedExtents", 2, m.opAllocated},
 		{"verifyVolume", 2, m.opVerifyVolume},
 		{"verifySnapshot", 2, m.opVerifySnapshot},
-		{"switchFormat", 1, m.opSwitchFormat},
 	}
 	total := 0
 	for _, op := range ops {
@@ -134,13 +128,6 @@ func TestModelRandomized(t *testing.T) {
 	m.verifyEverything()
 	m.opReopenStore()
 	m.verifyEverything()
-}
-
-// opSwitchFormat makes the layers created from now on use the other format.
-func (m *modelTest) opSwitchFormat() {
-	was := cow.SetIdentityLayers(false)
-	cow.SetIdentityLayers(!was)
-	m.logf("new layers: identity format %v", !was)
 }
 
 // logf records an operation in the trail printed on failure.

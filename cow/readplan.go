@@ -81,16 +81,9 @@ func (h *Volume) PlanRead(p []byte, off int64) (*blockio.Plan, error) {
 // the buffer, offset and length (the ring's buffers are page aligned, a
 // loop device's requests are whole sectors); for any other write it
 // returns a nil plan and nil error, and the caller writes with WriteAt
-// (copy-up and ownership records stay there).
-//
-// Measured with bench-io (2 runs of 3 rounds each, alternating binaries,
-// 2026-12-03): 1 MiB sequential writes at 1.10 and 1.04 of the limit
-// through the ring, against 0.45 and 0.66 with WriteAt on a goroutine per
-// request, at 1.4-1.5x the limit's CPU per I/O against 2.2-2.4x. Small
-// writes planned as well ran 4 KiB random writes at 0.63 and 0.66 against
-// 0.80 and 0.57 through the page cache, at 2.1x the limit's CPU per I/O
-// against 1.1-1.4x (ext4 on the volume: 0.61, 0.63 against 0.64, 0.76):
-// they stay buffered.
+// (copy-up and ownership records stay there). Small writes stay buffered:
+// planned, they cost more CPU per I/O and ran no faster (docs/DECISIONS.md,
+// "Large writes to owned blocks through the FUSE ring").
 //
 // It does not wait for the volume's write barrier: while a snapshot, clone
 // or expansion waits for it, it fails with an error wrapping

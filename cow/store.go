@@ -1,7 +1,6 @@
 package cow
 
 import (
-	"context"
 	"errors"
 	"fmt"
 	"os"
@@ -11,7 +10,6 @@ import (
 	"strings"
 	"sync"
 	"sync/atomic"
-	"time"
 
 	"golang.org/x/sys/unix"
 
@@ -44,7 +42,7 @@ type Store struct {
 	lock    *os.File
 	closed  atomic.Bool
 	layerFS string // dir/layers
-	// arena holds the location extents of dense layers' fragmented
+	// arena holds the location extents of layers' fragmented
 	// leaves (arena.go); nil where the filesystem has no O_TMPFILE
 	// (they stay on the heap).
 	arena *locArena
@@ -345,220 +343,16 @@ func copyLabels(m map[string]string) map[string]string {
 	return c
 }
 
-func volumeInfo(r *ondisk.VolumeRec) VolumeInfo {
-	return VolumeInfo{ID: r.ID, Size: r.Size, SourceSnapshot: r.SourceSnapshot, SourceVolume: r.SourceVolume,
-		Labels: copyLabels(r.Labels), CreatedAt: time.Unix(0, r.Created)}
+// Capacity reports the size and free space of the filesystem under the store.
+func (s *Store) Capacity() (total, free int64, err error) {
+	var st unix.Statfs_t
+	if err := unix.Statfs(s.dir, &st); err != nil {
+		return 0, 0, ioErr(err)
+	}
+	return int64(st.Blocks) * st.Bsize, int64(st.Bavail) * st.Bsize, nil
 }
 
-func snapshotInfo(r *ondisk.SnapshotRec) SnapshotInfo {
-	return SnapshotInfo{ID: r.ID, VolumeID: r.VolumeID, Size: r.Size, Labels: copyLabels(r.Labels),
-		CreatedAt: time.Unix(0, r.Created)}
-}
-
-// CreateVolume creates an empty volume, a restore of a snapshot or a clone of
-// a volume. Restore and clone are O(1): the new volume's head layer sits on
-// the snapshot's layer (or on the source's head, frozen for the purpose).
-func (s *Store) CreateVolume(ctx context.Context, spec VolumeSpec) (VolumeInfo, error) {
-	if err := ValidateID(spec.ID); err != nil {
-		return VolumeInfo{}, err
-	}
-	if spec.Size <= 0 || spec.Size > MaxVolumeSize {
-		return VolumeInfo{}, errf(ErrInvalid, "volume size %d not in (0, %d]", spec.Size, MaxVolumeSize)
-	}
-	if spec.SourceSnapshot != "" && spec.SourceVolume != "" {
-		return VolumeInfo{}, errf(ErrInvalid, "a volume has at most one source")
-	}
-	size := roundUp(spec.Size)
-	if err := ctx.Err(); err != nil {
-		return VolumeInfo{}, err
-	}
-	s.topo.Lock()
-	defer s.topo.Unlock()
-	if err := s.checkOpen(); err != nil {
-		return VolumeInfo{}, err
-	}
-	if _, ok := s.cat.volumes[spec.ID]; ok {
-		return VolumeInfo{}, errf(ErrExists, "volume %s", spec.ID)
-	}
-	rec := &ondisk.VolumeRec{ID: spec.ID, Size: size, SourceSnapshot: spec.SourceSnapshot,
-		SourceVolume: spec.SourceVolume, Labels: copyLabels(spec.Labels), Created: time.Now().UnixNano()}
-	var ops []ondisk.Op
-	var created []*layer
-	var parent *layer
-	var srcVol *volume
-	switch {
-	case spec.SourceSnapshot != "":
-		sn, ok := s.cat.snaps[spec.SourceSnapshot]
-		if !ok {
-			return VolumeInfo{}, errf(ErrNotFound, "snapshot %s", spec.SourceSnapshot)
-		}
-		if size < sn.Size {
-			return VolumeInfo{}, errf(ErrInvalid, "volume size %d is smaller than snapshot %s (%d)", size, sn.ID, sn.Size)
-		}
-		parent = s.byNum[sn.Layer]
-	case spec.SourceVolume != "":
-		srcVol = s.vols[spec.SourceVolume]
-		if srcVol == nil {
-			return VolumeInfo{}, errf(ErrNotFound, "volume %s", spec.SourceVolume)
-		}
-		if size < srcVol.size.Load() {
-			return VolumeInfo{}, errf(ErrInvalid, "volume size %d is smaller than source volume %s (%d)", size, srcVol.id, srcVol.size.Load())
-		}
-		// Freeze the source's head; the source continues on a new head and
-		// the clone starts its own head on the frozen one.
-		srcVol.barrier.Lock()
-		defer srcVol.barrier.Unlock()
-		frozen := srcVol.head.Load()
-		if err := frozen.flush(s.layerFS); err != nil {
-			return VolumeInfo{}, err
-		}
-		newHead, err := s.newLayer(frozen, srcVol.size.Load())
-		if err != nil {
-			return VolumeInfo{}, err
-		}
-		created = append(created, newHead)
-		parent = frozen
-		srcRec := *s.cat.volumes[srcVol.id]
-		srcRec.Head = newHead.num
-		frozenRec := layerRec(frozen)
-		frozenRec.Frozen = true
-		ops = append(ops, ondisk.Op{Kind: ondisk.OpPutLayer, Layer: frozenRec},
-			ondisk.Op{Kind: ondisk.OpPutLayer, Layer: layerRec(newHead)},
-			ondisk.Op{Kind: ondisk.OpPutVolume, Volume: &srcRec})
-	}
-	head, err := s.newLayerAfter(parent, size, created)
-	if err != nil {
-		for _, l := range created {
-			s.discardLayer(l)
-		}
-		return VolumeInfo{}, err
-	}
-	created = append(created, head)
-	rec.Head = head.num
-	ops = append(ops, ondisk.Op{Kind: ondisk.OpPutLayer, Layer: layerRec(head)},
-		ondisk.Op{Kind: ondisk.OpPutVolume, Volume: rec})
-	if err := s.cat.commit(ops); err != nil {
-		for _, l := range created {
-			s.discardLayer(l)
-		}
-		return VolumeInfo{}, err
-	}
-	for _, l := range created {
-		s.byNum[l.num] = l
-		s.slots.set(l.num, l)
-	}
-	if srcVol != nil {
-		parent.frozen = true
-		srcVol.head.Store(created[0])
-	}
-	v := &volume{id: rec.ID, s: s}
-	v.head.Store(head)
-	v.size.Store(size)
-	s.vols[rec.ID] = v
-	return volumeInfo(rec), nil
-}
-
-// newLayerAfter is newLayer that also skips numbers taken by layers created
-// earlier in the same, not yet committed, operation.
-func (s *Store) newLayerAfter(parent *layer, size int64, pending []*layer) (*layer, error) {
-	for _, p := range pending {
-		s.byNum[p.num] = p
-	}
-	l, err := s.newLayer(parent, size)
-	for _, p := range pending {
-		delete(s.byNum, p.num)
-	}
-	return l, err
-}
-
-// DeleteVolume deletes a volume. Its head layer goes at once; layers below
-// that no snapshot or other volume needs are merged or removed in the
-// background.
-func (s *Store) DeleteVolume(ctx context.Context, id string) error {
-	if err := ValidateID(id); err != nil {
-		return err
-	}
-	s.topo.Lock()
-	defer s.topo.Unlock()
-	if err := s.checkOpen(); err != nil {
-		return err
-	}
-	v, ok := s.vols[id]
-	if !ok {
-		return errf(ErrNotFound, "volume %s", id)
-	}
-	if v.handle != nil {
-		return errf(ErrInUse, "volume %s is open", id)
-	}
-	if err := s.cat.commit([]ondisk.Op{{Kind: ondisk.OpDelVolume, ID: id}}); err != nil {
-		return err
-	}
-	delete(s.vols, id)
-	s.kickGC()
-	return nil
-}
-
-// ExpandVolume grows a volume; it works while the volume is open.
-func (s *Store) ExpandVolume(ctx context.Context, id string, size int64) (VolumeInfo, error) {
-	if err := ValidateID(id); err != nil {
-		return VolumeInfo{}, err
-	}
-	if size <= 0 || size > MaxVolumeSize {
-		return VolumeInfo{}, errf(ErrInvalid, "volume size %d not in (0, %d]", size, MaxVolumeSize)
-	}
-	size = roundUp(size)
-	s.topo.Lock()
-	defer s.topo.Unlock()
-	if err := s.checkOpen(); err != nil {
-		return VolumeInfo{}, err
-	}
-	v, ok := s.vols[id]
-	if !ok {
-		return VolumeInfo{}, errf(ErrNotFound, "volume %s", id)
-	}
-	cur := s.cat.volumes[id]
-	if size < cur.Size {
-		return VolumeInfo{}, errf(ErrInvalid, "volume %s cannot shrink from %d to %d", id, cur.Size, size)
-	}
-	if size == cur.Size {
-		return volumeInfo(cur), nil
-	}
-	v.barrier.Lock()
-	defer v.barrier.Unlock()
-	head := v.head.Load()
-	rec := *cur
-	rec.Size = size
-	lrec := layerRec(head)
-	lrec.Size = size
-	if err := s.cat.commit([]ondisk.Op{{Kind: ondisk.OpPutLayer, Layer: lrec}, {Kind: ondisk.OpPutVolume, Volume: &rec}}); err != nil {
-		return VolumeInfo{}, err
-	}
-	head.filesMu.Lock()
-	head.size.Store(size)
-	var err error
-	if head.data != nil && !head.dense {
-		err = head.data.Truncate(size)
-	}
-	head.filesMu.Unlock()
-	v.size.Store(size)
-	if err != nil {
-		// Reads past the file's end return zeros and writes extend it, so a
-		// short file is still correct; report the failure all the same.
-		return VolumeInfo{}, ioErr(err)
-	}
-	return volumeInfo(&rec), nil
-}
-
-// GetVolume looks a volume up.
-func (s *Store) GetVolume(id string) (VolumeInfo, error) {
-	return getRecord(s, id, "volume", func() map[string]*ondisk.VolumeRec { return s.cat.volumes }, volumeInfo)
-}
-
-// ListVolumes lists every volume, sorted by ID.
-func (s *Store) ListVolumes() []VolumeInfo {
-	return listRecords(s, func() map[string]*ondisk.VolumeRec { return s.cat.volumes }, volumeInfo,
-		func(v VolumeInfo) string { return v.ID })
-}
+func (s *Store) String() string { return fmt.Sprintf("cow.Store(%s)", s.dir) }
 
 // getRecord looks id up in one of the catalog's tables (read under topo).
 func getRecord[R, I any](s *Store, id, kind string, table func() map[string]*R, info func(*R) I) (I, error) {
@@ -590,150 +384,3 @@ func listRecords[R, I any](s *Store, table func() map[string]*R, info func(*R) I
 	sort.Slice(out, func(i, j int) bool { return id(out[i]) < id(out[j]) })
 	return out
 }
-
-// CreateSnapshot freezes the volume's head as the snapshot and starts a new,
-// empty head: no data or map is copied. In-flight writes finish first and the
-// head is flushed, so the snapshot holds every write that returned before.
-func (s *Store) CreateSnapshot(ctx context.Context, spec SnapshotSpec) (SnapshotInfo, error) {
-	infos, err := s.CreateSnapshotGroup(ctx, []SnapshotSpec{spec})
-	if err != nil {
-		return SnapshotInfo{}, err
-	}
-	return infos[0], nil
-}
-
-// CreateSnapshotGroup snapshots several volumes at one instant: all their
-// write barriers are held together and one catalog commit creates all.
-func (s *Store) CreateSnapshotGroup(ctx context.Context, specs []SnapshotSpec) ([]SnapshotInfo, error) {
-	if len(specs) == 0 {
-		return nil, errf(ErrInvalid, "no snapshots requested")
-	}
-	ids, vids := map[string]bool{}, map[string]bool{}
-	for _, sp := range specs {
-		if err := ValidateID(sp.ID); err != nil {
-			return nil, err
-		}
-		if err := ValidateID(sp.VolumeID); err != nil {
-			return nil, err
-		}
-		if ids[sp.ID] || vids[sp.VolumeID] {
-			return nil, errf(ErrInvalid, "snapshot or volume named twice in one group")
-		}
-		ids[sp.ID], vids[sp.VolumeID] = true, true
-	}
-	if err := ctx.Err(); err != nil {
-		return nil, err
-	}
-	s.topo.Lock()
-	defer s.topo.Unlock()
-	if err := s.checkOpen(); err != nil {
-		return nil, err
-	}
-	vols := make([]*volume, len(specs))
-	for i, sp := range specs {
-		if _, ok := s.cat.snaps[sp.ID]; ok {
-			return nil, errf(ErrExists, "snapshot %s", sp.ID)
-		}
-		v, ok := s.vols[sp.VolumeID]
-		if !ok {
-			return nil, errf(ErrNotFound, "volume %s", sp.VolumeID)
-		}
-		vols[i] = v
-	}
-	// Lock barriers in ID order so concurrent groups cannot deadlock (topo
-	// already serializes them; the order is for clarity and future changes).
-	order := append([]*volume(nil), vols...)
-	sort.Slice(order, func(i, j int) bool { return order[i].id < order[j].id })
-	for _, v := range order {
-		v.barrier.Lock()
-		defer v.barrier.Unlock()
-	}
-	now := time.Now().UnixNano()
-	var ops []ondisk.Op
-	var created []*layer
-	fail := func(err error) ([]SnapshotInfo, error) {
-		for _, l := range created {
-			s.discardLayer(l)
-		}
-		return nil, err
-	}
-	recs := make([]*ondisk.SnapshotRec, len(specs))
-	for i, sp := range specs {
-		v := vols[i]
-		head := v.head.Load()
-		if err := head.flush(s.layerFS); err != nil {
-			return fail(err)
-		}
-		nh, err := s.newLayerAfter(head, v.size.Load(), created)
-		if err != nil {
-			return fail(err)
-		}
-		created = append(created, nh)
-		frozenRec := layerRec(head)
-		frozenRec.Frozen = true
-		vrec := *s.cat.volumes[v.id]
-		vrec.Head = nh.num
-		recs[i] = &ondisk.SnapshotRec{ID: sp.ID, VolumeID: v.id, Layer: head.num, Size: v.size.Load(),
-			Labels: copyLabels(sp.Labels), Created: now}
-		ops = append(ops, ondisk.Op{Kind: ondisk.OpPutLayer, Layer: frozenRec},
-			ondisk.Op{Kind: ondisk.OpPutLayer, Layer: layerRec(nh)},
-			ondisk.Op{Kind: ondisk.OpPutVolume, Volume: &vrec},
-			ondisk.Op{Kind: ondisk.OpPutSnapshot, Snapshot: recs[i]})
-	}
-	if err := s.cat.commit(ops); err != nil {
-		return fail(err)
-	}
-	out := make([]SnapshotInfo, len(specs))
-	for i, v := range vols {
-		v.head.Load().frozen = true
-		s.byNum[created[i].num] = created[i]
-		s.slots.set(created[i].num, created[i])
-		v.head.Store(created[i])
-		out[i] = snapshotInfo(recs[i])
-	}
-	return out, nil
-}
-
-// DeleteSnapshot deletes a snapshot. Volumes restored or cloned from it keep
-// working: its layer stays while they need it and is merged into its single
-// remaining child in the background.
-func (s *Store) DeleteSnapshot(ctx context.Context, id string) error {
-	if err := ValidateID(id); err != nil {
-		return err
-	}
-	s.topo.Lock()
-	defer s.topo.Unlock()
-	if err := s.checkOpen(); err != nil {
-		return err
-	}
-	if _, ok := s.cat.snaps[id]; !ok {
-		return errf(ErrNotFound, "snapshot %s", id)
-	}
-	if err := s.cat.commit([]ondisk.Op{{Kind: ondisk.OpDelSnapshot, ID: id}}); err != nil {
-		return err
-	}
-	s.kickGC()
-	return nil
-}
-
-// GetSnapshot looks a snapshot up.
-func (s *Store) GetSnapshot(id string) (SnapshotInfo, error) {
-	return getRecord(s, id, "snapshot", func() map[string]*ondisk.SnapshotRec { return s.cat.snaps }, snapshotInfo)
-}
-
-// ListSnapshots lists every snapshot, sorted by ID.
-func (s *Store) ListSnapshots() []SnapshotInfo {
-	return listRecords(s, func() map[string]*ondisk.SnapshotRec { return s.cat.snaps }, snapshotInfo,
-		func(v SnapshotInfo) string { return v.ID })
-}
-
-// Capacity reports the size and free space of the filesystem under the store.
-func (s *Store) Capacity() (total, free int64, err error) {
-	var st unix.Statfs_t
-	if err := unix.Statfs(s.dir, &st); err != nil {
-		return 0, 0, ioErr(err)
-	}
-	return int64(st.Blocks) * st.Bsize, int64(st.Bavail) * st.Bsize, nil
-}
-
-func (s *Store) String() string { return fmt.Sprintf("cow.Store(%s)", s.dir) }

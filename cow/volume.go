@@ -324,24 +324,20 @@ func (h *Volume) WriteAt(p []byte, off int64) (int, error) {
 	}
 	unlock := v.lockStripes(first, last)
 	defer unlock()
-	write := v.writeOwning
-	if head.dense {
-		write = v.writeAppending
-	}
-	if err := write(head, p, off, first, last); err != nil {
+	if err := v.writeAppending(head, p, off, first, last); err != nil {
 		return 0, err
 	}
 	return len(p), nil
 }
 
-// blockRun is a run of blocks of a dense head, with data places already
+// blockRun is a run of blocks of a head, with data places already
 // (placed) or without.
 type blockRun struct {
 	start, count uint64
 	placed       bool
 }
 
-// placedRuns splits blocks [first, last] of a dense head into runs with
+// placedRuns splits blocks [first, last] of a head into runs with
 // and without data places.
 func (l *layer) placedRuns(first, last uint64) []blockRun {
 	var runs []blockRun
@@ -361,10 +357,10 @@ func (l *layer) placedRuns(first, last uint64) []blockRun {
 	return runs
 }
 
-// writeAppending is writeOwning for a dense head: blocks with a data place
-// are written in place, the others appended to the data file (a partial
-// edge block whole, its old content copied up from the view), then given
-// their places.
+// writeAppending is the slow write path, under the stripe locks of its
+// blocks: blocks with a data place are written in place, the others
+// appended to the data file (a partial edge block whole, its old content
+// copied up from the view), then given their places.
 func (v *volume) writeAppending(head *layer, p []byte, off int64, first, last uint64) error {
 	end := off + int64(len(p))
 	runs := head.placedRuns(first, last)
@@ -422,85 +418,12 @@ func (v *volume) writeAppending(head *layer, p []byte, off int64, first, last ui
 	return nil
 }
 
-// writeOwning is the slow write path, under the stripe locks of its blocks.
-// A partial edge block the head does not own is written whole, its old
-// content copied up from below; everything else is written in place, so bytes
-// of owned blocks outside p are never rewritten.
-func (v *volume) writeOwning(head *layer, p []byte, off int64, first, last uint64) error {
-	end := off + int64(len(p))
-	headPartial := off&(BlockSize-1) != 0 || (first == last && end&(BlockSize-1) != 0)
-	tailPartial := last != first && end&(BlockSize-1) != 0
-	head.treeMu.RLock()
-	needHead := headPartial && head.tree.get(first) != head.num
-	needTail := tailPartial && head.tree.get(last) != head.num
-	head.treeMu.RUnlock()
-	lo, hi := off, end // what is left to write in place
-	copyUp := func(b uint64) error {
-		blk := make([]byte, BlockSize)
-		if err := v.readBlock(head, b, blk); err != nil {
-			return err
-		}
-		bOff := int64(b) << blockShift
-		from, to := max(off, bOff), min(end, bOff+BlockSize)
-		copy(blk[from-bOff:to-bOff], p[from-off:to-off])
-		if err := head.writeData(blk, bOff); err != nil {
-			return err
-		}
-		return nil
-	}
-	if needHead {
-		if err := copyUp(first); err != nil {
-			return err
-		}
-		lo = min(end, int64(first+1)<<blockShift)
-	}
-	if needTail {
-		if err := copyUp(last); err != nil {
-			return err
-		}
-		hi = int64(last) << blockShift
-	}
-	if lo < hi {
-		if err := head.writeData(p[lo-off:hi-off], lo); err != nil {
-			return err
-		}
-	}
-	head.dirty.Store(true)
-	head.own(first, last)
-	return nil
-}
-
 // readBlock reads block b of the view of head into dst (one block).
 func (v *volume) readBlock(head *layer, b uint64, dst []byte) error {
 	head.treeMu.RLock()
 	owner := head.tree.get(b)
 	head.treeMu.RUnlock()
 	return v.s.readOwner(owner, dst, int64(b)<<blockShift, false)
-}
-
-// own marks blocks [first, last] as owned by the layer and queues the journal
-// record for the next flush.
-func (l *layer) own(first, last uint64) {
-	l.treeMu.Lock()
-	defer l.treeMu.Unlock()
-	// Only blocks not yet owned get a record: ownership is recorded once.
-	start := first
-	var added uint64
-	flushRun := func(end uint64) {
-		if end > start {
-			l.tree.setRange(start, end, l.num)
-			l.pending = append(l.pending, ondisk.Range{Start: start, Count: end - start})
-			added += end - start
-		}
-	}
-	for b := first; b <= last; b++ {
-		if l.tree.get(b) == l.num {
-			flushRun(b)
-			start = b + 1
-		}
-	}
-	flushRun(last + 1)
-	l.owned.Add(int64(added))
 }
 
 func (v *volume) lockStripes(first, last uint64) func() {
@@ -578,19 +501,10 @@ func (h *Volume) Discard(off, length int64) error {
 	}
 	unlock := v.lockStripes(first, last)
 	defer unlock()
-	if head.dense {
-		return head.discardDense(first, last)
-	}
-	if err := unix.Fallocate(int(head.data.Fd()), unix.FALLOC_FL_PUNCH_HOLE|unix.FALLOC_FL_KEEP_SIZE,
-		alignedStart, alignedEnd-alignedStart); err != nil {
-		return ioErr(err)
-	}
-	head.dirty.Store(true)
-	head.own(first, last)
-	return nil
+	return head.discardDense(first, last)
 }
 
-// discardDense makes blocks [first, last] of a dense head read as zeros:
+// discardDense makes blocks [first, last] of a head read as zeros:
 // blocks with data places become holes there, the others are owned as
 // zeros (no data, no file space). The caller holds their stripe locks.
 func (l *layer) discardDense(first, last uint64) error {

@@ -12,24 +12,22 @@ import (
 // zeros; replay stops at the first all-zero record. A torn or damaged last
 // record is an unacknowledged flush and is dropped.
 //
-// Two versions. Version 1 (JournalIdentity): a block's data is at its
-// volume offset in the layer's sparse data file, records carry no
-// location, and replay is a union. Version 2 (JournalDense): blocks are
-// appended to the data file, and each record also says where (Loc: the
-// file block of the range's first block, the others following it, or
-// LocZero for blocks that read as zeros and have no data); a later record
-// for a block replaces an earlier one's location, so replay goes in order.
+// Blocks are appended to the layer's data file, and each record also says
+// where (Loc: the file block of the range's first block, the others
+// following it, or LocZero for blocks that read as zeros and have no data);
+// a later record for a block replaces an earlier one's location, so replay
+// goes in order. This is journal version 2; version 1, the identity layout
+// of pre-release builds (block b at byte b*BlockSize of a sparse file), is
+// refused with ErrIdentityJournal.
 
 const (
-	journalMagic  = 0x314d5743 // "CWM1"
-	recordMagic   = 0x31525743 // "CWR1"
-	recordMagicV2 = 0x32525743 // "CWR2"
-	// JournalIdentity and JournalDense are the journal versions; new
-	// layers are written as JournalDense.
-	JournalIdentity = 1
-	JournalDense    = 2
-	// LocZero is the location of blocks that read as zeros (a discard)
-	// in a dense layer.
+	journalMagic = 0x314d5743 // "CWM1"
+	recordMagic  = 0x32525743 // "CWR2"
+	// JournalVersion is the journal version this build reads and writes.
+	JournalVersion = 2
+	// journalIdentity is the version of the identity layout, refused.
+	journalIdentity = 1
+	// LocZero is the location of blocks that read as zeros (a discard).
 	LocZero = ^uint64(0)
 	// JournalHeaderSize and RecordSize are the fixed sizes of the header and of
 	// one record. Both are 32 so records stay aligned.
@@ -37,17 +35,20 @@ const (
 	RecordSize        = 32
 )
 
+// ErrIdentityJournal reports a journal of version 1, the identity layout.
+// It wraps ErrVersion.
+var ErrIdentityJournal = fmt.Errorf("%w: journal version 1: the identity-layout layer format of pre-release builds is no longer supported", ErrVersion)
+
 // JournalHeader identifies a layer's journal.
 type JournalHeader struct {
-	Layer   uint32
-	Version uint16 // JournalIdentity or JournalDense
+	Layer uint32
 }
 
 // EncodeJournalHeader returns the 32-byte header.
 func EncodeJournalHeader(h JournalHeader) []byte {
 	b := make([]byte, JournalHeaderSize)
 	le.PutUint32(b[0:], journalMagic)
-	le.PutUint16(b[4:], h.Version)
+	le.PutUint16(b[4:], JournalVersion)
 	le.PutUint32(b[8:], h.Layer)
 	le.PutUint32(b[28:], Checksum(b[:28]))
 	return b
@@ -64,15 +65,18 @@ func DecodeJournalHeader(b []byte) (JournalHeader, error) {
 	if Checksum(b[:28]) != le.Uint32(b[28:]) {
 		return JournalHeader{}, corrupt("journal header: bad checksum")
 	}
-	v := le.Uint16(b[4:])
-	if v != JournalIdentity && v != JournalDense {
+	switch v := le.Uint16(b[4:]); v {
+	case JournalVersion:
+	case journalIdentity:
+		return JournalHeader{}, ErrIdentityJournal
+	default:
 		return JournalHeader{}, fmt.Errorf("%w: journal version %d", ErrVersion, v)
 	}
-	return JournalHeader{Layer: le.Uint32(b[8:]), Version: v}, nil
+	return JournalHeader{Layer: le.Uint32(b[8:])}, nil
 }
 
-// Range is a run of blocks. Loc is where a dense layer keeps them (see
-// above); identity layers leave it 0.
+// Range is a run of blocks. Loc is where the layer's data file keeps them
+// (see above).
 type Range struct {
 	Start uint64
 	Count uint64
@@ -82,25 +86,17 @@ type Range struct {
 // End is the first block after the range.
 func (r Range) End() uint64 { return r.Start + r.Count }
 
-// maxDenseCount is the most blocks one version 2 record holds (its count
-// is 32 bits); EncodeRecord splits longer ranges.
-const maxDenseCount = 1<<32 - 1
+// maxRecordCount is the most blocks one record holds (its count is 32
+// bits); EncodeRecord splits longer ranges.
+const maxRecordCount = 1<<32 - 1
 
-// EncodeRecord appends the records for r in a journal of the given version
-// to dst: one 32-byte record, or several for a dense range longer than a
-// record holds.
-func EncodeRecord(dst []byte, r Range, version uint16) []byte {
+// EncodeRecord appends the records for r to dst: one 32-byte record, or
+// several for a range longer than a record holds.
+func EncodeRecord(dst []byte, r Range) []byte {
 	var b [RecordSize]byte
-	if version == JournalIdentity {
-		le.PutUint32(b[0:], recordMagic)
-		le.PutUint64(b[8:], r.Start)
-		le.PutUint64(b[16:], r.Count)
-		le.PutUint32(b[24:], Checksum(b[:24]))
-		return append(dst, b[:]...)
-	}
 	for r.Count > 0 {
-		n := min(r.Count, maxDenseCount)
-		le.PutUint32(b[0:], recordMagicV2)
+		n := min(r.Count, maxRecordCount)
+		le.PutUint32(b[0:], recordMagic)
 		le.PutUint32(b[4:], uint32(n))
 		le.PutUint64(b[8:], r.Start)
 		le.PutUint64(b[16:], r.Loc)
@@ -115,10 +111,9 @@ func EncodeRecord(dst []byte, r Range, version uint16) []byte {
 	return dst
 }
 
-// DecodeRecord decodes one record of a journal of the given version. It
-// returns ErrEnd for an all-zero record (the unwritten, preallocated tail)
-// and ErrCorrupt for anything damaged.
-func DecodeRecord(b []byte, version uint16) (Range, error) {
+// DecodeRecord decodes one record. It returns ErrEnd for an all-zero record
+// (the unwritten, preallocated tail) and ErrCorrupt for anything damaged.
+func DecodeRecord(b []byte) (Range, error) {
 	if len(b) < RecordSize {
 		return Range{}, corrupt("record: %d bytes", len(b))
 	}
@@ -126,19 +121,12 @@ func DecodeRecord(b []byte, version uint16) (Range, error) {
 	if allZero(b) {
 		return Range{}, ErrEnd
 	}
-	magic := uint32(recordMagic)
-	if version == JournalDense {
-		magic = recordMagicV2
-	}
-	if le.Uint32(b[0:]) != magic || Checksum(b[:24]) != le.Uint32(b[24:]) {
+	if le.Uint32(b[0:]) != recordMagic || Checksum(b[:24]) != le.Uint32(b[24:]) {
 		return Range{}, corrupt("record: bad magic or checksum")
 	}
-	r := Range{Start: le.Uint64(b[8:]), Count: le.Uint64(b[16:])}
-	if version == JournalDense {
-		r.Count, r.Loc = uint64(le.Uint32(b[4:])), le.Uint64(b[16:])
-		if r.Loc != LocZero && r.Loc+r.Count < r.Loc {
-			return Range{}, corrupt("record: bad location %d+%d", r.Loc, r.Count)
-		}
+	r := Range{Start: le.Uint64(b[8:]), Count: uint64(le.Uint32(b[4:])), Loc: le.Uint64(b[16:])}
+	if r.Loc != LocZero && r.Loc+r.Count < r.Loc {
+		return Range{}, corrupt("record: bad location %d+%d", r.Loc, r.Count)
 	}
 	if r.Count == 0 || r.End() < r.Start {
 		return Range{}, corrupt("record: bad range %d+%d", r.Start, r.Count)
@@ -159,7 +147,7 @@ func DecodeJournal(b []byte) (JournalHeader, []Range, int64, error) {
 	var out []Range
 	off := JournalHeaderSize
 	for off+RecordSize <= len(b) {
-		r, err := DecodeRecord(b[off:], h.Version)
+		r, err := DecodeRecord(b[off:])
 		if errors.Is(err, ErrEnd) {
 			break
 		}
@@ -167,7 +155,7 @@ func DecodeJournal(b []byte) (JournalHeader, []Range, int64, error) {
 			// A torn write can only damage the last record written: if any
 			// valid record follows, the damage is not a torn tail.
 			for next := off + RecordSize; next+RecordSize <= len(b); next += RecordSize {
-				if _, err2 := DecodeRecord(b[next:], h.Version); err2 == nil {
+				if _, err2 := DecodeRecord(b[next:]); err2 == nil {
 					return h, nil, 0, corrupt("journal: damaged record at %d before valid records", off)
 				}
 			}
@@ -179,15 +167,12 @@ func DecodeJournal(b []byte) (JournalHeader, []Range, int64, error) {
 	return h, out, int64(off), nil
 }
 
-// HasValidRecord reports whether any valid record of either version
-// appears in a journal image at a record position, whatever state the
-// header is in.
+// HasValidRecord reports whether any valid record appears in a journal
+// image at a record position, whatever state the header is in.
 func HasValidRecord(b []byte) bool {
 	for off := JournalHeaderSize; off+RecordSize <= len(b); off += RecordSize {
-		for _, v := range []uint16{JournalIdentity, JournalDense} {
-			if _, err := DecodeRecord(b[off:], v); err == nil {
-				return true
-			}
+		if _, err := DecodeRecord(b[off:]); err == nil {
+			return true
 		}
 	}
 	return false

@@ -2,9 +2,10 @@ package ondisk
 
 import (
 	"bytes"
+	"encoding/binary"
 	"errors"
-	"fmt"
 	"reflect"
+	"strings"
 	"testing"
 )
 
@@ -44,31 +45,25 @@ func TestFrameRoundTrip(t *testing.T) {
 }
 
 func TestJournalRoundTrip(t *testing.T) {
-	for _, v := range []uint16{JournalIdentity, JournalDense} {
-		t.Run(fmt.Sprint("version", v), func(t *testing.T) { testJournalRoundTrip(t, v) })
-	}
-}
-
-func testJournalRoundTrip(t *testing.T, version uint16) {
-	img := EncodeJournalHeader(JournalHeader{Layer: 9, Version: version})
-	want := []Range{{0, 1, 0}, {100, 256, 0}, {1 << 40, 3, 0}}
-	if version == JournalDense {
-		want = []Range{{0, 1, 7}, {100, 256, LocZero}, {1 << 40, 3, 1 << 33}}
-	}
+	img := EncodeJournalHeader(JournalHeader{Layer: 9})
+	want := []Range{{0, 1, 7}, {100, 256, LocZero}, {1 << 40, 3, 1 << 33}}
 	for _, r := range want {
-		img = EncodeRecord(img, r, version)
+		img = EncodeRecord(img, r)
 	}
 	img = append(img, make([]byte, 4*RecordSize)...)
 	h, got, next, err := DecodeJournal(img)
-	if err != nil || h.Layer != 9 || h.Version != version || !reflect.DeepEqual(got, want) || next != int64(JournalHeaderSize+3*RecordSize) {
+	if err != nil || h.Layer != 9 || le.Uint16(img[4:]) != JournalVersion || !reflect.DeepEqual(got, want) || next != int64(JournalHeaderSize+3*RecordSize) {
 		t.Fatalf("got %v %v %d %v", h, got, next, err)
 	}
-	// A record of the other version is damage.
-	other := EncodeJournalHeader(JournalHeader{Layer: 9, Version: JournalIdentity + JournalDense - version})
-	if _, _, _, err := DecodeJournal(append(other, img[JournalHeaderSize:]...)); !errors.Is(err, ErrCorrupt) && err != nil {
-		t.Fatalf("other version: %v", err)
-	} else if _, recs, _, _ := DecodeJournal(append(other, img[JournalHeaderSize:]...)); len(recs) != 0 {
-		t.Fatalf("other version's header read %d records", len(recs))
+	// A record of the identity layout (magic "CWR1", checksummed) is damage.
+	v1 := bytes.Clone(img[:JournalHeaderSize])
+	v1 = append(v1, identityRecord(5, 10)...)
+	v1 = append(v1, make([]byte, RecordSize)...)
+	if _, recs, _, err := DecodeJournal(v1); err != nil || len(recs) != 0 {
+		t.Fatalf("identity record: %v %v", recs, err)
+	}
+	if HasValidRecord(v1) {
+		t.Fatal("identity record counted as valid")
 	}
 	// A torn last record is dropped; the write position points at it.
 	torn := bytes.Clone(img)
@@ -82,6 +77,51 @@ func testJournalRoundTrip(t *testing.T, version uint16) {
 	mid[JournalHeaderSize+10] ^= 1
 	if _, _, _, err := DecodeJournal(mid); !errors.Is(err, ErrCorrupt) {
 		t.Fatalf("mid damage: got %v, want ErrCorrupt", err)
+	}
+}
+
+// identityHeader and identityRecord build, by hand, a journal header and a
+// record of version 1 (the identity layout), which this package no longer
+// writes.
+func identityHeader(layer uint32) []byte {
+	b := make([]byte, JournalHeaderSize)
+	binary.LittleEndian.PutUint32(b[0:], 0x314d5743) // "CWM1"
+	binary.LittleEndian.PutUint16(b[4:], 1)
+	binary.LittleEndian.PutUint32(b[8:], layer)
+	binary.LittleEndian.PutUint32(b[28:], Checksum(b[:28]))
+	return b
+}
+
+func identityRecord(start, count uint64) []byte {
+	b := make([]byte, RecordSize)
+	binary.LittleEndian.PutUint32(b[0:], 0x31525743) // "CWR1"
+	binary.LittleEndian.PutUint64(b[8:], start)
+	binary.LittleEndian.PutUint64(b[16:], count)
+	binary.LittleEndian.PutUint32(b[24:], Checksum(b[:24]))
+	return b
+}
+
+// TestIdentityJournalRefused: a journal of version 1 is refused with
+// ErrIdentityJournal (an ErrVersion), with or without records.
+func TestIdentityJournalRefused(t *testing.T) {
+	img := identityHeader(4)
+	if _, err := DecodeJournalHeader(img); !errors.Is(err, ErrIdentityJournal) || !errors.Is(err, ErrVersion) {
+		t.Fatalf("header: got %v, want ErrIdentityJournal", err)
+	}
+	img = append(img, identityRecord(5, 10)...)
+	img = append(img, make([]byte, RecordSize)...)
+	if _, _, _, err := DecodeJournal(img); !errors.Is(err, ErrIdentityJournal) {
+		t.Fatalf("journal: got %v, want ErrIdentityJournal", err)
+	}
+	if !strings.Contains(ErrIdentityJournal.Error(), "no longer supported") {
+		t.Fatalf("message %q", ErrIdentityJournal)
+	}
+	// Any other unknown version is an ErrVersion, not this one.
+	other := identityHeader(4)
+	binary.LittleEndian.PutUint16(other[4:], 3)
+	binary.LittleEndian.PutUint32(other[28:], Checksum(other[:28]))
+	if _, err := DecodeJournalHeader(other); !errors.Is(err, ErrVersion) || errors.Is(err, ErrIdentityJournal) {
+		t.Fatalf("version 3: got %v", err)
 	}
 }
 
@@ -110,10 +150,10 @@ func FuzzDecodeFrame(f *testing.F) {
 	})
 }
 
-func TestDenseRecordSplit(t *testing.T) {
-	img := EncodeJournalHeader(JournalHeader{Layer: 2, Version: JournalDense})
-	img = EncodeRecord(img, Range{Start: 10, Count: 1<<32 + 5, Loc: 100}, JournalDense)
-	img = EncodeRecord(img, Range{Start: 1 << 34, Count: 1<<32 + 1, Loc: LocZero}, JournalDense)
+func TestRecordSplit(t *testing.T) {
+	img := EncodeJournalHeader(JournalHeader{Layer: 2})
+	img = EncodeRecord(img, Range{Start: 10, Count: 1<<32 + 5, Loc: 100})
+	img = EncodeRecord(img, Range{Start: 1 << 34, Count: 1<<32 + 1, Loc: LocZero})
 	_, got, _, err := DecodeJournal(img)
 	want := []Range{{10, 1<<32 - 1, 100}, {10 + 1<<32 - 1, 6, 100 + 1<<32 - 1},
 		{1 << 34, 1<<32 - 1, LocZero}, {1<<34 + 1<<32 - 1, 2, LocZero}}
@@ -121,8 +161,8 @@ func TestDenseRecordSplit(t *testing.T) {
 		t.Fatalf("got %v %v, want %v", got, err, want)
 	}
 	// A location that wraps is damage.
-	bad := EncodeJournalHeader(JournalHeader{Layer: 2, Version: JournalDense})
-	bad = EncodeRecord(bad, Range{Start: 1, Count: 4, Loc: LocZero - 2}, JournalDense)
+	bad := EncodeJournalHeader(JournalHeader{Layer: 2})
+	bad = EncodeRecord(bad, Range{Start: 1, Count: 4, Loc: LocZero - 2})
 	if _, _, _, err := DecodeJournal(bad); err != nil {
 		t.Fatalf("torn tail expected, got %v", err)
 	} else if _, recs, _, _ := DecodeJournal(bad); len(recs) != 0 {
@@ -131,14 +171,12 @@ func TestDenseRecordSplit(t *testing.T) {
 }
 
 func FuzzDecodeJournal(f *testing.F) {
-	img := EncodeJournalHeader(JournalHeader{Layer: 1, Version: JournalIdentity})
-	img = EncodeRecord(img, Range{Start: 5, Count: 10}, JournalIdentity)
+	img := EncodeJournalHeader(JournalHeader{Layer: 1})
+	img = EncodeRecord(img, Range{Start: 5, Count: 10, Loc: 3})
+	img = EncodeRecord(img, Range{Start: 50, Count: 2, Loc: LocZero})
 	f.Add(img)
-	dense := EncodeJournalHeader(JournalHeader{Layer: 1, Version: JournalDense})
-	dense = EncodeRecord(dense, Range{Start: 5, Count: 10, Loc: 3}, JournalDense)
-	dense = EncodeRecord(dense, Range{Start: 50, Count: 2, Loc: LocZero}, JournalDense)
-	f.Add(dense)
 	f.Add(append(img, make([]byte, 64)...))
+	f.Add(append(identityHeader(1), identityRecord(5, 10)...))
 	f.Add([]byte("CWM1"))
 	f.Fuzz(func(t *testing.T, b []byte) {
 		_, ranges, next, err := DecodeJournal(b)
