@@ -20,6 +20,9 @@ deps:
 build:
 	$(GO) build -o $(BIN)/ ./cmd/...
 
+# Correctness only: the tests that run a benchmark at length are left to
+# bench-io-check (test/bench-io) and to their own switches
+# (COWCSI_FUSE_BENCH); each tool keeps a cheap smoke test here.
 test: deps
 	bash test/fuse-guard.sh run $(TEST_GUARD_MINUTES) $(GO) test $(TESTFLAGS) $(PKGS)
 
@@ -100,3 +103,10 @@ BENCH_IO_OLD ?= HEAD
 .PHONY: bench-io-ab
 bench-io-ab:
 	bash test/bench-io/ab.sh $(BENCH_IO_OLD) $(BENCH_IO_FLAGS)
+
+# bench-io's own tests at full length (COWCSI_BENCH_IO=1): TestSmoke over
+# every row, and TestAB, which builds HEAD's bench-io in a git worktree and
+# runs ab.sh. `make test` runs TestSmoke over one raw and one ext4 row only.
+.PHONY: bench-io-check
+bench-io-check: deps
+	bash test/fuse-guard.sh run $(TEST_GUARD_MINUTES) env COWCSI_BENCH_IO=1 $(GO) test $(TESTFLAGS) -v -run '^(TestSmoke|TestAB)$$' ./test/bench-io/

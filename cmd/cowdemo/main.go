@@ -94,31 +94,48 @@ func run(ctx context.Context, cowcsiPath, fsType string, size int64, keep bool) 
 	fmt.Printf("cowdemo: the VolumeSnapshot story through cowcsi's CSI API (%s, %d MiB volumes)\n", fsType, size>>20)
 	fmt.Printf("  work directory %s\n\n", dir)
 	defer func() {
-		// Clean up on every path, with a context of its own: ctx may be
-		// cancelled (Ctrl-C) and cleanup must still run.
-		cctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
-		defer cancel()
-		fmt.Println("\nclean up")
-		for i := len(d.undo) - 1; i >= 0; i-- {
-			if uerr := d.undo[i](cctx); uerr != nil {
-				err = errors.Join(err, uerr)
-			}
-		}
-		if keep {
-			fmt.Printf("  kept %s\n", dir)
-		} else if rerr := os.RemoveAll(dir); rerr != nil {
-			err = errors.Join(err, rerr)
+		if cerr := d.cleanup(keep); cerr != nil {
+			err = errors.Join(err, cerr)
 		}
 	}()
+	if err := d.startDriver(ctx, bin); err != nil {
+		return err
+	}
+	return d.stories(ctx)
+}
 
-	sock := filepath.Join(dir, "csi.sock")
-	logf, err := os.Create(filepath.Join(dir, "cowcsi.log"))
+// cleanup runs the undo steps, last first, and removes the work directory
+// unless keep. It has a context of its own: the run's may be cancelled
+// (Ctrl-C) and cleanup must still run.
+func (d *demo) cleanup(keep bool) (err error) {
+	cctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	fmt.Println("\nclean up")
+	for i := len(d.undo) - 1; i >= 0; i-- {
+		if uerr := d.undo[i](cctx); uerr != nil {
+			err = errors.Join(err, uerr)
+		}
+	}
+	if keep {
+		fmt.Printf("  kept %s\n", d.dir)
+	} else if rerr := os.RemoveAll(d.dir); rerr != nil {
+		err = errors.Join(err, rerr)
+	}
+	return err
+}
+
+// startDriver starts cowcsi on a store in the work directory, logging to
+// cowcsi.log there, and connects to it once it is ready. Stopping it is an
+// undo step.
+func (d *demo) startDriver(ctx context.Context, bin string) error {
+	sock := filepath.Join(d.dir, "csi.sock")
+	logf, err := os.Create(filepath.Join(d.dir, "cowcsi.log"))
 	if err != nil {
 		return err
 	}
 	defer logf.Close()
 	cmd := exec.Command(bin, "--endpoint=unix://"+sock, "--nodeid=demo-node",
-		"--store-dir="+filepath.Join(dir, "store"), "--v=2")
+		"--store-dir="+filepath.Join(d.dir, "store"), "--v=2")
 	cmd.Stdout, cmd.Stderr = logf, logf
 	fmt.Println("start the driver")
 	if err := step("cowcsi --nodeid=demo-node (until Probe ready)", func() (string, error) {
@@ -143,7 +160,12 @@ func run(ctx context.Context, cowcsiPath, fsType string, size int64, keep bool) 
 	}); err != nil {
 		return fmt.Errorf("%w (driver log: %s)", err, logf.Name())
 	}
+	return nil
+}
 
+// stories tells the story twice: with cowcsi's freeze, where the restored
+// file must be whole, and without it, where it may not be.
+func (d *demo) stories(ctx context.Context) error {
 	fmt.Println("\n1. with cowcsi's freeze (the default): the file written without sync is in the snapshot")
 	content := []byte("data-goc-truoc-snapshot\n")
 	got, err := d.story(ctx, "1", content, nil)

@@ -186,6 +186,8 @@ func (c *cluster) startEtcd(ctx context.Context) (string, error) {
 	})
 }
 
+// startAPIServer runs kube-apiserver against etcdURL, waits until it is
+// ready and makes the admin clients.
 func (c *cluster) startAPIServer(ctx context.Context, etcdURL string) error {
 	port, err := freePort()
 	if err != nil {
@@ -219,8 +221,6 @@ func (c *cluster) startAPIServer(ctx context.Context, etcdURL string) error {
 	if err != nil {
 		return err
 	}
-	pool := x509.NewCertPool()
-	pool.AppendCertsFromPEM(c.pki.caPEM)
 	c.admin = &rest.Config{
 		Host:            c.server,
 		BearerToken:     c.pki.AdminToken,
@@ -228,14 +228,32 @@ func (c *cluster) startAPIServer(ctx context.Context, etcdURL string) error {
 		QPS:             200,
 		Burst:           400,
 	}
-	hc := &http.Client{Transport: &http.Transport{TLSClientConfig: &tls.Config{RootCAs: pool}}, Timeout: 5 * time.Second}
 	wctx, cancel := context.WithTimeout(ctx, 90*time.Second)
 	defer cancel()
-	err = waitFor(wctx, 200*time.Millisecond, "kube-apiserver /readyz", func() (bool, error) {
+	if err := c.waitReadyz(wctx); err != nil {
+		return err
+	}
+	if err := c.makeClients(); err != nil {
+		return err
+	}
+	// The system namespaces appear shortly after /readyz.
+	return waitFor(wctx, 100*time.Millisecond, "namespace kube-system", func() (bool, error) {
+		_, err := c.kube.CoreV1().Namespaces().Get(wctx, "kube-system", metav1.GetOptions{})
+		return err == nil, err
+	})
+}
+
+// waitReadyz polls the apiserver's /readyz as the admin until it answers
+// 200.
+func (c *cluster) waitReadyz(ctx context.Context) error {
+	pool := x509.NewCertPool()
+	pool.AppendCertsFromPEM(c.pki.caPEM)
+	hc := &http.Client{Transport: &http.Transport{TLSClientConfig: &tls.Config{RootCAs: pool}}, Timeout: 5 * time.Second}
+	return waitFor(ctx, 200*time.Millisecond, "kube-apiserver /readyz", func() (bool, error) {
 		if err := c.dead(); err != nil {
 			return false, err
 		}
-		req, _ := http.NewRequestWithContext(wctx, http.MethodGet, c.server+"/readyz", nil)
+		req, _ := http.NewRequestWithContext(ctx, http.MethodGet, c.server+"/readyz", nil)
 		req.Header.Set("Authorization", "Bearer "+c.pki.AdminToken)
 		resp, err := hc.Do(req)
 		if err != nil {
@@ -247,9 +265,12 @@ func (c *cluster) startAPIServer(ctx context.Context, etcdURL string) error {
 		}
 		return true, nil
 	})
-	if err != nil {
-		return err
-	}
+}
+
+// makeClients makes the admin's typed, snapshot and dynamic clients and
+// the REST mapper.
+func (c *cluster) makeClients() error {
+	var err error
 	if c.kube, err = kubernetes.NewForConfig(c.admin); err != nil {
 		return err
 	}
@@ -264,11 +285,7 @@ func (c *cluster) startAPIServer(ctx context.Context, etcdURL string) error {
 		return err
 	}
 	c.mapper = restmapper.NewDeferredDiscoveryRESTMapper(memory.NewMemCacheClient(dc))
-	// The system namespaces appear shortly after /readyz.
-	return waitFor(wctx, 100*time.Millisecond, "namespace kube-system", func() (bool, error) {
-		_, err := c.kube.CoreV1().Namespaces().Get(wctx, "kube-system", metav1.GetOptions{})
-		return err == nil, err
-	})
+	return nil
 }
 
 // writeKubeconfig writes a kubeconfig for the apiserver with a bearer token.

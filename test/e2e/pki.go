@@ -1,27 +1,27 @@
 package e2e
 
 import (
-	"crypto/ecdsa"
-	"crypto/elliptic"
 	"crypto/rand"
 	"crypto/rsa"
 	"crypto/x509"
-	"crypto/x509/pkix"
 	"encoding/hex"
 	"encoding/pem"
 	"fmt"
-	"math/big"
 	"net"
 	"os"
 	"path/filepath"
 	"time"
+
+	"k8s.io/client-go/util/cert"
+	"k8s.io/client-go/util/keyutil"
 )
 
 // pki is what the apiserver needs to serve TLS on 127.0.0.1, to sign and
-// verify service account tokens, and to know its admin.
+// verify service account tokens, and to know its admin. Clients
+// authenticate with bearer tokens, so there are no client certificates.
 type pki struct {
 	CAFile     string // CA that signed the serving certificate
-	CertFile   string // serving certificate for 127.0.0.1 and localhost
+	CertFile   string // serving certificate (then the CA) for 127.0.0.1 and localhost
 	KeyFile    string
 	SAKeyFile  string // service account signing key (private)
 	SAPubFile  string // and its public half, for verification
@@ -29,6 +29,14 @@ type pki struct {
 	AdminToken string
 	caPEM      []byte
 }
+
+// The names a client may dial the apiserver by: loopback, and the
+// kubernetes Service (first address of --service-cluster-ip-range).
+var (
+	servingHost = "127.0.0.1"
+	servingIPs  = []net.IP{net.ParseIP("10.0.0.1")}
+	servingDNS  = []string{"localhost", "kubernetes", "kubernetes.default", "kubernetes.default.svc"}
+)
 
 func newPKI(dir string) (*pki, error) {
 	p := &pki{
@@ -42,56 +50,28 @@ func newPKI(dir string) (*pki, error) {
 	if err := os.MkdirAll(dir, 0o700); err != nil {
 		return nil, err
 	}
-	now := time.Now()
-	caKey, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	// A fresh CA and a serving certificate it signed; the chain comes
+	// back as the serving certificate followed by the CA.
+	chainPEM, keyPEM, err := cert.GenerateSelfSignedCertKeyWithOptions(cert.SelfSignedCertKeyOptions{
+		Host:         servingHost,
+		AlternateIPs: servingIPs,
+		AlternateDNS: servingDNS,
+		MaxAge:       24 * time.Hour,
+	})
 	if err != nil {
 		return nil, err
 	}
-	caTmpl := &x509.Certificate{
-		SerialNumber:          big.NewInt(1),
-		Subject:               pkix.Name{CommonName: "cowcsi-e2e-ca"},
-		NotBefore:             now.Add(-time.Hour),
-		NotAfter:              now.Add(24 * time.Hour),
-		KeyUsage:              x509.KeyUsageCertSign | x509.KeyUsageDigitalSignature,
-		BasicConstraintsValid: true,
-		IsCA:                  true,
-	}
-	caDER, err := x509.CreateCertificate(rand.Reader, caTmpl, caTmpl, &caKey.PublicKey, caKey)
+	chain, err := cert.ParseCertsPEM(chainPEM)
 	if err != nil {
 		return nil, err
 	}
-	ca, err := x509.ParseCertificate(caDER)
-	if err != nil {
+	if len(chain) != 2 || !chain[1].IsCA {
+		return nil, fmt.Errorf("serving certificate: want the certificate and its CA, got %d certificates", len(chain))
+	}
+	if p.caPEM, err = cert.EncodeCertificates(chain[1]); err != nil {
 		return nil, err
 	}
-	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
-	if err != nil {
-		return nil, err
-	}
-	tmpl := &x509.Certificate{
-		SerialNumber: big.NewInt(2),
-		Subject:      pkix.Name{CommonName: "kube-apiserver"},
-		NotBefore:    now.Add(-time.Hour),
-		NotAfter:     now.Add(24 * time.Hour),
-		KeyUsage:     x509.KeyUsageDigitalSignature,
-		ExtKeyUsage:  []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth},
-		DNSNames:     []string{"localhost", "kubernetes", "kubernetes.default", "kubernetes.default.svc"},
-		IPAddresses:  []net.IP{net.ParseIP("127.0.0.1"), net.ParseIP("10.0.0.1")},
-	}
-	der, err := x509.CreateCertificate(rand.Reader, tmpl, ca, &key.PublicKey, caKey)
-	if err != nil {
-		return nil, err
-	}
-	// Service account tokens: RSA, as kubeadm makes them.
-	saKey, err := rsa.GenerateKey(rand.Reader, 2048)
-	if err != nil {
-		return nil, err
-	}
-	saPub, err := x509.MarshalPKIXPublicKey(&saKey.PublicKey)
-	if err != nil {
-		return nil, err
-	}
-	keyDER, err := x509.MarshalECPrivateKey(key)
+	saKeyPEM, saPubPEM, err := newSAKey()
 	if err != nil {
 		return nil, err
 	}
@@ -100,16 +80,15 @@ func newPKI(dir string) (*pki, error) {
 		return nil, err
 	}
 	p.AdminToken = hex.EncodeToString(tok)
-	p.caPEM = pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: caDER})
 	files := []struct {
 		path string
 		data []byte
 	}{
 		{p.CAFile, p.caPEM},
-		{p.CertFile, pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: der})},
-		{p.KeyFile, pem.EncodeToMemory(&pem.Block{Type: "EC PRIVATE KEY", Bytes: keyDER})},
-		{p.SAKeyFile, pem.EncodeToMemory(&pem.Block{Type: "RSA PRIVATE KEY", Bytes: x509.MarshalPKCS1PrivateKey(saKey)})},
-		{p.SAPubFile, pem.EncodeToMemory(&pem.Block{Type: "PUBLIC KEY", Bytes: saPub})},
+		{p.CertFile, chainPEM},
+		{p.KeyFile, keyPEM},
+		{p.SAKeyFile, saKeyPEM},
+		{p.SAPubFile, saPubPEM},
 		// token,user,uid,"group1,group2"
 		{p.TokenFile, fmt.Appendf(nil, "%s,cowcsi-e2e-admin,cowcsi-e2e-admin,\"system:masters\"\n", p.AdminToken)},
 	}
@@ -119,4 +98,21 @@ func newPKI(dir string) (*pki, error) {
 		}
 	}
 	return p, nil
+}
+
+// newSAKey makes the service account token key pair: RSA, as kubeadm
+// makes it, PEM-encoded.
+func newSAKey() (keyPEM, pubPEM []byte, err error) {
+	key, err := rsa.GenerateKey(rand.Reader, 2048)
+	if err != nil {
+		return nil, nil, err
+	}
+	if keyPEM, err = keyutil.MarshalPrivateKeyToPEM(key); err != nil {
+		return nil, nil, err
+	}
+	pub, err := x509.MarshalPKIXPublicKey(&key.PublicKey)
+	if err != nil {
+		return nil, nil, err
+	}
+	return keyPEM, pem.EncodeToMemory(&pem.Block{Type: keyutil.PublicKeyBlockType, Bytes: pub}), nil
 }

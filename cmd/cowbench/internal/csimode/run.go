@@ -70,19 +70,12 @@ func Run(ctx context.Context, cfg Config, prog *bench.Progress) (res *bench.Resu
 		return nil, err
 	}
 	started := time.Now()
-	workDir, ownWorkDir := cfg.WorkDir, false
-	if workDir == "" && (cfg.StartDriver || (cfg.StagingDir == "" && cfg.Write > 0)) {
-		if workDir, err = os.MkdirTemp("/var/tmp", "cowbench-"); err != nil {
-			return nil, err
-		}
-		ownWorkDir = true
-	}
-	if workDir != "" {
-		if err := os.MkdirAll(workDir, 0o755); err != nil {
-			return nil, err
-		}
+	workDir, ownWorkDir, err := makeWorkDir(cfg)
+	if err != nil {
+		return nil, err
 	}
 	var proc *cowcsiProc
+	var d *driverConn
 	defer func() {
 		// Last: stop the driver we started, then remove the work
 		// directory, unless something is still mounted under it.
@@ -93,28 +86,85 @@ func Run(ctx context.Context, cfg Config, prog *bench.Progress) (res *bench.Resu
 			err = errors.Join(err, removeWorkDir(workDir))
 		}
 	}()
+	proc, d, err = connect(ctx, cfg, workDir)
+	if err != nil {
+		return nil, err
+	}
+	defer d.Close()
 
+	r, notes := newRunner(cfg, d, prog, workDir)
+	prog.AddTotal(r.plannedOps())
+	defer func() {
+		// Clean up on every path, with a context of its own: ctx may have
+		// ended, and what was created must still go.
+		cctx, cancel := context.WithTimeout(context.Background(), cfg.CleanupTimeout)
+		defer cancel()
+		if cerr := r.cleanup(cctx); cerr != nil {
+			err = errors.Join(err, fmt.Errorf("cleanup: %w", cerr))
+		}
+	}()
+
+	for _, size := range cfg.Sizes {
+		for _, conc := range cfg.Concurrency {
+			if ctx.Err() != nil {
+				break
+			}
+			r.cell(ctx, size, conc)
+		}
+	}
+	prog.Finish()
+	return r.result(ctx, started, notes), nil
+}
+
+// makeWorkDir returns the directory for the driver cowbench starts and for
+// the staging and target paths: cfg.WorkDir, or a temporary one (own) when
+// one is needed and none is given.
+func makeWorkDir(cfg Config) (dir string, own bool, err error) {
+	dir = cfg.WorkDir
+	if dir == "" && (cfg.StartDriver || (cfg.StagingDir == "" && cfg.Write > 0)) {
+		if dir, err = os.MkdirTemp("/var/tmp", "cowbench-"); err != nil {
+			return "", false, err
+		}
+		own = true
+	}
+	if dir != "" {
+		if err := os.MkdirAll(dir, 0o755); err != nil {
+			return dir, own, err
+		}
+	}
+	return dir, own, nil
+}
+
+// connect starts cowcsi in workDir if cfg asks for it, dials the driver
+// and discovers what it can do. proc is the started driver, returned even
+// with an error so that the caller stops it.
+func connect(ctx context.Context, cfg Config, workDir string) (proc *cowcsiProc, d *driverConn, err error) {
 	endpoint := cfg.Endpoint
 	var alive func() error
 	if cfg.StartDriver {
 		bin, err := findCowcsi(cfg.CowcsiPath)
 		if err != nil {
-			return nil, err
+			return nil, nil, err
 		}
 		if proc, err = startCowcsi(bin, workDir); err != nil {
-			return nil, err
+			return nil, nil, err
 		}
 		endpoint, alive = proc.endpoint, proc.alive
 	}
-	d, err := dial(ctx, endpoint, cfg.ConnectTimeout, cfg.StartDriver, alive)
+	d, err = dial(ctx, endpoint, cfg.ConnectTimeout, cfg.StartDriver, alive)
 	if err != nil {
-		return nil, err
+		return proc, nil, err
 	}
-	defer d.Close()
 	if err := d.discover(ctx, cfg.Write > 0); err != nil {
-		return nil, err
+		d.Close()
+		return proc, nil, err
 	}
+	return proc, d, nil
+}
 
+// newRunner sets up a run against d, and returns with it the notes on
+// what the driver's capabilities change in the run.
+func newRunner(cfg Config, d *driverConn, prog *bench.Progress, workDir string) (*runner, []string) {
 	r := &runner{cfg: cfg, d: d, prog: prog, rec: bench.NewRecorder(cfg.OpTimeout, prog),
 		runID: "cowbench-" + randomHex(3), podUID: newUUID(),
 		vols: map[*volume]bool{}, snaps: map[*snapshot]bool{}}
@@ -142,38 +192,21 @@ func Run(ctx context.Context, cfg Config, prog *bench.Progress) (res *bench.Resu
 			notes = append(notes, "the driver has no STAGE_UNSTAGE_VOLUME: volumes are published without NodeStageVolume")
 		}
 	}
-	prog.AddTotal(r.plannedOps())
+	return r, notes
+}
 
-	defer func() {
-		// Clean up on every path, with a context of its own: ctx may have
-		// ended, and what was created must still go.
-		cctx, cancel := context.WithTimeout(context.Background(), cfg.CleanupTimeout)
-		defer cancel()
-		if cerr := r.cleanup(cctx); cerr != nil {
-			err = errors.Join(err, fmt.Errorf("cleanup: %w", cerr))
-		}
-	}()
-
-	for _, size := range cfg.Sizes {
-		for _, conc := range cfg.Concurrency {
-			if ctx.Err() != nil {
-				break
-			}
-			r.cell(ctx, size, conc)
-		}
-	}
-	prog.Finish()
-
+// result is the run's result once its cells are done (or ctx ended).
+func (r *runner) result(ctx context.Context, started time.Time, notes []string) *bench.Result {
 	if n := r.notReady.Load(); n > 0 {
 		notes = append(notes, fmt.Sprintf("%d CreateSnapshot answers had ready_to_use=false: such snapshots are timed until CreateSnapshot says ready, called again with backoff as csi-snapshotter does", n))
 	}
-	res = &bench.Result{Mode: "csi", Target: r.target(), Command: os.Args, Started: started,
+	res := &bench.Result{Mode: "csi", Target: r.target(), Command: os.Args, Started: started,
 		Settings: r.settings(), Rows: r.rec.Rows(), Notes: notes, Errors: r.rec.Failures()}
 	if ctx.Err() != nil {
 		res.Interrupted = context.Cause(ctx).Error()
 	}
 	res.Seconds = time.Since(started).Seconds()
-	return res, nil
+	return res
 }
 
 func (r *runner) target() string {

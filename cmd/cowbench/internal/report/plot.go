@@ -24,9 +24,30 @@ import (
 // latencies, with a bar from the fastest operation to the p99. Both axes are
 // logarithmic: sizes span orders of magnitude, and so do the operations.
 func Plot(path string, r *bench.Result) error {
-	var concs []int
-	var sizes []int64
-	var ops []string
+	concs, sizes, ops := plotKeys(r)
+	if len(concs) == 0 {
+		return errors.New("plot: no operation completed, nothing to draw")
+	}
+	yMin, yMax := latencyRange(r)
+	grid, legend, err := panels(r, concs, sizes, ops, yMin, yMax)
+	if err != nil {
+		return err
+	}
+	img := drawPlot(r, grid, legend)
+	f, err := os.Create(path)
+	if err != nil {
+		return err
+	}
+	if _, err := (vgimg.PngCanvas{Canvas: img}).WriteTo(f); err != nil {
+		f.Close()
+		return err
+	}
+	return f.Close()
+}
+
+// plotKeys returns the concurrency levels, sizes and operations of the
+// rows that measured something, sorted.
+func plotKeys(r *bench.Result) (concs []int, sizes []int64, ops []string) {
 	for _, row := range r.Rows {
 		if row.Setup || row.Count == 0 {
 			continue
@@ -41,24 +62,30 @@ func Plot(path string, r *bench.Result) error {
 			ops = append(ops, row.Op)
 		}
 	}
-	if len(concs) == 0 {
-		return errors.New("plot: no operation completed, nothing to draw")
-	}
 	slices.Sort(concs)
 	slices.Sort(sizes)
 	// Keep the order of bench.Ops, so colours mean the same in every panel.
 	slices.SortStableFunc(ops, func(a, b string) int { return slices.Index(bench.Ops, a) - slices.Index(bench.Ops, b) })
+	return concs, sizes, ops
+}
 
-	yMin, yMax := math.Inf(1), math.Inf(-1)
+// latencyRange is the latency axis: whole decades around every row's
+// fastest and p99, the same in every panel, so panels compare.
+func latencyRange(r *bench.Result) (yMin, yMax float64) {
+	yMin, yMax = math.Inf(1), math.Inf(-1)
 	for _, row := range r.Rows {
 		if !row.Setup && row.Count > 0 {
 			yMin, yMax = math.Min(yMin, math.Max(row.MinMs, 1e-3)), math.Max(yMax, row.P99Ms)
 		}
 	}
-	// Whole decades, the same in every panel, so panels compare.
 	yMin = math.Pow(10, math.Floor(math.Log10(yMin)))
 	yMax = math.Pow(10, math.Ceil(math.Log10(math.Max(yMax, yMin*10))))
+	return yMin, yMax
+}
 
+// panels lays out one panel per concurrency level, up to three a row, and
+// the legend of the operations.
+func panels(r *bench.Result, concs []int, sizes []int64, ops []string, yMin, yMax float64) ([][]*plot.Plot, *plot.Legend, error) {
 	cols := min(len(concs), 3)
 	rows := (len(concs) + cols - 1) / cols
 	grid := make([][]*plot.Plot, rows)
@@ -70,7 +97,7 @@ func Plot(path string, r *bench.Result) error {
 	for i, c := range concs {
 		p, err := panel(r, c, sizes, ops, yMin, yMax, &legend, i == 0)
 		if err != nil {
-			return err
+			return nil, nil, err
 		}
 		grid[i/cols][i%cols] = p
 	}
@@ -78,7 +105,13 @@ func Plot(path string, r *bench.Result) error {
 		grid[i/cols][i%cols] = plot.New() // an empty tile
 		grid[i/cols][i%cols].HideAxes()
 	}
+	return grid, &legend, nil
+}
 
+// drawPlot draws the title, the panels of grid and the legend on a white
+// image.
+func drawPlot(r *bench.Result, grid [][]*plot.Plot, legend *plot.Legend) *vgimg.Canvas {
+	rows, cols := len(grid), len(grid[0])
 	const titleH, legendW = 0.45 * vg.Inch, 1.7 * vg.Inch
 	w, h := vg.Length(cols)*5.5*vg.Inch+legendW, vg.Length(rows)*4.5*vg.Inch+titleH
 	img := vgimg.NewWith(vgimg.UseWH(w, h), vgimg.UseDPI(110))
@@ -100,16 +133,7 @@ func Plot(path string, r *bench.Result) error {
 	legend.Draw(draw.Crop(dc, w-legendW+vg.Millimeter*2, 0, 0, -titleH-vg.Inch*0.5))
 	note := draw.TextStyle{Color: color.Gray{Y: 80}, Font: font.From(plot.DefaultFont, 9), Handler: plot.DefaultTextHandler}
 	dc.FillText(note, vg.Point{X: w - legendW + vg.Millimeter*2, Y: h - titleH - 0.3*vg.Inch}, "point: p50; bar: min to p99")
-
-	f, err := os.Create(path)
-	if err != nil {
-		return err
-	}
-	if _, err := (vgimg.PngCanvas{Canvas: img}).WriteTo(f); err != nil {
-		f.Close()
-		return err
-	}
-	return f.Close()
+	return img
 }
 
 // palette: the Tableau 10 colours, distinct for the six operations.
