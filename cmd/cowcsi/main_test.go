@@ -4,10 +4,11 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
-	"strings"
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/cowcsi/cowcsi/test/testutil"
 )
 
 func TestFlags(t *testing.T) {
@@ -96,7 +97,7 @@ func TestSignal(t *testing.T) {
 	if _, err := os.Stat(sock); !os.IsNotExist(err) {
 		t.Errorf("socket left behind: %v", err)
 	}
-	if b, err := os.ReadFile("/proc/self/mountinfo"); err == nil && strings.Contains(string(b), dir) {
-		t.Errorf("mounts left under %s", dir)
+	if left, err := testutil.MountsUnder(dir); err == nil && len(left) > 0 {
+		t.Errorf("mounts left under %s: %v", dir, left)
 	}
 }

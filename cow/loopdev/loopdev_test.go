@@ -11,19 +11,9 @@ import (
 	"unsafe"
 
 	"golang.org/x/sys/unix"
-)
 
-// requireRoot skips tests that attach loop devices: they need CAP_SYS_ADMIN
-// and /dev/loop-control.
-func requireRoot(t *testing.T) {
-	t.Helper()
-	if os.Geteuid() != 0 {
-		t.Skip("loopdev tests need root (CAP_SYS_ADMIN) to attach loop devices")
-	}
-	if _, err := os.Stat(controlPath); err != nil {
-		t.Skipf("loopdev tests need %s: %v", controlPath, err)
-	}
-}
+	"github.com/cowcsi/cowcsi/test/testutil"
+)
 
 // sparseFile creates a sparse file of size bytes in a test directory.
 func sparseFile(t *testing.T, size int64) string {
@@ -68,7 +58,7 @@ func alignedBuf(size int) []byte {
 }
 
 func TestAttachReadWrite(t *testing.T) {
-	requireRoot(t)
+	testutil.RequireRoot(t, testutil.DevLoopControl)
 	backing := sparseFile(t, 16<<20)
 	d := attach(t, backing, Options{DirectIO: true, LogicalBlockSize: 4096})
 	if d.Number < 0 || d.Path != devPath(d.Number) {
@@ -115,7 +105,7 @@ func TestAttachReadWrite(t *testing.T) {
 }
 
 func TestReadOnlyRejectsWrites(t *testing.T) {
-	requireRoot(t)
+	testutil.RequireRoot(t, testutil.DevLoopControl)
 	backing := sparseFile(t, 4<<20)
 	d := attach(t, backing, Options{ReadOnly: true, LogicalBlockSize: 4096})
 	if !d.ReadOnly {
@@ -137,7 +127,7 @@ func TestReadOnlyRejectsWrites(t *testing.T) {
 }
 
 func TestBlockSizeAndResize(t *testing.T) {
-	requireRoot(t)
+	testutil.RequireRoot(t, testutil.DevLoopControl)
 	backing := sparseFile(t, 8<<20)
 	d := attach(t, backing, Options{LogicalBlockSize: 4096})
 	bs, err := d.LogicalBlockSize()
@@ -163,7 +153,7 @@ func TestBlockSizeAndResize(t *testing.T) {
 }
 
 func TestFindByBackingAndOpen(t *testing.T) {
-	requireRoot(t)
+	testutil.RequireRoot(t, testutil.DevLoopControl)
 	backing := sparseFile(t, 4<<20)
 	d := attach(t, backing, Options{LogicalBlockSize: 4096})
 
@@ -203,7 +193,7 @@ func TestFindByBackingAndOpen(t *testing.T) {
 // TestSymlinkedBackingPath: the kernel reports the resolved path; Detach
 // and FindByBacking must still recognize the device.
 func TestSymlinkedBackingPath(t *testing.T) {
-	requireRoot(t)
+	testutil.RequireRoot(t, testutil.DevLoopControl)
 	backing := sparseFile(t, 4<<20)
 	link := filepath.Join(t.TempDir(), "link")
 	if err := os.Symlink(filepath.Dir(backing), link); err != nil {
@@ -224,7 +214,7 @@ func TestSymlinkedBackingPath(t *testing.T) {
 }
 
 func TestDetachWhileOpenIsDeferred(t *testing.T) {
-	requireRoot(t)
+	testutil.RequireRoot(t, testutil.DevLoopControl)
 	backing := sparseFile(t, 4<<20)
 	d := attach(t, backing, Options{LogicalBlockSize: 4096})
 	fd, err := unix.Open(d.Path, unix.O_RDONLY|unix.O_CLOEXEC, 0)
@@ -248,7 +238,7 @@ func TestDetachWhileOpenIsDeferred(t *testing.T) {
 // TestConcurrentAttach exercises the EBUSY retry: parallel attaches are
 // handed the same free device by LOOP_CTL_GET_FREE.
 func TestConcurrentAttach(t *testing.T) {
-	requireRoot(t)
+	testutil.RequireRoot(t, testutil.DevLoopControl)
 	const n = 4
 	devs := make([]*Device, n)
 	errs := make([]error, n)

@@ -7,19 +7,17 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
-	"sort"
-	"strings"
 	"sync/atomic"
 	"syscall"
 	"time"
 	"unsafe"
 
-	"github.com/moby/sys/mountinfo"
 	"golang.org/x/sys/unix"
 
 	"github.com/cowcsi/cowcsi/cow"
 	"github.com/cowcsi/cowcsi/cow/fusefs"
 	"github.com/cowcsi/cowcsi/cow/loopdev"
+	"github.com/cowcsi/cowcsi/test/testutil"
 )
 
 // env is everything the benchmark set up, torn down in reverse order.
@@ -219,7 +217,7 @@ func cleanStale(dir string) error {
 	if _, err := os.Stat(dir); errors.Is(err, os.ErrNotExist) {
 		return nil
 	}
-	mounts, err := mountsUnder(dir)
+	mounts, err := testutil.MountsUnder(dir)
 	if err != nil {
 		return err
 	}
@@ -228,46 +226,18 @@ func cleanStale(dir string) error {
 			return fmt.Errorf("unmount stale %s: %w", m, err)
 		}
 	}
-	blocks, _ := filepath.Glob("/sys/block/loop*/loop/backing_file")
-	for _, b := range blocks {
-		backing, err := os.ReadFile(b)
-		if err != nil || !strings.HasPrefix(strings.TrimSpace(string(backing)), dir+"/") {
-			continue
-		}
-		dev := "/dev/" + filepath.Base(filepath.Dir(filepath.Dir(b)))
-		if err := clearLoop(dev); err != nil {
-			return fmt.Errorf("detach stale %s: %w", dev, err)
-		}
-	}
-	return os.RemoveAll(dir)
-}
-
-// clearLoop is LOOP_CLR_FD alone: loopdev.Open stats the backing file, which
-// fails on a dead FUSE connection.
-func clearLoop(dev string) error {
-	fd, err := unix.Open(dev, unix.O_RDONLY|unix.O_CLOEXEC, 0)
+	// loopdev.ClearFD, not Device.Detach: loopdev.Open stats the backing file, which fails
+	// on a dead FUSE connection.
+	loops, err := loopdev.BindingsUnder(dir)
 	if err != nil {
 		return err
 	}
-	defer unix.Close(fd)
-	if _, _, e := unix.Syscall(unix.SYS_IOCTL, uintptr(fd), unix.LOOP_CLR_FD, 0); e != 0 && e != unix.ENXIO {
-		return e
+	for _, l := range loops {
+		if err := loopdev.ClearFD(l.Path); err != nil {
+			return fmt.Errorf("detach stale %s: %w", l.Path, err)
+		}
 	}
-	return nil
-}
-
-// mountsUnder returns the mount points at or below dir, deepest first.
-func mountsUnder(dir string) ([]string, error) {
-	ms, err := mountinfo.GetMounts(mountinfo.PrefixFilter(dir))
-	if err != nil {
-		return nil, err
-	}
-	out := make([]string, len(ms))
-	for i, m := range ms {
-		out[i] = m.Mountpoint
-	}
-	sort.Slice(out, func(i, j int) bool { return len(out[i]) > len(out[j]) })
-	return out, nil
+	return os.RemoveAll(dir)
 }
 
 // checkFlush writes a block of dev back unchanged and fdatasyncs the device;
