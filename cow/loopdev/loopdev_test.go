@@ -8,6 +8,7 @@ import (
 	"path/filepath"
 	"sync"
 	"testing"
+	"time"
 	"unsafe"
 
 	"golang.org/x/sys/unix"
@@ -270,5 +271,43 @@ func TestConcurrentAttach(t *testing.T) {
 			t.Errorf("device %s handed out twice", d.Path)
 		}
 		seen[d.Number] = true
+	}
+}
+
+// TestBindingsAndClearFD covers the sysfs-only helpers: an attached device
+// is listed under its backing file's directory, BackingFileOf names the
+// file, and ClearFD unbinds it. (ClearFD is not called again on the freed
+// number: another test on the machine may have been handed it.)
+func TestBindingsAndClearFD(t *testing.T) {
+	testutil.RequireRoot(t, testutil.DevLoopControl)
+	backing := sparseFile(t, 4<<20)
+	d := attach(t, backing, Options{})
+	bound, err := BindingsUnder(filepath.Dir(backing))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(bound) != 1 || bound[0].Path != d.Path || bound[0].BackingFile != d.BackingFile {
+		t.Fatalf("BindingsUnder = %+v, want %s on %s", bound, d.Path, d.BackingFile)
+	}
+	if bf, err := BackingFileOf(d.Path); err != nil || bf != d.BackingFile {
+		t.Fatalf("BackingFileOf(%s) = %q, %v; want %s", d.Path, bf, err, d.BackingFile)
+	}
+	if err := ClearFD(d.Path); err != nil {
+		t.Fatal(err)
+	}
+	// The kernel finishes the detach on the last close, which may lag.
+	deadline := time.Now().Add(busyWait)
+	for {
+		_, err := BackingFileOf(d.Path)
+		if errors.Is(err, unix.ENXIO) {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("BackingFileOf after ClearFD: %v, want ENXIO", err)
+		}
+		time.Sleep(5 * time.Millisecond) // polling kernel state
+	}
+	if bound, _ := BindingsUnder(filepath.Dir(backing)); len(bound) != 0 {
+		t.Fatalf("BindingsUnder after ClearFD = %+v, want none", bound)
 	}
 }
