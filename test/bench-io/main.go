@@ -3,9 +3,9 @@
 //
 // The limit is a loop device with direct I/O and 4 KiB logical blocks on a
 // plain sparse file. The cowcsi side is exported the way the driver exports
-// a volume: engine volume, served as a file by cow/fusefs, under a loop
-// device with direct I/O and 4 KiB logical blocks; this process is the
-// serving process. Each row runs both sides one after the other, the order
+// a volume: engine volume, served as a file by the driver's own FUSE export
+// (driver.MountFuseExport), under a loop device with direct I/O and 4 KiB
+// logical blocks; this process is the serving process. Each row runs both sides one after the other, the order
 // alternating between rounds, and reports medians and the median of the
 // per-round ratios. Every fio run verifies data (see runFio).
 //
@@ -226,11 +226,6 @@ func run(ctx context.Context, c config) error {
 	start := time.Now()
 	if os.Geteuid() != 0 {
 		return errors.New("needs root (FUSE mount, loop devices, mkfs)")
-	}
-	if c.IOURing {
-		if err := fusefs.EnableIOURing(); err != nil {
-			return err
-		}
 	}
 	e, err := newEnv(ctx, c.Dir, c.IOURing)
 	if err != nil {

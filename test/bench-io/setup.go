@@ -8,15 +8,14 @@ import (
 	"os/exec"
 	"path/filepath"
 	"sync/atomic"
-	"syscall"
 	"time"
 	"unsafe"
 
 	"golang.org/x/sys/unix"
 
 	"github.com/cowcsi/cowcsi/cow"
-	"github.com/cowcsi/cowcsi/cow/fusefs"
 	"github.com/cowcsi/cowcsi/cow/loopdev"
+	"github.com/cowcsi/cowcsi/driver"
 	"github.com/cowcsi/cowcsi/test/testutil"
 )
 
@@ -24,7 +23,7 @@ import (
 type env struct {
 	dir   string
 	store *cow.Store
-	fuse  *fusefs.Server
+	fuse  driver.FileExport
 	undo  []undoStep
 }
 
@@ -82,17 +81,6 @@ func (c *countingVolume) Flush() error {
 	return err
 }
 
-// engineErrno mirrors the driver's mapping (driver/export.go).
-func engineErrno(err error) syscall.Errno {
-	switch {
-	case errors.Is(err, cow.ErrNoSpace):
-		return syscall.ENOSPC
-	case errors.Is(err, cow.ErrInvalid):
-		return syscall.EINVAL
-	}
-	return 0
-}
-
 func newEnv(ctx context.Context, dir string, ring bool) (*env, error) {
 	if err := cleanStale(dir); err != nil {
 		return nil, err
@@ -108,15 +96,16 @@ func newEnv(ctx context.Context, dir string, ring bool) (*env, error) {
 	}
 	e.store = st
 	e.onClose("close store", st.Close)
-	// The driver's mount options (driver/export.go).
-	fs, err := fusefs.Mount(ctx, filepath.Join(dir, "fuse"), fusefs.Options{FsName: "cowcsi", Errno: engineErrno, IOURing: ring})
+	// The driver's own export: its mount options and errno mapping. With
+	// ring, "on" fails unless FUSE over io_uring is in use.
+	ioURing := driver.FuseIOURingOff
+	if ring {
+		ioURing = driver.FuseIOURingOn
+	}
+	fs, err := driver.MountFuseExport(ctx, filepath.Join(dir, "fuse"), ioURing)
 	if err != nil {
 		e.close()
 		return nil, err
-	}
-	if on, err := fs.IOURing(); ring && !on {
-		e.close()
-		return nil, fmt.Errorf("FUSE over io_uring asked for but not in use: %w", err)
 	}
 	e.fuse = fs
 	e.onClose("unmount FUSE", fs.Unmount)
