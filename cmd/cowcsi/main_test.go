@@ -46,13 +46,9 @@ func TestMain(m *testing.M) {
 // TestSignal starts the binary, waits for its socket, sends SIGTERM and
 // expects a clean exit with the socket removed.
 func TestSignal(t *testing.T) {
-	if os.Geteuid() != 0 {
-		t.Skip("needs root (FUSE mount)")
-	}
-	if _, err := os.Stat("/dev/fuse"); err != nil {
-		t.Skip("needs /dev/fuse")
-	}
+	testutil.RequireRoot(t, testutil.DevFUSE)
 	dir := t.TempDir()
+	testutil.CleanupMounts(t, dir) // after a failed run; the test checks it unmounted
 	sockDir, err := os.MkdirTemp("", "cowcsi-main-")
 	if err != nil {
 		t.Fatal(err)

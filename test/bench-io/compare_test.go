@@ -9,6 +9,8 @@ import (
 	"slices"
 	"strings"
 	"testing"
+
+	"github.com/cowcsi/cowcsi/test/testutil"
 )
 
 // writeReport writes a bench-io report with the given rows' per-round
@@ -88,9 +90,7 @@ func TestCompareReports(t *testing.T) {
 // alternately and prints the comparison. Its figures mean nothing; what it
 // checks is that the A/B keeps working and cleans up its worktree.
 func TestAB(t *testing.T) {
-	if os.Geteuid() != 0 {
-		t.Skip("needs root: loop devices, FUSE")
-	}
+	testutil.RequireRoot(t)
 	if testing.Short() {
 		t.Skip("-short")
 	}

@@ -11,6 +11,7 @@ import (
 	"time"
 
 	"github.com/cowcsi/cowcsi/cow/fusefs"
+	"github.com/cowcsi/cowcsi/test/testutil"
 )
 
 // TestSmoke runs every row once with tiny sizes and short runs: the tool
@@ -19,9 +20,7 @@ import (
 // and that the report is complete; the figures themselves mean nothing at
 // this size.
 func TestSmoke(t *testing.T) {
-	if os.Geteuid() != 0 {
-		t.Skip("needs root: loop devices, FUSE, mkfs and mount")
-	}
+	testutil.RequireRoot(t)
 	if testing.Short() {
 		t.Skip("-short")
 	}
