@@ -37,13 +37,7 @@ type testEnv struct {
 func newTestEnv(t testing.TB) *testEnv {
 	t.Helper()
 	root := t.TempDir()
-	// Unix socket paths are limited to 108 bytes; t.TempDir() paths grow
-	// with the test name.
-	sockDir, err := os.MkdirTemp("", "cowcsi-sock-")
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { os.RemoveAll(sockDir) })
+	sockDir := testutil.SocketDir(t)
 	env := &testEnv{root: root, storeDir: filepath.Join(root, "store"), sockDir: sockDir, nodeID: "node-" + randHex(4)}
 	// Registered before any driver starts, so it runs after every
 	// driver's own cleanup (t.Cleanup is LIFO): the last line of defence

@@ -79,11 +79,7 @@ func TestCrashRecovery(t *testing.T) {
 	testutil.RequireRoot(t, "mkfs.ext4", "mount", "blkid")
 	root := t.TempDir()
 	t.Cleanup(func() { cleanupUnder(t, root) })
-	sockDir, err := os.MkdirTemp("", "cowcsi-crash-")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer os.RemoveAll(sockDir)
+	sockDir := testutil.SocketDir(t)
 	sock, store := filepath.Join(sockDir, "csi.sock"), filepath.Join(root, "store")
 	staging, target := filepath.Join(root, "staging"), filepath.Join(root, "pod", "mount")
 	os.MkdirAll(staging, 0o750)

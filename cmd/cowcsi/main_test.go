@@ -49,11 +49,7 @@ func TestSignal(t *testing.T) {
 	testutil.RequireRoot(t, testutil.DevFUSE)
 	dir := t.TempDir()
 	testutil.CleanupMounts(t, dir) // after a failed run; the test checks it unmounted
-	sockDir, err := os.MkdirTemp("", "cowcsi-main-")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer os.RemoveAll(sockDir)
+	sockDir := testutil.SocketDir(t)
 	sock := filepath.Join(sockDir, "csi.sock")
 	cmd := exec.Command(os.Args[0], "--nodeid=n1", "--endpoint=unix://"+sock, "--store-dir="+filepath.Join(dir, "store"))
 	cmd.Env = append(os.Environ(), "COWCSI_TEST_MAIN=1")

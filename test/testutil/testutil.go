@@ -1,5 +1,5 @@
 // Package testutil holds the helpers that tests across cowcsi share: the
-// root check and mount cleanup.
+// root check, short directories for sockets, and mount cleanup.
 //
 // It imports nothing from cowcsi, so that every package's tests, internal
 // ones included (package cow, package loopdev), can use it without an
@@ -92,4 +92,17 @@ func UnmountAll(t testing.TB, dir string) {
 func CleanupMounts(t testing.TB, dir string) {
 	t.Helper()
 	t.Cleanup(func() { UnmountAll(t, dir) })
+}
+
+// SocketDir returns a new directory for Unix sockets, removed when the test
+// ends. Socket paths are limited to 108 bytes and t.TempDir() paths grow
+// with the test name, so it lives directly under os.TempDir().
+func SocketDir(t testing.TB) string {
+	t.Helper()
+	dir, err := os.MkdirTemp("", "cowcsi-sock-")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { os.RemoveAll(dir) })
+	return dir
 }
