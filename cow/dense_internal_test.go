@@ -18,6 +18,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/cowcsi/cowcsi/cow/internal/ondisk"
+	"github.com/cowcsi/cowcsi/test/testutil"
 )
 
 // TestLocMapModel: random sets against a per-block model, on the heap
@@ -550,7 +551,7 @@ func TestArenaUnderMemoryLimit(t *testing.T) {
 		arenaChild(t, dir)
 		return
 	}
-	requireRootInternal(t)
+	testutil.RequireRoot(t)
 	dir := t.TempDir()
 	var st unix.Statfs_t
 	if err := unix.Statfs(dir, &st); err != nil || st.Type == unix.TMPFS_MAGIC {

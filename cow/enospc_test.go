@@ -12,6 +12,7 @@ import (
 	"time"
 
 	"github.com/cowcsi/cowcsi/cow"
+	"github.com/cowcsi/cowcsi/test/testutil"
 )
 
 // mountSmallExt4 makes an ext4 filesystem of size bytes in a file, attaches
@@ -20,7 +21,7 @@ import (
 // the cleanups of anything opened on the filesystem later).
 func mountSmallExt4(t *testing.T, size int64) string {
 	t.Helper()
-	requireRoot(t)
+	testutil.RequireRoot(t)
 	for _, tool := range []string{"mkfs.ext4", "losetup", "mount", "umount"} {
 		if _, err := exec.LookPath(tool); err != nil {
 			t.Skipf("skipping: %s not found (install e2fsprogs, util-linux, mount)", tool)

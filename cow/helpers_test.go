@@ -47,14 +47,6 @@ func scaled(n int) int {
 	return n
 }
 
-// requireRoot skips tests that need root (loop devices, mount).
-func requireRoot(t testing.TB) {
-	t.Helper()
-	if os.Geteuid() != 0 {
-		t.Skip("skipping: needs root (loop devices and mount); run the tests as root to cover this")
-	}
-}
-
 // fastTempDir returns a temporary directory on tmpfs (/dev/shm) when there
 // is one, else t.TempDir(). Kill -9 tests run there: page cache survives a
 // killed process, and without real fsyncs a workload does many more

@@ -1,7 +1,6 @@
 package cow
 
 import (
-	"bufio"
 	"errors"
 	"fmt"
 	"os"
@@ -10,6 +9,8 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/moby/sys/mountinfo"
 )
 
 // memCgroup is a memory cgroup made for one test (cgroup v2 where the
@@ -18,13 +19,6 @@ import (
 type memCgroup struct {
 	dir string
 	v2  bool
-}
-
-func requireRootInternal(t *testing.T) {
-	t.Helper()
-	if os.Geteuid() != 0 {
-		t.Skip("needs root")
-	}
 }
 
 // newMemCgroup makes a memory cgroup below this process's own, limited to
@@ -101,30 +95,19 @@ func (cg *memCgroup) summary() string {
 // (with controller among its options, if not empty) and this process's
 // path in it.
 func cgroupOf(fstype, controller string) (mnt, path string, ok bool) {
-	f, err := os.Open("/proc/self/mountinfo")
-	if err != nil {
+	ms, err := mountinfo.GetMounts(func(m *mountinfo.Info) (skip, stop bool) {
+		if m.FSType != fstype {
+			return true, false
+		}
+		if controller != "" && !strings.Contains(","+m.VFSOptions+",", ","+controller+",") {
+			return true, false
+		}
+		return false, true
+	})
+	if err != nil || len(ms) == 0 {
 		return "", "", false
 	}
-	defer f.Close()
-	sc := bufio.NewScanner(f)
-	for sc.Scan() {
-		fields := strings.Fields(sc.Text())
-		sep := -1
-		for i, x := range fields {
-			if x == "-" {
-				sep = i
-				break
-			}
-		}
-		if sep < 0 || sep+3 >= len(fields) || fields[sep+1] != fstype || len(fields) < 5 {
-			continue
-		}
-		if controller != "" && !strings.Contains(","+fields[sep+3]+",", ","+controller+",") {
-			continue
-		}
-		mnt = fields[4]
-		break
-	}
+	mnt = ms[0].Mountpoint
 	if mnt == "" {
 		return "", "", false
 	}

@@ -133,62 +133,13 @@ func volumeSize(cr *csi.CapacityRange, sourceSize, defaultSize int64) (int64, er
 }
 
 func (c *controllerService) CreateVolume(ctx context.Context, req *csi.CreateVolumeRequest) (*csi.CreateVolumeResponse, error) {
-	if err := checkName(req.GetName()); err != nil {
+	if err := c.checkCreateRequest(req); err != nil {
 		return nil, err
 	}
-	if len(req.GetVolumeCapabilities()) == 0 {
-		return nil, status.Error(codes.InvalidArgument, "volume_capabilities are required")
-	}
-	for _, vc := range req.GetVolumeCapabilities() {
-		if p := capabilityProblem(vc); p != "" {
-			return nil, status.Errorf(codes.InvalidArgument, "unsupported volume capability: %s", p)
-		}
-	}
-	if err := checkParameters(req.GetParameters()); err != nil {
-		return nil, err
-	}
-	if len(req.GetMutableParameters()) > 0 {
-		return nil, status.Error(codes.InvalidArgument, "mutable_parameters are not supported")
-	}
-	if reqs := req.GetAccessibilityRequirements().GetRequisite(); len(reqs) > 0 {
-		ok := false
-		for _, t := range reqs {
-			ok = ok || c.reachable(t)
-		}
-		if !ok {
-			// The spec's code for "unable to provision in the requested
-			// topology".
-			return nil, status.Errorf(codes.ResourceExhausted, "volumes can only be created on node %q (%s), which is not among the requisite topologies", c.d.opts.NodeID, TopologyKey)
-		}
-	}
-
 	e := c.engine()
-	var srcSnap, srcVol string
-	var srcSize int64
-	switch src := req.GetVolumeContentSource(); {
-	case src == nil:
-	case src.GetSnapshot() != nil:
-		srcSnap = src.GetSnapshot().GetSnapshotId()
-		if err := checkID("source snapshot ID", srcSnap); err != nil {
-			return nil, status.Errorf(codes.NotFound, "source snapshot %q not found", srcSnap)
-		}
-		info, err := e.GetSnapshot(srcSnap)
-		if err != nil {
-			return nil, toStatus(rpcCreateVolume, err)
-		}
-		srcSize = info.Size
-	case src.GetVolume() != nil:
-		srcVol = src.GetVolume().GetVolumeId()
-		if err := checkID("source volume ID", srcVol); err != nil {
-			return nil, status.Errorf(codes.NotFound, "source volume %q not found", srcVol)
-		}
-		info, err := e.GetVolume(srcVol)
-		if err != nil {
-			return nil, toStatus(rpcCreateVolume, err)
-		}
-		srcSize = info.Size
-	default:
-		return nil, status.Error(codes.InvalidArgument, "unsupported volume_content_source")
+	srcSnap, srcVol, srcSize, err := c.contentSource(req.GetVolumeContentSource())
+	if err != nil {
+		return nil, err
 	}
 	size, err := volumeSize(req.GetCapacityRange(), srcSize, c.d.opts.DefaultVolumeSize)
 	if err != nil {
@@ -230,6 +181,72 @@ func (c *controllerService) CreateVolume(ctx context.Context, req *csi.CreateVol
 		return nil, toStatus(rpcCreateVolume, err)
 	}
 	return &csi.CreateVolumeResponse{Volume: c.csiVolume(info)}, nil
+}
+
+// checkCreateRequest validates what CreateVolume accepts, before any engine
+// access: name, capabilities, parameters and topology.
+func (c *controllerService) checkCreateRequest(req *csi.CreateVolumeRequest) error {
+	if err := checkName(req.GetName()); err != nil {
+		return err
+	}
+	if len(req.GetVolumeCapabilities()) == 0 {
+		return status.Error(codes.InvalidArgument, "volume_capabilities are required")
+	}
+	for _, vc := range req.GetVolumeCapabilities() {
+		if p := capabilityProblem(vc); p != "" {
+			return status.Errorf(codes.InvalidArgument, "unsupported volume capability: %s", p)
+		}
+	}
+	if err := checkParameters(req.GetParameters()); err != nil {
+		return err
+	}
+	if len(req.GetMutableParameters()) > 0 {
+		return status.Error(codes.InvalidArgument, "mutable_parameters are not supported")
+	}
+	if reqs := req.GetAccessibilityRequirements().GetRequisite(); len(reqs) > 0 {
+		ok := false
+		for _, t := range reqs {
+			ok = ok || c.reachable(t)
+		}
+		if !ok {
+			// The spec's code for "unable to provision in the requested
+			// topology".
+			return status.Errorf(codes.ResourceExhausted, "volumes can only be created on node %q (%s), which is not among the requisite topologies", c.d.opts.NodeID, TopologyKey)
+		}
+	}
+	return nil
+}
+
+// contentSource looks up the snapshot or volume a new volume is made from,
+// if any, and returns its ID and size.
+func (c *controllerService) contentSource(src *csi.VolumeContentSource) (srcSnap, srcVol string, srcSize int64, err error) {
+	e := c.engine()
+	switch {
+	case src == nil:
+	case src.GetSnapshot() != nil:
+		srcSnap = src.GetSnapshot().GetSnapshotId()
+		if err := checkID("source snapshot ID", srcSnap); err != nil {
+			return "", "", 0, status.Errorf(codes.NotFound, "source snapshot %q not found", srcSnap)
+		}
+		info, err := e.GetSnapshot(srcSnap)
+		if err != nil {
+			return "", "", 0, toStatus(rpcCreateVolume, err)
+		}
+		srcSize = info.Size
+	case src.GetVolume() != nil:
+		srcVol = src.GetVolume().GetVolumeId()
+		if err := checkID("source volume ID", srcVol); err != nil {
+			return "", "", 0, status.Errorf(codes.NotFound, "source volume %q not found", srcVol)
+		}
+		info, err := e.GetVolume(srcVol)
+		if err != nil {
+			return "", "", 0, toStatus(rpcCreateVolume, err)
+		}
+		srcSize = info.Size
+	default:
+		return "", "", 0, status.Error(codes.InvalidArgument, "unsupported volume_content_source")
+	}
+	return srcSnap, srcVol, srcSize, nil
 }
 
 func sourceLabel(snap, vol string) string {

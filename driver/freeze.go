@@ -89,3 +89,46 @@ func syncFS(mountPath string) error {
 	}
 	return nil
 }
+
+// quiesce makes a volume's content in the engine complete up to now, if it
+// is staged here: it freezes the staging filesystem (unless freeze is
+// false or the volume is a block volume) and flushes the loop device down
+// to the engine. The returned release thaws. Not staged here: nothing is
+// cached in the kernel, the engine already has everything.
+func (n *nodeService) quiesce(ctx context.Context, id string, freeze bool) (release func(), err error) {
+	sv := n.get(id)
+	if sv == nil {
+		return func() {}, nil
+	}
+	thaw := func() error { return nil }
+	if freeze && sv.AccessType == accessMount && !sv.ReadOnly {
+		fctx, cancel := context.WithTimeout(ctx, n.d.opts.FreezeTimeout)
+		t, err := freezeFS(fctx, sv.StagingPath)
+		cancel()
+		switch {
+		case errors.Is(err, errFreezeUnsupported):
+			if err := syncFS(sv.StagingPath); err != nil {
+				return nil, err
+			}
+		case errors.Is(err, unix.EBUSY):
+			// Frozen already by someone else (a backup tool, fsfreeze):
+			// the filesystem is quiesced on its device, which is all we
+			// need; the thaw is theirs.
+			klog.InfoS("Filesystem already frozen; snapshotting it as is", "volume", id, "path", sv.StagingPath)
+		case err != nil:
+			return nil, err
+		default:
+			thaw = t
+		}
+	}
+	release = func() {
+		if err := thaw(); err != nil {
+			klog.ErrorS(err, "Thaw failed", "volume", id, "path", sv.StagingPath)
+		}
+	}
+	if err := n.loop().Sync(ctx, sv.LoopDevice); err != nil {
+		release()
+		return nil, fmt.Errorf("flush loop device %s: %w", sv.LoopDevice, err)
+	}
+	return release, nil
+}

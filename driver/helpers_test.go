@@ -6,40 +6,24 @@ import (
 	"encoding/hex"
 	"fmt"
 	"os"
-	"os/exec"
 	"path/filepath"
-	"sort"
 	"strings"
 	"testing"
 	"time"
 
 	"github.com/container-storage-interface/spec/lib/go/csi"
-	"github.com/moby/sys/mountinfo"
 	"golang.org/x/sys/unix"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials/insecure"
 
 	"github.com/cowcsi/cowcsi/cow/fusefs"
+	"github.com/cowcsi/cowcsi/cow/loopdev"
+	"github.com/cowcsi/cowcsi/test/testutil"
 )
 
-// requireRoot skips tests that need root, FUSE, loop devices and mkfs.ext4,
-// saying which is missing, instead of failing obscurely.
-func requireRoot(t testing.TB) {
-	t.Helper()
-	if os.Geteuid() != 0 {
-		t.Skip("needs root (mounts, loop devices, FUSE)")
-	}
-	for _, p := range []string{"/dev/fuse", "/dev/loop-control"} {
-		if _, err := os.Stat(p); err != nil {
-			t.Skipf("needs %s: %v", p, err)
-		}
-	}
-	for _, c := range []string{"mkfs.ext4", "blkid", "mount", "resize2fs"} {
-		if _, err := exec.LookPath(c); err != nil {
-			t.Skipf("needs %s in PATH", c)
-		}
-	}
-}
+// nodeNeeds is what the driver tests need besides root (testutil.RequireRoot):
+// FUSE, loop devices, and the tools that format, mount and grow filesystems.
+var nodeNeeds = []string{testutil.DevFUSE, testutil.DevLoopControl, "mkfs.ext4", "blkid", "mount", "resize2fs"}
 
 // testEnv is one node's directories, all under a fresh temporary
 // directory: store, staging and target paths, and the socket.
@@ -53,13 +37,7 @@ type testEnv struct {
 func newTestEnv(t testing.TB) *testEnv {
 	t.Helper()
 	root := t.TempDir()
-	// Unix socket paths are limited to 108 bytes; t.TempDir() paths grow
-	// with the test name.
-	sockDir, err := os.MkdirTemp("", "cowcsi-sock-")
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { os.RemoveAll(sockDir) })
+	sockDir := testutil.SocketDir(t)
 	env := &testEnv{root: root, storeDir: filepath.Join(root, "store"), sockDir: sockDir, nodeID: "node-" + randHex(4)}
 	// Registered before any driver starts, so it runs after every
 	// driver's own cleanup (t.Cleanup is LIFO): the last line of defence
@@ -133,11 +111,8 @@ func startDriverWith(t testing.TB, opts Options, deps Deps) *testDriver {
 		left := loopsBackedUnder(fuse)
 		td.stop(t)
 		for dev, backing := range left {
-			if cur, err := os.ReadFile(sysLoopBacking(dev)); err == nil {
-				c := strings.TrimSpace(string(cur))
-				if c == backing || c == "/"+filepath.Base(backing) {
-					detachLoop(t, dev)
-				}
+			if cur, err := loopdev.BackingFileOf(dev); err == nil && sameBacking(cur, backing) {
+				detachLoop(t, dev)
 			}
 		}
 	})
@@ -185,20 +160,7 @@ func (td *testDriver) stop(t testing.TB) {
 // loop device whose backing file is below root. Tests are expected to
 // unstage what they stage; this catches what a failed test left.
 func cleanupKernel(t testing.TB, root string) {
-	for range 4 {
-		mps := mountsUnder(root)
-		if len(mps) == 0 {
-			break
-		}
-		for _, mp := range mps {
-			if err := unix.Unmount(mp, unix.MNT_DETACH); err != nil {
-				t.Logf("cleanup: unmount %s: %v", mp, err)
-			}
-		}
-	}
-	if left := mountsUnder(root); len(left) > 0 {
-		t.Errorf("mounts left under %s: %v", root, left)
-	}
+	testutil.UnmountAll(t, root)
 	for dev := range loopsBackedUnder(root) {
 		detachLoop(t, dev)
 	}
@@ -208,46 +170,17 @@ func cleanupKernel(t testing.TB, root string) {
 // devices whose backing file is below dir.
 func loopsBackedUnder(dir string) map[string]string {
 	out := map[string]string{}
-	entries, _ := filepath.Glob("/sys/block/loop*/loop/backing_file")
-	for _, e := range entries {
-		b, err := os.ReadFile(e)
-		if err != nil {
-			continue
-		}
-		if p := strings.TrimSpace(string(b)); strings.HasPrefix(p, dir+"/") {
-			out["/dev/"+filepath.Base(filepath.Dir(filepath.Dir(e)))] = p
-		}
+	bound, _ := loopdev.BindingsUnder(dir)
+	for _, b := range bound {
+		out[b.Path] = b.BackingFile
 	}
 	return out
-}
-
-func sysLoopBacking(dev string) string {
-	return filepath.Join("/sys/block", filepath.Base(dev), "loop", "backing_file")
 }
 
 func detachLoop(t testing.TB, dev string) {
-	fd, err := unix.Open(dev, unix.O_RDONLY|unix.O_CLOEXEC, 0)
-	if err != nil {
-		return
-	}
-	defer unix.Close(fd)
-	if err := unix.IoctlSetInt(fd, unix.LOOP_CLR_FD, 0); err == nil {
+	if err := loopdev.ClearFD(dev); err == nil {
 		t.Logf("cleanup: detached leftover %s", dev)
 	}
-}
-
-// mountsUnder lists mount points at or below root, deepest first.
-func mountsUnder(root string) []string {
-	ms, err := mountinfo.GetMounts(mountinfo.PrefixFilter(root))
-	if err != nil {
-		return nil
-	}
-	out := make([]string, len(ms))
-	for i, m := range ms {
-		out[i] = m.Mountpoint
-	}
-	sort.Slice(out, func(i, j int) bool { return len(out[i]) > len(out[j]) })
-	return out
 }
 
 func mountCap(mode csi.VolumeCapability_AccessMode_Mode, fsType string) *csi.VolumeCapability {

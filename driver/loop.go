@@ -3,9 +3,7 @@ package driver
 import (
 	"context"
 	"errors"
-	"fmt"
 	"io/fs"
-	"os"
 	"path/filepath"
 	"strings"
 
@@ -84,7 +82,7 @@ func (loopDevices) BackingFile(dev string) (string, error) {
 		if gone(err) {
 			return "", err
 		}
-		return sysfsBacking(dev) // stale FUSE file: see Detach
+		return loopdev.BackingFileOf(dev) // stale FUSE file: see Detach
 	}
 	return cleanBacking(d.BackingFile), nil
 }
@@ -100,21 +98,11 @@ func gone(err error) bool {
 	return errors.Is(err, unix.ENXIO) || errors.Is(err, fs.ErrNotExist) || errors.Is(err, unix.ENODEV)
 }
 
-// The helpers below read only sysfs, never the backing file, so they work
-// for loop devices whose FUSE file's server is gone, and sameBacking also
-// matches the bare name the kernel reports once the FUSE mount above the
-// file was lazily detached (cow/loopdev compares exact paths).
-
-func sysfsBacking(dev string) (string, error) {
-	b, err := os.ReadFile(filepath.Join("/sys/block", filepath.Base(dev), "loop", "backing_file"))
-	if err != nil {
-		if errors.Is(err, fs.ErrNotExist) {
-			return "", fmt.Errorf("%s is not bound: %w", dev, unix.ENXIO)
-		}
-		return "", err
-	}
-	return cleanBacking(string(b)), nil
-}
+// The helpers below read only sysfs (through loopdev's Bindings,
+// BackingFileOf and ClearFD), never the backing file, so they work for loop
+// devices whose FUSE file's server is gone, and sameBacking also matches the
+// bare name the kernel reports once the FUSE mount above the file was
+// lazily detached (loopdev.Device compares exact paths).
 
 // cleanBacking undoes what d_path adds to the name of a file whose dentry
 // was invalidated: on a dead FUSE connection the kernel reports
@@ -132,24 +120,23 @@ func sameBacking(cur, want string) bool {
 }
 
 func findBySysfs(backing string) ([]string, error) {
-	entries, err := filepath.Glob("/sys/block/loop*/loop/backing_file")
+	bound, err := loopdev.Bindings()
 	if err != nil {
 		return nil, err
 	}
 	var out []string
-	for _, e := range entries {
-		b, err := os.ReadFile(e)
-		if err == nil && cleanBacking(string(b)) == backing {
-			out = append(out, "/dev/"+filepath.Base(filepath.Dir(filepath.Dir(e))))
+	for _, b := range bound {
+		if b.BackingFile == backing {
+			out = append(out, b.Path)
 		}
 	}
 	return out, nil
 }
 
-// clearStale detaches dev (LOOP_CLR_FD) if it is still bound to backing,
+// clearStale detaches dev (loopdev.ClearFD) if it is still bound to backing,
 // or, with backing empty, if it is bound at all (the caller checked).
 func clearStale(dev, backing string) error {
-	cur, err := sysfsBacking(dev)
+	cur, err := loopdev.BackingFileOf(dev)
 	if err != nil {
 		if gone(err) {
 			return nil
@@ -159,18 +146,8 @@ func clearStale(dev, backing string) error {
 	if backing != "" && !sameBacking(cur, backing) {
 		return nil // reused by another file: not ours
 	}
-	fd, err := unix.Open(dev, unix.O_RDONLY|unix.O_CLOEXEC, 0)
-	if err != nil {
-		if gone(err) {
-			return nil
-		}
+	if err := loopdev.ClearFD(dev); err != nil && !gone(err) {
 		return err
-	}
-	defer unix.Close(fd)
-	// With other openers the kernel marks the device autoclear and
-	// detaches it on their last close.
-	if err := unix.IoctlSetInt(fd, unix.LOOP_CLR_FD, 0); err != nil && !gone(err) {
-		return fmt.Errorf("LOOP_CLR_FD %s: %w", dev, err)
 	}
 	return nil
 }

@@ -8,6 +8,8 @@ import (
 	"testing"
 
 	"github.com/container-storage-interface/spec/lib/go/csi"
+
+	"github.com/cowcsi/cowcsi/test/testutil"
 )
 
 // TestRestart stops the driver gracefully with a filesystem volume and a
@@ -15,7 +17,7 @@ import (
 // store, and checks that both paths work again and that data written and
 // synced before the stop is there.
 func TestRestart(t *testing.T) {
-	requireRoot(t)
+	testutil.RequireRoot(t, nodeNeeds...)
 	env := newTestEnv(t)
 	td1 := startDriver(t, env)
 
@@ -123,7 +125,7 @@ func writeSynced(t *testing.T, path string, data []byte, off int64) {
 // TestSocketMode checks the socket's permissions: 0600, or 0660 with
 // SocketGroupAccess.
 func TestSocketMode(t *testing.T) {
-	requireRoot(t)
+	testutil.RequireRoot(t, nodeNeeds...)
 	for _, group := range []bool{false, true} {
 		env := newTestEnv(t)
 		opts := testOptions(env)

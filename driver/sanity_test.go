@@ -9,6 +9,8 @@ import (
 	"github.com/kubernetes-csi/csi-test/v5/pkg/sanity"
 	"github.com/onsi/ginkgo/v2"
 	"github.com/onsi/gomega"
+
+	"github.com/cowcsi/cowcsi/test/testutil"
 )
 
 // sanityIDs generates IDs in the driver's own format ("vol-" + 32 hex), so
@@ -24,7 +26,7 @@ func (sanityIDs) GenerateInvalidNodeID() string       { return "no-such-node" }
 // loop devices, mkfs, mounts), once for filesystem volumes and once for
 // block volumes. Skipped specs and why: SANITY.md.
 func TestSanity(t *testing.T) {
-	requireRoot(t)
+	testutil.RequireRoot(t, nodeNeeds...)
 	if testing.Short() {
 		t.Skip("csi-sanity takes minutes")
 	}

@@ -9,6 +9,8 @@ import (
 	"testing"
 
 	"github.com/container-storage-interface/spec/lib/go/csi"
+
+	"github.com/cowcsi/cowcsi/test/testutil"
 )
 
 // volumeOnNode creates a volume and stages and publishes it as ext4 (or
@@ -147,7 +149,7 @@ func writeNoSync(t *testing.T, path string, data []byte) {
 // volume restored from a snapshot taken right after, because
 // CreateSnapshot freezes the filesystem first.
 func TestSnapshotOfUnsyncedFile(t *testing.T) {
-	requireRoot(t)
+	testutil.RequireRoot(t, nodeNeeds...)
 	env := newTestEnv(t)
 	td := startDriver(t, env)
 
@@ -220,7 +222,7 @@ func TestSnapshotOfUnsyncedFile(t *testing.T) {
 // while the source is still mounted (same filesystem UUID on one node),
 // and cloned directly from the mounted volume.
 func TestSnapshotOfUnsyncedFileXFS(t *testing.T) {
-	requireRoot(t)
+	testutil.RequireRoot(t, nodeNeeds...)
 	if _, err := exec.LookPath("mkfs.xfs"); err != nil {
 		t.Skip("needs mkfs.xfs (xfsprogs)")
 	}

@@ -19,6 +19,7 @@ import (
 
 	"github.com/cowcsi/cowcsi/cow/fusefs"
 	"github.com/cowcsi/cowcsi/cow/loopdev"
+	"github.com/cowcsi/cowcsi/test/testutil"
 )
 
 // TestMain lets a test run this binary as a helper process that serves a
@@ -89,7 +90,7 @@ func reproFuseHelper(dir string) int {
 // mount's cached attributes expire, so loopdev falls back to sysfs. Found by
 // the crash-recovery test leaking loop devices under load.
 func TestLoopdevWithDeadFUSEServer(t *testing.T) {
-	requireRoot(t)
+	testutil.RequireRoot(t, nodeNeeds...)
 	dir := filepath.Join(t.TempDir(), "fuse")
 	file := filepath.Join(dir, "vol")
 	cmd := exec.Command(os.Args[0], "-test.run=^$")
@@ -132,7 +133,7 @@ func TestLoopdevWithDeadFUSEServer(t *testing.T) {
 	}
 	// sysfs still names it (as "<path> (deleted)": the dentry went
 	// stale with the connection).
-	if cur, err := sysfsBacking(dev); err != nil || cur != file {
+	if cur, err := loopdev.BackingFileOf(dev); err != nil || cur != file {
 		t.Fatalf("sysfs: %s is bound to %q (%v), want %s", dev, cur, err, file)
 	}
 	if got, _ := findBySysfs(file); len(got) != 1 || got[0] != dev {
@@ -153,7 +154,7 @@ func TestLoopdevWithDeadFUSEServer(t *testing.T) {
 	if err := d.Detach(); err != nil {
 		t.Errorf("Detach: %v", err)
 	}
-	if _, err := sysfsBacking(dev); err == nil {
+	if _, err := loopdev.BackingFileOf(dev); err == nil {
 		t.Errorf("%s still bound after Detach", dev)
 	}
 }

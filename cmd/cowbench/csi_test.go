@@ -18,6 +18,8 @@ import (
 
 	"github.com/cowcsi/cowcsi/cmd/cowbench/internal/bench"
 	"github.com/cowcsi/cowcsi/cmd/cowbench/internal/report"
+	"github.com/cowcsi/cowcsi/cow/loopdev"
+	"github.com/cowcsi/cowcsi/test/testutil"
 )
 
 // cowbench runs the command in-process and returns its exit code, stdout
@@ -256,7 +258,7 @@ func TestCSIInterrupted(t *testing.T) {
 // starts cowcsi on a temporary store, writes data through NodeStage and
 // NodePublish (block with O_DIRECT, and ext4), and measures.
 func TestCSICowcsi(t *testing.T) {
-	requireRoot(t)
+	testutil.RequireRoot(t)
 	bin := buildCowcsi(t)
 	for _, tc := range []struct {
 		name string
@@ -285,13 +287,6 @@ func TestCSICowcsi(t *testing.T) {
 	}
 }
 
-func requireRoot(t *testing.T) {
-	t.Helper()
-	if os.Geteuid() != 0 {
-		t.Skip("needs root: cowcsi attaches loop devices, serves FUSE and mounts filesystems")
-	}
-}
-
 // buildCowcsi builds the driver of this checkout.
 func buildCowcsi(t *testing.T) string {
 	t.Helper()
@@ -309,27 +304,18 @@ func buildCowcsi(t *testing.T) string {
 // device is backed by a file under it.
 func checkReleased(t *testing.T, dir string) {
 	t.Helper()
-	mi, err := os.ReadFile("/proc/self/mountinfo")
+	mounts, err := testutil.MountsUnder(dir)
 	if err != nil {
 		t.Fatal(err)
 	}
-	if strings.Contains(string(mi), dir) {
-		t.Errorf("still mounted under %s:\n%s", dir, grepLines(string(mi), dir))
+	if len(mounts) > 0 {
+		t.Errorf("still mounted under %s:\n%s", dir, strings.Join(mounts, "\n"))
 	}
-	backing, _ := filepath.Glob("/sys/block/loop*/loop/backing_file")
-	for _, b := range backing {
-		if data, err := os.ReadFile(b); err == nil && strings.Contains(string(data), dir) {
-			t.Errorf("%s: loop device still backed by %s", b, strings.TrimSpace(string(data)))
-		}
+	loops, err := loopdev.BindingsUnder(dir)
+	if err != nil {
+		t.Fatal(err)
 	}
-}
-
-func grepLines(s, sub string) string {
-	var out []string
-	for _, l := range strings.Split(s, "\n") {
-		if strings.Contains(l, sub) {
-			out = append(out, l)
-		}
+	for _, l := range loops {
+		t.Errorf("%s: loop device still backed by %s", l.Path, l.BackingFile)
 	}
-	return strings.Join(out, "\n")
 }

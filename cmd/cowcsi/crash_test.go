@@ -1,22 +1,21 @@
 package main
 
 import (
-	"bufio"
 	"bytes"
 	"context"
 	"os"
 	"os/exec"
 	"path/filepath"
-	"sort"
-	"strings"
 	"syscall"
 	"testing"
 	"time"
 
 	"github.com/container-storage-interface/spec/lib/go/csi"
-	"golang.org/x/sys/unix"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials/insecure"
+
+	"github.com/cowcsi/cowcsi/cow/loopdev"
+	"github.com/cowcsi/cowcsi/test/testutil"
 )
 
 // plugin is the cowcsi binary (this test binary re-executed) and a client.
@@ -77,21 +76,10 @@ func (p *plugin) term(t *testing.T) {
 // same store, and checks that the volume is served again at the same paths
 // with the data that was fsynced before the kill.
 func TestCrashRecovery(t *testing.T) {
-	if os.Geteuid() != 0 {
-		t.Skip("needs root (FUSE, loop devices, mounts)")
-	}
-	for _, c := range []string{"mkfs.ext4", "mount", "blkid"} {
-		if _, err := exec.LookPath(c); err != nil {
-			t.Skipf("needs %s", c)
-		}
-	}
+	testutil.RequireRoot(t, "mkfs.ext4", "mount", "blkid")
 	root := t.TempDir()
 	t.Cleanup(func() { cleanupUnder(t, root) })
-	sockDir, err := os.MkdirTemp("", "cowcsi-crash-")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer os.RemoveAll(sockDir)
+	sockDir := testutil.SocketDir(t)
 	sock, store := filepath.Join(sockDir, "csi.sock"), filepath.Join(root, "store")
 	staging, target := filepath.Join(root, "staging"), filepath.Join(root, "pod", "mount")
 	os.MkdirAll(staging, 0o750)
@@ -139,10 +127,8 @@ func TestCrashRecovery(t *testing.T) {
 		left := loopsUnder(root)
 		p2.term(t)
 		for dev, backing := range left {
-			if b, err := os.ReadFile(filepath.Join("/sys/block", filepath.Base(dev), "loop", "backing_file")); err == nil {
-				if c := strings.TrimSpace(string(b)); c == backing || c == "/"+filepath.Base(backing) {
-					clearLoop(t, dev)
-				}
+			if c, err := loopdev.BackingFileOf(dev); err == nil && (c == backing || c == "/"+filepath.Base(backing)) {
+				clearLoop(t, dev)
 			}
 		}
 	})
@@ -167,50 +153,22 @@ func cleanupUnder(t *testing.T, root string) {
 	for dev := range loopsUnder(root) {
 		clearLoop(t, dev)
 	}
-	f, err := os.Open("/proc/self/mountinfo")
-	if err != nil {
-		return
-	}
-	var mps []string
-	sc := bufio.NewScanner(f)
-	for sc.Scan() {
-		fields := strings.Fields(sc.Text())
-		if len(fields) > 4 && (fields[4] == root || strings.HasPrefix(fields[4], root+"/")) {
-			mps = append(mps, fields[4])
-		}
-	}
-	f.Close()
-	sort.Slice(mps, func(i, j int) bool { return len(mps[i]) > len(mps[j]) })
-	for _, mp := range mps {
-		unix.Unmount(mp, unix.MNT_DETACH)
-		t.Logf("cleanup: detached mount %s", mp)
-	}
+	testutil.UnmountAll(t, root)
 }
 
 // loopsUnder maps /dev/loopN to its backing file for loop devices backed
 // by a file below root.
 func loopsUnder(root string) map[string]string {
 	out := map[string]string{}
-	entries, _ := filepath.Glob("/sys/block/loop*/loop/backing_file")
-	for _, e := range entries {
-		b, err := os.ReadFile(e)
-		if err != nil {
-			continue
-		}
-		if p := strings.TrimSpace(string(b)); strings.HasPrefix(p, root+"/") {
-			out["/dev/"+filepath.Base(filepath.Dir(filepath.Dir(e)))] = p
-		}
+	bound, _ := loopdev.BindingsUnder(root)
+	for _, b := range bound {
+		out[b.Path] = b.BackingFile
 	}
 	return out
 }
 
 func clearLoop(t *testing.T, dev string) {
-	fd, err := unix.Open(dev, unix.O_RDONLY|unix.O_CLOEXEC, 0)
-	if err != nil {
-		return
-	}
-	defer unix.Close(fd)
-	if unix.IoctlSetInt(fd, unix.LOOP_CLR_FD, 0) == nil {
+	if loopdev.ClearFD(dev) == nil {
 		t.Logf("cleanup: detached %s", dev)
 	}
 }

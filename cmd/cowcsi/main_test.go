@@ -4,10 +4,11 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
-	"strings"
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/cowcsi/cowcsi/test/testutil"
 )
 
 func TestFlags(t *testing.T) {
@@ -45,18 +46,10 @@ func TestMain(m *testing.M) {
 // TestSignal starts the binary, waits for its socket, sends SIGTERM and
 // expects a clean exit with the socket removed.
 func TestSignal(t *testing.T) {
-	if os.Geteuid() != 0 {
-		t.Skip("needs root (FUSE mount)")
-	}
-	if _, err := os.Stat("/dev/fuse"); err != nil {
-		t.Skip("needs /dev/fuse")
-	}
+	testutil.RequireRoot(t, testutil.DevFUSE)
 	dir := t.TempDir()
-	sockDir, err := os.MkdirTemp("", "cowcsi-main-")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer os.RemoveAll(sockDir)
+	testutil.CleanupMounts(t, dir) // after a failed run; the test checks it unmounted
+	sockDir := testutil.SocketDir(t)
 	sock := filepath.Join(sockDir, "csi.sock")
 	cmd := exec.Command(os.Args[0], "--nodeid=n1", "--endpoint=unix://"+sock, "--store-dir="+filepath.Join(dir, "store"))
 	cmd.Env = append(os.Environ(), "COWCSI_TEST_MAIN=1")
@@ -96,7 +89,7 @@ func TestSignal(t *testing.T) {
 	if _, err := os.Stat(sock); !os.IsNotExist(err) {
 		t.Errorf("socket left behind: %v", err)
 	}
-	if b, err := os.ReadFile("/proc/self/mountinfo"); err == nil && strings.Contains(string(b), dir) {
-		t.Errorf("mounts left under %s", dir)
+	if left, err := testutil.MountsUnder(dir); err == nil && len(left) > 0 {
+		t.Errorf("mounts left under %s: %v", dir, left)
 	}
 }

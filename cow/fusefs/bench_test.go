@@ -13,6 +13,7 @@ import (
 	"time"
 
 	"github.com/cowcsi/cowcsi/cow/loopdev"
+	"github.com/cowcsi/cowcsi/test/testutil"
 	"github.com/hanwen/go-fuse/v2/fuse"
 	"golang.org/x/sys/unix"
 )
@@ -98,7 +99,7 @@ func TestMeasure(t *testing.T) {
 	if os.Getenv("COWCSI_FUSE_BENCH") == "" {
 		t.Skip("set COWCSI_FUSE_BENCH=1 to measure (needs fio)")
 	}
-	requireRoot(t)
+	testutil.RequireRoot(t, testutil.DevFUSE)
 	if _, err := exec.LookPath("fio"); err != nil {
 		t.Skip("needs fio")
 	}

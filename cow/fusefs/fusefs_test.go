@@ -16,25 +16,15 @@ import (
 	"time"
 
 	"golang.org/x/sys/unix"
-)
 
-// requireRoot skips tests that mount FUSE filesystems: they need root
-// (direct mount, no fusermount) and /dev/fuse.
-func requireRoot(t *testing.T) {
-	t.Helper()
-	if os.Geteuid() != 0 {
-		t.Skip("fusefs tests need root to mount FUSE filesystems")
-	}
-	if _, err := os.Stat("/dev/fuse"); err != nil {
-		t.Skipf("fusefs tests need /dev/fuse: %v", err)
-	}
-}
+	"github.com/cowcsi/cowcsi/test/testutil"
+)
 
 // mount mounts a Server in a test directory and unmounts it on every path
 // out of the test. With opts.IOURing the ring must be in use.
 func mount(t *testing.T, opts Options) *Server {
 	t.Helper()
-	requireRoot(t)
+	testutil.RequireRoot(t, testutil.DevFUSE)
 	s, err := Mount(context.Background(), filepath.Join(t.TempDir(), "mnt"), opts)
 	if err != nil {
 		t.Fatal(err)
@@ -366,7 +356,7 @@ func testErrnoMapping(t *testing.T, o Options) {
 func TestStaleMount(t *testing.T) { eachTransport(t, testStaleMount) }
 
 func testStaleMount(t *testing.T, o Options) {
-	requireRoot(t)
+	testutil.RequireRoot(t, testutil.DevFUSE)
 	dir := filepath.Join(t.TempDir(), "mnt")
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 	defer cancel()

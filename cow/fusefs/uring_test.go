@@ -14,6 +14,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/cowcsi/cowcsi/cow/internal/blockio"
+	"github.com/cowcsi/cowcsi/test/testutil"
 )
 
 // requireRing turns on the fuse module's enable_uring parameter (it only
@@ -21,7 +22,7 @@ import (
 // unaffected, so it is left on) and skips where the kernel lacks it.
 func requireRing(t *testing.T) {
 	t.Helper()
-	requireRoot(t)
+	testutil.RequireRoot(t, testutil.DevFUSE)
 	if !IOURingSupported() {
 		t.Skip("kernel without FUSE over io_uring (no fuse module parameter enable_uring)")
 	}

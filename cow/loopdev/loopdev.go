@@ -128,60 +128,71 @@ func Attach(ctx context.Context, backingFile string, opts Options) (*Device, err
 		if err := ctx.Err(); err != nil {
 			return nil, fmt.Errorf("loopdev: attach %s: %w", abs, err)
 		}
-		n, err := unix.IoctlRetInt(ctl, unix.LOOP_CTL_GET_FREE)
-		if err != nil {
-			return nil, fmt.Errorf("loopdev: LOOP_CTL_GET_FREE: %w", err)
+		d, retry, err := configureFree(ctx, ctl, &cfg, abs, openFlags, opts.ReadOnly)
+		if retry {
+			lastErr = err
+			continue
 		}
-		path, err := ensureNode(ctx, n)
-		if err != nil {
-			return nil, err
-		}
-		dev, err := unix.Open(path, openFlags|unix.O_CLOEXEC, 0)
-		if err != nil {
-			if errors.Is(err, unix.ENXIO) || errors.Is(err, unix.ENOENT) {
-				// Removed (LOOP_CTL_REMOVE) between GET_FREE and open.
-				lastErr = err
-				continue
-			}
-			return nil, fmt.Errorf("loopdev: open %s: %w", path, err)
-		}
-		err = unix.IoctlLoopConfigure(dev, &cfg)
-		if errors.Is(err, unix.EINVAL) && cfg.Info.Flags&unix.LO_FLAGS_DIRECT_IO != 0 {
-			// Kernels that check direct I/O up front reject the whole
-			// configuration instead of silently falling back; retry
-			// buffered on the same, still unbound, device.
-			cfg.Info.Flags &^= unix.LO_FLAGS_DIRECT_IO
-			err = unix.IoctlLoopConfigure(dev, &cfg)
-		}
-		if err != nil {
-			unix.Close(dev)
-			if errors.Is(err, unix.EBUSY) {
-				// Another process bound this device between our
-				// GET_FREE and LOOP_CONFIGURE: ask for another one.
-				lastErr = err
-				continue
-			}
-			return nil, fmt.Errorf("loopdev: LOOP_CONFIGURE %s on %s: %w", path, abs, err)
-		}
-		d := &Device{Path: path, Number: n, BackingFile: abs, ReadOnly: opts.ReadOnly}
-		// The kernel clears LO_FLAGS_DIRECT_IO when the backing file cannot
-		// do direct I/O at this block size; read back what it kept.
-		info, err := unix.IoctlLoopGetStatus64(dev)
-		unix.Close(dev)
-		if err != nil {
-			return nil, errors.Join(fmt.Errorf("loopdev: LOOP_GET_STATUS64 %s: %w", path, err), d.Detach())
-		}
-		d.directIO = info.Flags&unix.LO_FLAGS_DIRECT_IO != 0
-		d.ReadOnly = info.Flags&unix.LO_FLAGS_READ_ONLY != 0
-		d.backing = idOf(info)
-		// Record the path as the kernel reports it (symlinks resolved),
-		// as FindByBacking will.
-		if bf, err := backingFileOf(n); err == nil {
-			d.BackingFile = bf
-		}
-		return d, nil
+		return d, err
 	}
 	return nil, fmt.Errorf("loopdev: no free loop device after %d attempts: %w", attachAttempts, lastErr)
+}
+
+// configureFree binds cfg's backing file (abs) to the device that
+// LOOP_CTL_GET_FREE on ctl hands out. retry reports a lost race (the device
+// was removed or bound by another process meanwhile): the caller asks for
+// another one.
+func configureFree(ctx context.Context, ctl int, cfg *unix.LoopConfig, abs string, openFlags int, readOnly bool) (d *Device, retry bool, err error) {
+	n, err := unix.IoctlRetInt(ctl, unix.LOOP_CTL_GET_FREE)
+	if err != nil {
+		return nil, false, fmt.Errorf("loopdev: LOOP_CTL_GET_FREE: %w", err)
+	}
+	path, err := ensureNode(ctx, n)
+	if err != nil {
+		return nil, false, err
+	}
+	dev, err := unix.Open(path, openFlags|unix.O_CLOEXEC, 0)
+	if err != nil {
+		if errors.Is(err, unix.ENXIO) || errors.Is(err, unix.ENOENT) {
+			// Removed (LOOP_CTL_REMOVE) between GET_FREE and open.
+			return nil, true, err
+		}
+		return nil, false, fmt.Errorf("loopdev: open %s: %w", path, err)
+	}
+	err = unix.IoctlLoopConfigure(dev, cfg)
+	if errors.Is(err, unix.EINVAL) && cfg.Info.Flags&unix.LO_FLAGS_DIRECT_IO != 0 {
+		// Kernels that check direct I/O up front reject the whole
+		// configuration instead of silently falling back; retry
+		// buffered on the same, still unbound, device.
+		cfg.Info.Flags &^= unix.LO_FLAGS_DIRECT_IO
+		err = unix.IoctlLoopConfigure(dev, cfg)
+	}
+	if err != nil {
+		unix.Close(dev)
+		if errors.Is(err, unix.EBUSY) {
+			// Another process bound this device between our
+			// GET_FREE and LOOP_CONFIGURE: ask for another one.
+			return nil, true, err
+		}
+		return nil, false, fmt.Errorf("loopdev: LOOP_CONFIGURE %s on %s: %w", path, abs, err)
+	}
+	d = &Device{Path: path, Number: n, BackingFile: abs, ReadOnly: readOnly}
+	// The kernel clears LO_FLAGS_DIRECT_IO when the backing file cannot
+	// do direct I/O at this block size; read back what it kept.
+	info, err := unix.IoctlLoopGetStatus64(dev)
+	unix.Close(dev)
+	if err != nil {
+		return nil, false, errors.Join(fmt.Errorf("loopdev: LOOP_GET_STATUS64 %s: %w", path, err), d.Detach())
+	}
+	d.directIO = info.Flags&unix.LO_FLAGS_DIRECT_IO != 0
+	d.ReadOnly = info.Flags&unix.LO_FLAGS_READ_ONLY != 0
+	d.backing = idOf(info)
+	// Record the path as the kernel reports it (symlinks resolved), as
+	// FindByBacking will.
+	if bf, err := backingFileOf(n); err == nil {
+		d.BackingFile = bf
+	}
+	return d, false, nil
 }
 
 func loFlags(opts Options) uint32 {

@@ -8,22 +8,13 @@ import (
 	"path/filepath"
 	"sync"
 	"testing"
+	"time"
 	"unsafe"
 
 	"golang.org/x/sys/unix"
-)
 
-// requireRoot skips tests that attach loop devices: they need CAP_SYS_ADMIN
-// and /dev/loop-control.
-func requireRoot(t *testing.T) {
-	t.Helper()
-	if os.Geteuid() != 0 {
-		t.Skip("loopdev tests need root (CAP_SYS_ADMIN) to attach loop devices")
-	}
-	if _, err := os.Stat(controlPath); err != nil {
-		t.Skipf("loopdev tests need %s: %v", controlPath, err)
-	}
-}
+	"github.com/cowcsi/cowcsi/test/testutil"
+)
 
 // sparseFile creates a sparse file of size bytes in a test directory.
 func sparseFile(t *testing.T, size int64) string {
@@ -68,7 +59,7 @@ func alignedBuf(size int) []byte {
 }
 
 func TestAttachReadWrite(t *testing.T) {
-	requireRoot(t)
+	testutil.RequireRoot(t, testutil.DevLoopControl)
 	backing := sparseFile(t, 16<<20)
 	d := attach(t, backing, Options{DirectIO: true, LogicalBlockSize: 4096})
 	if d.Number < 0 || d.Path != devPath(d.Number) {
@@ -115,7 +106,7 @@ func TestAttachReadWrite(t *testing.T) {
 }
 
 func TestReadOnlyRejectsWrites(t *testing.T) {
-	requireRoot(t)
+	testutil.RequireRoot(t, testutil.DevLoopControl)
 	backing := sparseFile(t, 4<<20)
 	d := attach(t, backing, Options{ReadOnly: true, LogicalBlockSize: 4096})
 	if !d.ReadOnly {
@@ -137,7 +128,7 @@ func TestReadOnlyRejectsWrites(t *testing.T) {
 }
 
 func TestBlockSizeAndResize(t *testing.T) {
-	requireRoot(t)
+	testutil.RequireRoot(t, testutil.DevLoopControl)
 	backing := sparseFile(t, 8<<20)
 	d := attach(t, backing, Options{LogicalBlockSize: 4096})
 	bs, err := d.LogicalBlockSize()
@@ -163,7 +154,7 @@ func TestBlockSizeAndResize(t *testing.T) {
 }
 
 func TestFindByBackingAndOpen(t *testing.T) {
-	requireRoot(t)
+	testutil.RequireRoot(t, testutil.DevLoopControl)
 	backing := sparseFile(t, 4<<20)
 	d := attach(t, backing, Options{LogicalBlockSize: 4096})
 
@@ -203,7 +194,7 @@ func TestFindByBackingAndOpen(t *testing.T) {
 // TestSymlinkedBackingPath: the kernel reports the resolved path; Detach
 // and FindByBacking must still recognize the device.
 func TestSymlinkedBackingPath(t *testing.T) {
-	requireRoot(t)
+	testutil.RequireRoot(t, testutil.DevLoopControl)
 	backing := sparseFile(t, 4<<20)
 	link := filepath.Join(t.TempDir(), "link")
 	if err := os.Symlink(filepath.Dir(backing), link); err != nil {
@@ -224,7 +215,7 @@ func TestSymlinkedBackingPath(t *testing.T) {
 }
 
 func TestDetachWhileOpenIsDeferred(t *testing.T) {
-	requireRoot(t)
+	testutil.RequireRoot(t, testutil.DevLoopControl)
 	backing := sparseFile(t, 4<<20)
 	d := attach(t, backing, Options{LogicalBlockSize: 4096})
 	fd, err := unix.Open(d.Path, unix.O_RDONLY|unix.O_CLOEXEC, 0)
@@ -248,7 +239,7 @@ func TestDetachWhileOpenIsDeferred(t *testing.T) {
 // TestConcurrentAttach exercises the EBUSY retry: parallel attaches are
 // handed the same free device by LOOP_CTL_GET_FREE.
 func TestConcurrentAttach(t *testing.T) {
-	requireRoot(t)
+	testutil.RequireRoot(t, testutil.DevLoopControl)
 	const n = 4
 	devs := make([]*Device, n)
 	errs := make([]error, n)
@@ -280,5 +271,43 @@ func TestConcurrentAttach(t *testing.T) {
 			t.Errorf("device %s handed out twice", d.Path)
 		}
 		seen[d.Number] = true
+	}
+}
+
+// TestBindingsAndClearFD covers the sysfs-only helpers: an attached device
+// is listed under its backing file's directory, BackingFileOf names the
+// file, and ClearFD unbinds it. (ClearFD is not called again on the freed
+// number: another test on the machine may have been handed it.)
+func TestBindingsAndClearFD(t *testing.T) {
+	testutil.RequireRoot(t, testutil.DevLoopControl)
+	backing := sparseFile(t, 4<<20)
+	d := attach(t, backing, Options{})
+	bound, err := BindingsUnder(filepath.Dir(backing))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(bound) != 1 || bound[0].Path != d.Path || bound[0].BackingFile != d.BackingFile {
+		t.Fatalf("BindingsUnder = %+v, want %s on %s", bound, d.Path, d.BackingFile)
+	}
+	if bf, err := BackingFileOf(d.Path); err != nil || bf != d.BackingFile {
+		t.Fatalf("BackingFileOf(%s) = %q, %v; want %s", d.Path, bf, err, d.BackingFile)
+	}
+	if err := ClearFD(d.Path); err != nil {
+		t.Fatal(err)
+	}
+	// The kernel finishes the detach on the last close, which may lag.
+	deadline := time.Now().Add(busyWait)
+	for {
+		_, err := BackingFileOf(d.Path)
+		if errors.Is(err, unix.ENXIO) {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("BackingFileOf after ClearFD: %v, want ENXIO", err)
+		}
+		time.Sleep(5 * time.Millisecond) // polling kernel state
+	}
+	if bound, _ := BindingsUnder(filepath.Dir(backing)); len(bound) != 0 {
+		t.Fatalf("BindingsUnder after ClearFD = %+v, want none", bound)
 	}
 }

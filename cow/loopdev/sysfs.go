@@ -17,8 +17,8 @@ import (
 var sysBlock = "/sys/block"
 
 // FindByBacking returns the loop devices currently bound to backingFile, by
-// scanning /sys/block/loop*/loop/backing_file. The driver uses it after a
-// restart to find the devices it attached before.
+// scanning /sys/block/loop*/loop/backing_file (see Bindings), and opens
+// each.
 func FindByBacking(backingFile string) ([]*Device, error) {
 	abs, err := filepath.Abs(backingFile)
 	if err != nil {
@@ -30,23 +30,16 @@ func FindByBacking(backingFile string) ([]*Device, error) {
 	if resolved, err := filepath.EvalSymlinks(abs); err == nil {
 		abs = resolved
 	}
-	entries, err := os.ReadDir(sysBlock)
+	bound, err := Bindings()
 	if err != nil {
-		return nil, fmt.Errorf("loopdev: %w", err)
+		return nil, err
 	}
 	var out []*Device
-	for _, e := range entries {
-		n, ok := loopNumber(e.Name())
-		if !ok {
+	for _, b := range bound {
+		if b.BackingFile != abs {
 			continue
 		}
-		cur, err := backingFileOf(n)
-		if err != nil || cur != abs {
-			// Unbound devices have no loop/ directory; a device that
-			// went away mid-scan is simply not a match.
-			continue
-		}
-		d, err := open(n)
+		d, err := open(b.Number)
 		if err != nil {
 			if errors.Is(err, unix.ENXIO) || errors.Is(err, fs.ErrNotExist) {
 				continue // detached meanwhile

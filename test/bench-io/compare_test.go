@@ -9,6 +9,8 @@ import (
 	"slices"
 	"strings"
 	"testing"
+
+	"github.com/cowcsi/cowcsi/test/testutil"
 )
 
 // writeReport writes a bench-io report with the given rows' per-round
@@ -90,9 +92,7 @@ func TestCompareReports(t *testing.T) {
 // with COWCSI_BENCH_IO set (make bench-io-check): building two binaries
 // and four benchmark runs is no correctness test.
 func TestAB(t *testing.T) {
-	if os.Geteuid() != 0 {
-		t.Skip("needs root: loop devices, FUSE")
-	}
+	testutil.RequireRoot(t)
 	if testing.Short() {
 		t.Skip("-short")
 	}

@@ -11,6 +11,7 @@ import (
 	"time"
 
 	"github.com/cowcsi/cowcsi/cow/fusefs"
+	"github.com/cowcsi/cowcsi/test/testutil"
 )
 
 // fullBench says whether the tests that run the benchmarks at length run:
@@ -25,9 +26,7 @@ func fullBench() bool { return os.Getenv("COWCSI_BENCH_IO") != "" }
 // verified the data of each run) and that the report is complete; the
 // figures themselves mean nothing at this size.
 func TestSmoke(t *testing.T) {
-	if os.Geteuid() != 0 {
-		t.Skip("needs root: loop devices, FUSE, mkfs and mount")
-	}
+	testutil.RequireRoot(t)
 	if testing.Short() {
 		t.Skip("-short")
 	}

@@ -7,26 +7,23 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
-	"sort"
-	"strings"
 	"sync/atomic"
-	"syscall"
 	"time"
 	"unsafe"
 
-	"github.com/moby/sys/mountinfo"
 	"golang.org/x/sys/unix"
 
 	"github.com/cowcsi/cowcsi/cow"
-	"github.com/cowcsi/cowcsi/cow/fusefs"
 	"github.com/cowcsi/cowcsi/cow/loopdev"
+	"github.com/cowcsi/cowcsi/driver"
+	"github.com/cowcsi/cowcsi/test/testutil"
 )
 
 // env is everything the benchmark set up, torn down in reverse order.
 type env struct {
 	dir   string
 	store *cow.Store
-	fuse  *fusefs.Server
+	fuse  driver.FileExport
 	undo  []undoStep
 }
 
@@ -84,17 +81,6 @@ func (c *countingVolume) Flush() error {
 	return err
 }
 
-// engineErrno mirrors the driver's mapping (driver/export.go).
-func engineErrno(err error) syscall.Errno {
-	switch {
-	case errors.Is(err, cow.ErrNoSpace):
-		return syscall.ENOSPC
-	case errors.Is(err, cow.ErrInvalid):
-		return syscall.EINVAL
-	}
-	return 0
-}
-
 func newEnv(ctx context.Context, dir string, ring bool) (*env, error) {
 	if err := cleanStale(dir); err != nil {
 		return nil, err
@@ -110,15 +96,16 @@ func newEnv(ctx context.Context, dir string, ring bool) (*env, error) {
 	}
 	e.store = st
 	e.onClose("close store", st.Close)
-	// The driver's mount options (driver/export.go).
-	fs, err := fusefs.Mount(ctx, filepath.Join(dir, "fuse"), fusefs.Options{FsName: "cowcsi", Errno: engineErrno, IOURing: ring})
+	// The driver's own export: its mount options and errno mapping. With
+	// ring, "on" fails unless FUSE over io_uring is in use.
+	ioURing := driver.FuseIOURingOff
+	if ring {
+		ioURing = driver.FuseIOURingOn
+	}
+	fs, err := driver.MountFuseExport(ctx, filepath.Join(dir, "fuse"), ioURing)
 	if err != nil {
 		e.close()
 		return nil, err
-	}
-	if on, err := fs.IOURing(); ring && !on {
-		e.close()
-		return nil, fmt.Errorf("FUSE over io_uring asked for but not in use: %w", err)
 	}
 	e.fuse = fs
 	e.onClose("unmount FUSE", fs.Unmount)
@@ -219,7 +206,7 @@ func cleanStale(dir string) error {
 	if _, err := os.Stat(dir); errors.Is(err, os.ErrNotExist) {
 		return nil
 	}
-	mounts, err := mountsUnder(dir)
+	mounts, err := testutil.MountsUnder(dir)
 	if err != nil {
 		return err
 	}
@@ -228,46 +215,18 @@ func cleanStale(dir string) error {
 			return fmt.Errorf("unmount stale %s: %w", m, err)
 		}
 	}
-	blocks, _ := filepath.Glob("/sys/block/loop*/loop/backing_file")
-	for _, b := range blocks {
-		backing, err := os.ReadFile(b)
-		if err != nil || !strings.HasPrefix(strings.TrimSpace(string(backing)), dir+"/") {
-			continue
-		}
-		dev := "/dev/" + filepath.Base(filepath.Dir(filepath.Dir(b)))
-		if err := clearLoop(dev); err != nil {
-			return fmt.Errorf("detach stale %s: %w", dev, err)
-		}
-	}
-	return os.RemoveAll(dir)
-}
-
-// clearLoop is LOOP_CLR_FD alone: loopdev.Open stats the backing file, which
-// fails on a dead FUSE connection.
-func clearLoop(dev string) error {
-	fd, err := unix.Open(dev, unix.O_RDONLY|unix.O_CLOEXEC, 0)
+	// loopdev.ClearFD, not Device.Detach: loopdev.Open stats the backing file, which fails
+	// on a dead FUSE connection.
+	loops, err := loopdev.BindingsUnder(dir)
 	if err != nil {
 		return err
 	}
-	defer unix.Close(fd)
-	if _, _, e := unix.Syscall(unix.SYS_IOCTL, uintptr(fd), unix.LOOP_CLR_FD, 0); e != 0 && e != unix.ENXIO {
-		return e
+	for _, l := range loops {
+		if err := loopdev.ClearFD(l.Path); err != nil {
+			return fmt.Errorf("detach stale %s: %w", l.Path, err)
+		}
 	}
-	return nil
-}
-
-// mountsUnder returns the mount points at or below dir, deepest first.
-func mountsUnder(dir string) ([]string, error) {
-	ms, err := mountinfo.GetMounts(mountinfo.PrefixFilter(dir))
-	if err != nil {
-		return nil, err
-	}
-	out := make([]string, len(ms))
-	for i, m := range ms {
-		out[i] = m.Mountpoint
-	}
-	sort.Slice(out, func(i, j int) bool { return len(out[i]) > len(out[j]) })
-	return out, nil
+	return os.RemoveAll(dir)
 }
 
 // checkFlush writes a block of dev back unchanged and fdatasyncs the device;

@@ -4,49 +4,14 @@ import (
 	"errors"
 	"fmt"
 	"os"
-	"os/exec"
 	"path/filepath"
-	"sort"
 	"strconv"
 	"strings"
 	"syscall"
 
-	"github.com/moby/sys/mountinfo"
+	"github.com/cowcsi/cowcsi/cow/loopdev"
+	"github.com/cowcsi/cowcsi/test/testutil"
 )
-
-// mountsUnder returns the mount points at or below dir, deepest first.
-func mountsUnder(dir string) ([]string, error) {
-	ms, err := mountinfo.GetMounts(mountinfo.PrefixFilter(dir))
-	if err != nil {
-		return nil, err
-	}
-	out := make([]string, len(ms))
-	for i, m := range ms {
-		out[i] = m.Mountpoint
-	}
-	sort.Slice(out, func(i, j int) bool { return len(out[i]) > len(out[j]) })
-	return out, nil
-}
-
-// loopsBackedUnder returns the loop devices whose backing file is below dir.
-func loopsBackedUnder(dir string) ([]string, error) {
-	paths, err := filepath.Glob("/sys/block/loop*/loop/backing_file")
-	if err != nil {
-		return nil, err
-	}
-	var out []string
-	for _, p := range paths {
-		data, err := os.ReadFile(p)
-		if err != nil {
-			continue // detached meanwhile
-		}
-		backing := strings.TrimSuffix(strings.TrimSpace(string(data)), " (deleted)")
-		if strings.HasPrefix(backing, dir+"/") {
-			out = append(out, "/dev/"+filepath.Base(filepath.Dir(filepath.Dir(p))))
-		}
-	}
-	return out, nil
-}
 
 // releaseUnder unmounts everything below dir and detaches the loop devices
 // backed by files below it, so dir can be removed. It returns what it had to
@@ -55,7 +20,7 @@ func releaseUnder(dir string) ([]string, error) {
 	var released []string
 	var errs []error
 	unmount := func() {
-		mps, err := mountsUnder(dir)
+		mps, err := testutil.MountsUnder(dir)
 		if err != nil {
 			errs = append(errs, err)
 			return
@@ -74,16 +39,16 @@ func releaseUnder(dir string) ([]string, error) {
 	// Filesystems on loop devices first, then the loops, then what is left
 	// (the FUSE filesystems the loops' files live in).
 	unmount()
-	loops, err := loopsBackedUnder(dir)
+	loops, err := loopdev.BindingsUnder(dir)
 	if err != nil {
 		errs = append(errs, err)
 	}
 	for _, l := range loops {
-		if out, err := exec.Command("losetup", "-d", l).CombinedOutput(); err != nil {
-			errs = append(errs, fmt.Errorf("losetup -d %s: %v: %s", l, err, out))
+		if err := loopdev.ClearFD(l.Path); err != nil {
+			errs = append(errs, err)
 			continue
 		}
-		released = append(released, "loop "+l)
+		released = append(released, "loop "+l.Path)
 	}
 	unmount()
 	return released, errors.Join(errs...)
