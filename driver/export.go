@@ -37,8 +37,8 @@ var (
 
 // MountFuseExport mounts the driver's FUSE filesystem at dir. A stale mount
 // left there by a crashed driver is detached first (fusefs.Mount does it).
-// ioURing is Options.FuseIOURing: FUSE over io_uring served 1.2-2.4x the
-// 4 KiB IOPS of /dev/fuse at a quarter of the memory (docs/BENCHMARKS.md).
+// ioURing is Options.FuseIOURing: FUSE over io_uring is the default where
+// the kernel has it (docs/DECISIONS.md, "FUSE over io_uring instead of /dev/fuse").
 func MountFuseExport(ctx context.Context, dir, ioURing string) (FileExport, error) {
 	opts := fusefs.Options{FsName: "cowcsi", Errno: engineErrno, IOURing: ioURing != FuseIOURingOff}
 	if opts.IOURing {

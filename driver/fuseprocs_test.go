@@ -7,6 +7,7 @@ import (
 	"testing"
 
 	"github.com/cowcsi/cowcsi/cow/fusefs"
+	"github.com/cowcsi/cowcsi/test/testutil"
 )
 
 // procsAtStart is GOMAXPROCS before any test ran (package variables are
@@ -17,7 +18,7 @@ var procsAtStart = runtime.GOMAXPROCS(0)
 // P per ring queue on top of what it started with (once per process,
 // however many rings), unless the GOMAXPROCS environment variable set it.
 func TestMountFuseExportReservesProcs(t *testing.T) {
-	requireRoot(t)
+	testutil.RequireRoot(t, nodeNeeds...)
 	if !fusefs.IOURingSupported() {
 		t.Skip("kernel without FUSE over io_uring")
 	}
