@@ -137,7 +137,26 @@ func (c *controllerService) CreateVolume(ctx context.Context, req *csi.CreateVol
 		return nil, err
 	}
 	e := c.engine()
-	srcSnap, srcVol, srcSize, err := c.contentSource(req.GetVolumeContentSource())
+	srcSnap, srcVol, err := contentSourceIDs(req.GetVolumeContentSource())
+	if err != nil {
+		return nil, err
+	}
+	id := volumeIDFor(req.GetName())
+	labels := map[string]string{
+		labelName:       req.GetName(),
+		labelParameters: parametersDigest(req.GetParameters()),
+		labelSource:     sourceLabel(srcSnap, srcVol),
+	}
+	// The idempotency check comes before the source lookup: a retry
+	// whose volume exists must get it even if its source has been
+	// deleted since (the CSI spec's "same name, same source: OK").
+	if info, err := e.GetVolume(id); err == nil {
+		return c.existingVolume(req, info, labels)
+	} else if !errors.Is(err, cow.ErrNotFound) {
+		return nil, toStatus(rpcCreateVolume, err)
+	}
+
+	srcSize, err := c.sourceSize(srcSnap, srcVol)
 	if err != nil {
 		return nil, err
 	}
@@ -145,20 +164,7 @@ func (c *controllerService) CreateVolume(ctx context.Context, req *csi.CreateVol
 	if err != nil {
 		return nil, err
 	}
-
-	id := volumeIDFor(req.GetName())
-	labels := map[string]string{
-		labelName:          req.GetName(),
-		labelParameters:    parametersDigest(req.GetParameters()),
-		labelRequestedSize: formatSize(size),
-		labelSource:        sourceLabel(srcSnap, srcVol),
-	}
-	if info, err := e.GetVolume(id); err == nil {
-		return c.existingVolume(req, info, labels)
-	} else if !errors.Is(err, cow.ErrNotFound) {
-		return nil, toStatus(rpcCreateVolume, err)
-	}
-
+	labels[labelRequestedSize] = formatSize(size)
 	if srcVol != "" {
 		// A clone of a volume mounted here must see what its users
 		// wrote, as a snapshot would.
@@ -184,7 +190,7 @@ func (c *controllerService) CreateVolume(ctx context.Context, req *csi.CreateVol
 }
 
 // checkCreateRequest validates what CreateVolume accepts, before any engine
-// access: name, capabilities, parameters and topology.
+// access: name, capabilities, parameters, capacity range and topology.
 func (c *controllerService) checkCreateRequest(req *csi.CreateVolumeRequest) error {
 	if err := checkName(req.GetName()); err != nil {
 		return err
@@ -199,6 +205,9 @@ func (c *controllerService) checkCreateRequest(req *csi.CreateVolumeRequest) err
 	}
 	if err := checkParameters(req.GetParameters()); err != nil {
 		return err
+	}
+	if _, err := volumeSize(req.GetCapacityRange(), 0, c.d.opts.DefaultVolumeSize); err != nil {
+		return err // checked here too: an existing volume answers before sizing
 	}
 	if len(req.GetMutableParameters()) > 0 {
 		return status.Error(codes.InvalidArgument, "mutable_parameters are not supported")
@@ -215,38 +224,6 @@ func (c *controllerService) checkCreateRequest(req *csi.CreateVolumeRequest) err
 		}
 	}
 	return nil
-}
-
-// contentSource looks up the snapshot or volume a new volume is made from,
-// if any, and returns its ID and size.
-func (c *controllerService) contentSource(src *csi.VolumeContentSource) (srcSnap, srcVol string, srcSize int64, err error) {
-	e := c.engine()
-	switch {
-	case src == nil:
-	case src.GetSnapshot() != nil:
-		srcSnap = src.GetSnapshot().GetSnapshotId()
-		if err := checkID("source snapshot ID", srcSnap); err != nil {
-			return "", "", 0, status.Errorf(codes.NotFound, "source snapshot %q not found", srcSnap)
-		}
-		info, err := e.GetSnapshot(srcSnap)
-		if err != nil {
-			return "", "", 0, toStatus(rpcCreateVolume, err)
-		}
-		srcSize = info.Size
-	case src.GetVolume() != nil:
-		srcVol = src.GetVolume().GetVolumeId()
-		if err := checkID("source volume ID", srcVol); err != nil {
-			return "", "", 0, status.Errorf(codes.NotFound, "source volume %q not found", srcVol)
-		}
-		info, err := e.GetVolume(srcVol)
-		if err != nil {
-			return "", "", 0, toStatus(rpcCreateVolume, err)
-		}
-		srcSize = info.Size
-	default:
-		return "", "", 0, status.Error(codes.InvalidArgument, "unsupported volume_content_source")
-	}
-	return srcSnap, srcVol, srcSize, nil
 }
 
 func sourceLabel(snap, vol string) string {
