@@ -52,8 +52,9 @@ func New(opts Options, deps Deps) (*Driver, error) {
 	return d, nil
 }
 
-// Run listens on the endpoint, opens the store, recovers the volumes staged
-// before a restart, and serves until ctx is cancelled. It then stops
+// Run takes the store's instance lock (failing if another instance holds
+// it), listens on the endpoint, opens the store, recovers the volumes
+// staged before a restart, and serves until ctx is cancelled. It then stops
 // gracefully: in-flight calls get StopTimeout to finish, staged filesystems
 // are synced, volumes flushed, the store closed and the FUSE filesystem
 // unmounted.
@@ -61,6 +62,13 @@ func (d *Driver) Run(ctx context.Context) error {
 	if err := os.MkdirAll(d.opts.StoreDir, 0o700); err != nil {
 		return fmt.Errorf("store dir: %w", err)
 	}
+	// First of all: the socket, node state and FUSE mount point belong
+	// to whoever holds this lock.
+	lock, err := lockInstance(d.opts.StoreDir)
+	if err != nil {
+		return err
+	}
+	defer lock.Close()
 	lis, sockPath, err := d.listen()
 	if err != nil {
 		return err
@@ -156,13 +164,8 @@ func (d *Driver) listen() (net.Listener, string, error) {
 	if err := os.MkdirAll(filepath.Dir(path), 0o755); err != nil {
 		return nil, "", err
 	}
-	if fi, err := os.Lstat(path); err == nil {
-		if fi.Mode()&os.ModeSocket == 0 {
-			return nil, "", fmt.Errorf("endpoint %s exists and is not a socket", path)
-		}
-		if err := os.Remove(path); err != nil { // a stale socket of an earlier instance
-			return nil, "", err
-		}
+	if err := removeStaleSocket(path); err != nil {
+		return nil, "", err
 	}
 	tmp := filepath.Join(filepath.Dir(path), fmt.Sprintf(".%s.%d", filepath.Base(path), os.Getpid()))
 	os.Remove(tmp)

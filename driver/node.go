@@ -29,6 +29,9 @@ type nodeService struct {
 	mu   sync.Mutex
 	vols map[string]*stagedVolume
 	open map[string]OpenVolume
+	// loaded: vols holds the recovered node state, which start has
+	// saved; until then the state file is not this instance's to write.
+	loaded bool
 }
 
 var _ csi.NodeServer = (*nodeService)(nil)

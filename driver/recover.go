@@ -48,6 +48,7 @@ func (n *nodeService) start(ctx context.Context) error {
 	}
 	n.mu.Lock()
 	n.vols = vols
+	n.loaded = true
 	err = n.state.save(n.vols)
 	n.mu.Unlock()
 	if err != nil {
@@ -156,8 +157,13 @@ func (n *nodeService) shutdown() error {
 			}
 		}
 	}
-	if err := n.state.save(n.vols); err != nil && !errors.Is(err, os.ErrNotExist) {
-		errs = append(errs, err)
+	// A state this instance did not load (its start failed before) must
+	// not overwrite the one on disk: that would forget every volume staged
+	// there, for the next instance too.
+	if n.loaded {
+		if err := n.state.save(n.vols); err != nil && !errors.Is(err, os.ErrNotExist) {
+			errs = append(errs, err)
+		}
 	}
 	return errors.Join(errs...)
 }
