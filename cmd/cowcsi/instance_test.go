@@ -1,0 +1,142 @@
+package main
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/container-storage-interface/spec/lib/go/csi"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/credentials/insecure"
+
+	"github.com/cowcsi/cowcsi/cow/loopdev"
+	"github.com/cowcsi/cowcsi/test/testutil"
+)
+
+// TestSecondInstance is the operator's reproduction: with a volume staged
+// and published, the same command is started again. It must exit 1 with a
+// clear error and leave the first instance serving; after the first is
+// killed, the next instance must still recover the staged volume (the
+// second did not wipe the node state).
+func TestSecondInstance(t *testing.T) {
+	testutil.RequireRoot(t, "mkfs.ext4", "mount", "blkid")
+	root := t.TempDir()
+	t.Cleanup(func() { cleanupUnder(t, root) })
+	sockDir := testutil.SocketDir(t)
+	sock, store := filepath.Join(sockDir, "csi.sock"), filepath.Join(root, "store")
+	staging, target := filepath.Join(root, "staging"), filepath.Join(root, "pod", "mount")
+	os.MkdirAll(staging, 0o750)
+	ctx := context.Background()
+	vc := &csi.VolumeCapability{
+		AccessMode: &csi.VolumeCapability_AccessMode{Mode: csi.VolumeCapability_AccessMode_SINGLE_NODE_WRITER},
+		AccessType: &csi.VolumeCapability_Mount{Mount: &csi.VolumeCapability_MountVolume{FsType: "ext4"}},
+	}
+
+	p1 := startPlugin(t, sock, store)
+	fail := func(err error) {
+		p1.kill()
+		t.Fatal(err)
+	}
+	vol, err := p1.ctrl.CreateVolume(ctx, &csi.CreateVolumeRequest{Name: "second", VolumeCapabilities: []*csi.VolumeCapability{vc},
+		CapacityRange: &csi.CapacityRange{RequiredBytes: 64 << 20}})
+	if err != nil {
+		fail(err)
+	}
+	id := vol.GetVolume().GetVolumeId()
+	if _, err := p1.node.NodeStageVolume(ctx, &csi.NodeStageVolumeRequest{VolumeId: id, StagingTargetPath: staging, VolumeCapability: vc}); err != nil {
+		fail(err)
+	}
+	if _, err := p1.node.NodePublishVolume(ctx, &csi.NodePublishVolumeRequest{VolumeId: id, StagingTargetPath: staging, TargetPath: target, VolumeCapability: vc}); err != nil {
+		fail(err)
+	}
+	// Should the volume be forgotten (the bug), its loop device would
+	// outlive the test under the short name of a dead FUSE file.
+	staged := loopsUnder(root)
+	t.Cleanup(func() { clearLoopsOf(t, staged) })
+
+	// The same command again.
+	cctx, cancel := context.WithTimeout(ctx, 30*time.Second)
+	second := exec.CommandContext(cctx, os.Args[0], "--nodeid=n1", "--endpoint=unix://"+sock, "--store-dir="+store)
+	second.Env = append(os.Environ(), "COWCSI_TEST_MAIN=1")
+	out, err := second.CombinedOutput()
+	cancel()
+	var exit *exec.ExitError
+	if !errors.As(err, &exit) || exit.ExitCode() != 1 || !strings.Contains(string(out), "another cowcsi instance is running") {
+		t.Errorf("second instance: %v, want exit status 1 naming the other instance; output:\n%s", err, out)
+	}
+
+	// The first still serves new clients and its volume.
+	conn, err := grpc.NewClient("unix://"+sock, grpc.WithTransportCredentials(insecure.NewCredentials()))
+	if err != nil {
+		fail(err)
+	}
+	pctx, pcancel := context.WithTimeout(ctx, 5*time.Second)
+	resp, err := csi.NewIdentityClient(conn).Probe(pctx, &csi.ProbeRequest{})
+	pcancel()
+	conn.Close()
+	if err != nil || !resp.GetReady().GetValue() {
+		t.Errorf("first instance after the second: Probe ready=%v, %v", resp.GetReady().GetValue(), err)
+	}
+	want := bytes.Repeat([]byte("written after the second instance\n"), 1000)
+	if err := writeFileSynced(filepath.Join(target, "data"), want); err != nil {
+		fail(err)
+	}
+
+	// Killed, the first leaves its node state to the next instance,
+	// which serves the volume again at the same paths.
+	p1.kill()
+	p3 := startPlugin(t, sock, store)
+	t.Cleanup(func() {
+		left := loopsUnder(root)
+		p3.term(t)
+		clearLoopsOf(t, left)
+	})
+	if _, err := p3.node.NodeGetVolumeStats(ctx, &csi.NodeGetVolumeStatsRequest{VolumeId: id, VolumePath: target}); err != nil {
+		t.Errorf("after kill and restart, the volume is not staged: NodeGetVolumeStats: %v", err)
+	}
+	if got, err := os.ReadFile(filepath.Join(target, "data")); err != nil || !bytes.Equal(got, want) {
+		t.Errorf("after kill and restart: %d bytes (want %d), err %v", len(got), len(want), err)
+	}
+	if _, err := p3.node.NodeUnpublishVolume(ctx, &csi.NodeUnpublishVolumeRequest{VolumeId: id, TargetPath: target}); err != nil {
+		t.Errorf("NodeUnpublishVolume: %v", err)
+	}
+	if _, err := p3.node.NodeUnstageVolume(ctx, &csi.NodeUnstageVolumeRequest{VolumeId: id, StagingTargetPath: staging}); err != nil {
+		t.Errorf("NodeUnstageVolume: %v", err)
+	}
+	if _, err := p3.ctrl.DeleteVolume(ctx, &csi.DeleteVolumeRequest{VolumeId: id}); err != nil {
+		t.Errorf("DeleteVolume: %v", err)
+	}
+}
+
+// clearLoopsOf detaches the devices of left (from loopsUnder) that are
+// still bound to the same file, by its full path or, once its FUSE
+// mount is gone, by the short name the kernel keeps.
+func clearLoopsOf(t *testing.T, left map[string]string) {
+	for dev, backing := range left {
+		if c, err := loopdev.BackingFileOf(dev); err == nil && (c == backing || c == "/"+filepath.Base(backing)) {
+			clearLoop(t, dev)
+		}
+	}
+}
+
+func writeFileSynced(path string, data []byte) error {
+	f, err := os.Create(path)
+	if err != nil {
+		return err
+	}
+	if _, err := f.Write(data); err != nil {
+		f.Close()
+		return err
+	}
+	if err := f.Sync(); err != nil {
+		f.Close()
+		return err
+	}
+	return f.Close()
+}
