@@ -166,40 +166,33 @@ func until[T runtime.Object](ctx context.Context, lw cache.ListerWatcher, obj T,
 	return ev.Object.(T), nil
 }
 
-func byName(name string) func(*metav1.ListOptions) {
-	return func(o *metav1.ListOptions) {
-		o.FieldSelector = fields.OneTermEqualSelector("metadata.name", name).String()
+// listWatchByName is a ListerWatcher over the objects of one kind named
+// name; list and watch are the typed client's List and Watch.
+func listWatchByName[L runtime.Object](name string,
+	list func(context.Context, metav1.ListOptions) (L, error),
+	watchFn func(context.Context, metav1.ListOptions) (watch.Interface, error),
+) cache.ListerWatcher {
+	sel := fields.OneTermEqualSelector("metadata.name", name).String()
+	return &cache.ListWatch{
+		ListWithContextFunc: func(ctx context.Context, o metav1.ListOptions) (runtime.Object, error) {
+			o.FieldSelector = sel
+			return list(ctx, o)
+		},
+		WatchFuncWithContext: func(ctx context.Context, o metav1.ListOptions) (watch.Interface, error) {
+			o.FieldSelector = sel
+			return watchFn(ctx, o)
+		},
 	}
 }
 
 func (ns *testNS) pvcLW(name string) cache.ListerWatcher {
 	api := ns.c.kube.CoreV1().PersistentVolumeClaims(ns.name)
-	sel := byName(name)
-	return &cache.ListWatch{
-		ListWithContextFunc: func(ctx context.Context, o metav1.ListOptions) (runtime.Object, error) {
-			sel(&o)
-			return api.List(ctx, o)
-		},
-		WatchFuncWithContext: func(ctx context.Context, o metav1.ListOptions) (watch.Interface, error) {
-			sel(&o)
-			return api.Watch(ctx, o)
-		},
-	}
+	return listWatchByName(name, api.List, api.Watch)
 }
 
 func (ns *testNS) snapshotLW(name string) cache.ListerWatcher {
 	api := ns.c.snap.SnapshotV1().VolumeSnapshots(ns.name)
-	sel := byName(name)
-	return &cache.ListWatch{
-		ListWithContextFunc: func(ctx context.Context, o metav1.ListOptions) (runtime.Object, error) {
-			sel(&o)
-			return api.List(ctx, o)
-		},
-		WatchFuncWithContext: func(ctx context.Context, o metav1.ListOptions) (watch.Interface, error) {
-			sel(&o)
-			return api.Watch(ctx, o)
-		},
-	}
+	return listWatchByName(name, api.List, api.Watch)
 }
 
 // waitBound waits for the claim to be Bound and returns it with its PV.
