@@ -44,8 +44,7 @@ func runCSI(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 			fmt.Fprintln(stderr, "cowbench csi: no --endpoint: starting cowcsi on a temporary store (--start-driver)")
 		}
 	}
-	cfg.Sizes, cfg.Concurrency, cfg.Volumes, cfg.Snapshots = c.sizes, c.concurrency, c.volumes, c.snapshots
-	cfg.Access, cfg.Clone, cfg.Write = c.access, c.clone, int64(write)
+	cfg.Plan, cfg.Write = c.plan(), int64(write)
 	cfg.Parameters, cfg.SnapshotParameters = params, snapParams
 	cfg.OpTimeout, cfg.CleanupTimeout = c.opTimeout, c.cleanupTimeout
 	if err := cfg.Validate(); err != nil {

@@ -170,6 +170,12 @@ type common struct {
 	quiet          bool
 }
 
+// plan is what the common flags ask to measure.
+func (c *common) plan() bench.Plan {
+	return bench.Plan{Sizes: c.sizes, Concurrency: c.concurrency, Volumes: c.volumes, Snapshots: c.snapshots,
+		Access: c.access, Clone: c.clone}
+}
+
 func (c *common) addFlags(fs *flag.FlagSet, defaultSizes string) {
 	c.sizes = quantities{}
 	_ = c.sizes.Set(defaultSizes)

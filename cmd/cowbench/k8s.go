@@ -37,8 +37,7 @@ func runK8s(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 	if code, ok := parse(fs, args, stderr); !ok {
 		return code
 	}
-	cfg.Sizes, cfg.Concurrency, cfg.Volumes, cfg.Snapshots = c.sizes, c.concurrency, c.volumes, c.snapshots
-	cfg.Access, cfg.Clone, cfg.Write = c.access, c.clone, int64(write)
+	cfg.Plan, cfg.Write = c.plan(), int64(write)
 	cfg.OpTimeout, cfg.CleanupTimeout = c.opTimeout, c.cleanupTimeout
 	if err := cfg.Validate(); err != nil {
 		fmt.Fprintf(stderr, "cowbench k8s: %v\n", err)

@@ -194,7 +194,7 @@ func (f *fakeCluster) left(t *testing.T) []string {
 
 func testConfig() Config {
 	return Config{StorageClass: "fast", SnapshotClass: "snaps",
-		Plan: bench.Plan{Sizes: []int64{1 << 30, 4 << 30}, Concurrency: []int{1, 3}, Volumes: 3, Snapshots: 2}, Access: AccessBlock, Clone: true, NamespacePrefix: "cowbench-",
+		Plan: bench.Plan{Sizes: []int64{1 << 30, 4 << 30}, Concurrency: []int{1, 3}, Volumes: 3, Snapshots: 2, Access: bench.AccessBlock, Clone: true}, NamespacePrefix: "cowbench-",
 		ConnectTimeout: 10 * time.Second, OpTimeout: 10 * time.Second, CleanupTimeout: 10 * time.Second}
 }
 
