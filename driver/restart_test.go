@@ -87,24 +87,6 @@ func TestRestart(t *testing.T) {
 	writeSynced(t, filepath.Join(fsPV.target, "after.txt"), []byte("after restart"), 0)
 }
 
-func stageAndPublishNoCleanup(t *testing.T, td *testDriver, env *testEnv, id string, vc *csi.VolumeCapability) publishedVolume {
-	t.Helper()
-	pv := publishedVolume{
-		id:      id,
-		staging: filepath.Join(env.root, "staging", id),
-		target:  filepath.Join(env.root, "pods", id, "volume"),
-	}
-	os.MkdirAll(pv.staging, 0o750)
-	ctx := context.Background()
-	if _, err := td.node.NodeStageVolume(ctx, &csi.NodeStageVolumeRequest{VolumeId: id, StagingTargetPath: pv.staging, VolumeCapability: vc}); err != nil {
-		t.Fatalf("NodeStageVolume %s: %v", id, err)
-	}
-	if _, err := td.node.NodePublishVolume(ctx, &csi.NodePublishVolumeRequest{VolumeId: id, StagingTargetPath: pv.staging, TargetPath: pv.target, VolumeCapability: vc}); err != nil {
-		t.Fatalf("NodePublishVolume %s: %v", id, err)
-	}
-	return pv
-}
-
 // writeSynced writes data at off and fsyncs: acknowledged data that must
 // survive a restart.
 func writeSynced(t *testing.T, path string, data []byte, off int64) {
