@@ -80,6 +80,15 @@ func testOptions(env *testEnv) Options {
 	return o
 }
 
+// startNodeDriver skips the test unless it can run the node side (root,
+// tools), and starts a driver on a new test environment.
+func startNodeDriver(t *testing.T) (*testEnv, *testDriver) {
+	t.Helper()
+	testutil.RequireRoot(t, nodeNeeds...)
+	env := newTestEnv(t)
+	return env, startDriver(t, env)
+}
+
 // startDriver runs a driver on env and waits until Probe says ready. It is
 // stopped in t.Cleanup unless the test stops it first.
 func startDriver(t testing.TB, env *testEnv) *testDriver {

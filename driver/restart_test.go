@@ -17,9 +17,7 @@ import (
 // store, and checks that both paths work again and that data written and
 // synced before the stop is there.
 func TestRestart(t *testing.T) {
-	testutil.RequireRoot(t, nodeNeeds...)
-	env := newTestEnv(t)
-	td1 := startDriver(t, env)
+	env, td1 := startNodeDriver(t)
 
 	fsVol := createVolume(t, td1, &csi.CreateVolumeRequest{Name: "restart-fs"})
 	blkVol := createVolume(t, td1, &csi.CreateVolumeRequest{Name: "restart-blk", VolumeCapabilities: []*csi.VolumeCapability{blockCap(rwo)}})

@@ -159,9 +159,7 @@ func writeNoSync(t *testing.T, path string, data []byte) {
 // volume restored from a snapshot taken right after, because
 // CreateSnapshot freezes the filesystem first.
 func TestSnapshotOfUnsyncedFile(t *testing.T) {
-	testutil.RequireRoot(t, nodeNeeds...)
-	env := newTestEnv(t)
-	td := startDriver(t, env)
+	env, td := startNodeDriver(t)
 
 	src := createVolume(t, td, &csi.CreateVolumeRequest{Name: "pvc-source"})
 	pv := stageAndPublish(t, td, env, src.GetVolumeId(), mountCap(rwo, "ext4"))
