@@ -146,16 +146,8 @@ func (c *catalog) apply(ops []ondisk.Op) {
 // commit makes ops durable, then applies them. On error nothing is applied.
 func (c *catalog) commit(ops []ondisk.Op) error {
 	frame := ondisk.EncodeFrame(ondisk.FrameTxn, ops)
-	end := c.off + int64(len(frame))
-	if end > c.alloc {
-		grow := (end - c.alloc + catalogGrow - 1) / catalogGrow * catalogGrow
-		if _, err := c.log.WriteAt(make([]byte, grow), c.alloc); err != nil {
-			return ioErr(err)
-		}
-		c.alloc += grow
-	}
-	if _, err := c.log.WriteAt(frame, c.off); err != nil {
-		return ioErr(err)
+	if err := appendLog(c.log, frame, c.off, &c.alloc, catalogGrow); err != nil {
+		return err
 	}
 	if err := unix.Fdatasync(int(c.log.Fd())); err != nil {
 		// The frame may or may not be on disk; overwrite it with zeros so a
@@ -163,7 +155,7 @@ func (c *catalog) commit(ops []ondisk.Op) error {
 		_, _ = c.log.WriteAt(make([]byte, len(frame)), c.off)
 		return ioErr(err)
 	}
-	c.off = end
+	c.off += int64(len(frame))
 	c.apply(ops)
 	if c.off > compactMin && c.off > compactAfter*c.checkpoint {
 		// Best effort: the log stays valid if compaction fails.

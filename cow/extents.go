@@ -21,6 +21,21 @@ func toExtents(ranges []ondisk.Range, size int64) []Extent {
 	return out
 }
 
+// lookupVolume returns the volume id of the open store. Caller holds topo.
+func (s *Store) lookupVolume(id string) (*volume, error) {
+	if err := ValidateID(id); err != nil {
+		return nil, err
+	}
+	if err := s.checkOpen(); err != nil {
+		return nil, err
+	}
+	v, ok := s.vols[id]
+	if !ok {
+		return nil, errf(ErrNotFound, "volume %s", id)
+	}
+	return v, nil
+}
+
 // snapshotLayer returns the snapshot's record and layer. Caller holds topo.
 func (s *Store) snapshotLayer(id string) (*ondisk.SnapshotRec, *layer, error) {
 	if err := ValidateID(id); err != nil {
@@ -85,17 +100,11 @@ func (s *Store) ChangedExtents(baseSnapshotID, targetSnapshotID string) ([]Exten
 
 // VolumeUsage reports a volume's logical size and the bytes its view maps.
 func (s *Store) VolumeUsage(id string) (Usage, error) {
-	if err := ValidateID(id); err != nil {
-		return Usage{}, err
-	}
 	s.topo.Lock()
 	defer s.topo.Unlock()
-	if err := s.checkOpen(); err != nil {
+	v, err := s.lookupVolume(id)
+	if err != nil {
 		return Usage{}, err
-	}
-	v, ok := s.vols[id]
-	if !ok {
-		return Usage{}, errf(ErrNotFound, "volume %s", id)
 	}
 	size := v.size.Load()
 	head := v.head.Load()

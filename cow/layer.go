@@ -211,6 +211,23 @@ func syncDir(dir string) error {
 	return nil
 }
 
+// appendLog writes buf at off in the log file f. When buf would pass the
+// zero-filled space kept ahead (*alloc), that space is first extended by a
+// multiple of step.
+func appendLog(f *os.File, buf []byte, off int64, alloc *int64, step int64) error {
+	if end := off + int64(len(buf)); end > *alloc {
+		grow := (end - *alloc + step - 1) / step * step
+		if _, err := f.WriteAt(make([]byte, grow), *alloc); err != nil {
+			return ioErr(err)
+		}
+		*alloc += grow
+	}
+	if _, err := f.WriteAt(buf, off); err != nil {
+		return ioErr(err)
+	}
+	return nil
+}
+
 // ioErr wraps a system error, mapping ENOSPC and EDQUOT to ErrNoSpace.
 func ioErr(err error) error {
 	if errors.Is(err, unix.ENOSPC) || errors.Is(err, unix.EDQUOT) {

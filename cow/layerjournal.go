@@ -81,16 +81,8 @@ func (l *layer) appendRecords(dir string, ranges []ondisk.Range) error {
 	for _, r := range joinRecords(ranges) {
 		buf = ondisk.EncodeRecord(buf, r)
 	}
-	end := l.jOff + int64(len(buf))
-	if end > l.jAlloc {
-		grow := (end - l.jAlloc + journalGrow - 1) / journalGrow * journalGrow
-		if _, err := l.journal.WriteAt(make([]byte, grow), l.jAlloc); err != nil {
-			return ioErr(err)
-		}
-		l.jAlloc += grow
-	}
-	if _, err := l.journal.WriteAt(buf, l.jOff); err != nil {
-		return ioErr(err)
+	if err := appendLog(l.journal, buf, l.jOff, &l.jAlloc, journalGrow); err != nil {
+		return err
 	}
 	if !l.dirSynced {
 		// The files' directory entries must be durable before a record in
@@ -103,7 +95,7 @@ func (l *layer) appendRecords(dir string, ranges []ondisk.Range) error {
 		return ioErr(err)
 	}
 	l.dirSynced = true
-	l.jOff = end
+	l.jOff += int64(len(buf))
 	return nil
 }
 

@@ -139,16 +139,10 @@ func (s *Store) freezeHeads(specs []SnapshotSpec, vols []*volume) (recs []*ondis
 // working: its layer stays while they need it and is merged into its single
 // remaining child in the background.
 func (s *Store) DeleteSnapshot(ctx context.Context, id string) error {
-	if err := ValidateID(id); err != nil {
-		return err
-	}
 	s.topo.Lock()
 	defer s.topo.Unlock()
-	if err := s.checkOpen(); err != nil {
+	if _, _, err := s.snapshotLayer(id); err != nil {
 		return err
-	}
-	if _, ok := s.cat.snaps[id]; !ok {
-		return errf(ErrNotFound, "snapshot %s", id)
 	}
 	if err := s.cat.commit([]ondisk.Op{{Kind: ondisk.OpDelSnapshot, ID: id}}); err != nil {
 		return err

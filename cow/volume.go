@@ -43,17 +43,11 @@ type Volume struct {
 
 // OpenVolume opens a volume for I/O. A volume has at most one handle.
 func (s *Store) OpenVolume(ctx context.Context, id string) (*Volume, error) {
-	if err := ValidateID(id); err != nil {
-		return nil, err
-	}
 	s.topo.Lock()
 	defer s.topo.Unlock()
-	if err := s.checkOpen(); err != nil {
+	v, err := s.lookupVolume(id)
+	if err != nil {
 		return nil, err
-	}
-	v, ok := s.vols[id]
-	if !ok {
-		return nil, errf(ErrNotFound, "volume %s", id)
 	}
 	if v.handle != nil {
 		return nil, errf(ErrInUse, "volume %s is already open", id)

@@ -167,17 +167,11 @@ func (s *Store) newLayerAfter(parent *layer, size int64, pending []*layer) (*lay
 // that no snapshot or other volume needs are merged or removed in the
 // background.
 func (s *Store) DeleteVolume(ctx context.Context, id string) error {
-	if err := ValidateID(id); err != nil {
-		return err
-	}
 	s.topo.Lock()
 	defer s.topo.Unlock()
-	if err := s.checkOpen(); err != nil {
+	v, err := s.lookupVolume(id)
+	if err != nil {
 		return err
-	}
-	v, ok := s.vols[id]
-	if !ok {
-		return errf(ErrNotFound, "volume %s", id)
 	}
 	if v.handle != nil {
 		return errf(ErrInUse, "volume %s is open", id)

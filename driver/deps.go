@@ -6,6 +6,7 @@ import (
 	mount "k8s.io/mount-utils"
 
 	"github.com/cowcsi/cowcsi/cow"
+	"github.com/cowcsi/cowcsi/cow/fusefs"
 )
 
 // Engine is what the driver uses of the storage engine (*cow.Store, through
@@ -26,14 +27,9 @@ type Engine interface {
 }
 
 // BlockFile is the byte-addressed view of a volume that the FUSE file
-// serves; *cow.Volume implements it.
-type BlockFile interface {
-	ReadAt(p []byte, off int64) (int, error)
-	WriteAt(p []byte, off int64) (int, error)
-	Flush() error
-	Discard(off, length int64) error
-	Size() int64
-}
+// serves; *cow.Volume implements it. It is fusefs's own interface, so that
+// what FileExport takes is what the filesystem serves.
+type BlockFile = fusefs.BlockFile
 
 // OpenVolume is an engine volume opened for I/O by NodeStageVolume.
 type OpenVolume interface {

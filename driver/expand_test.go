@@ -8,17 +8,13 @@ import (
 
 	"github.com/container-storage-interface/spec/lib/go/csi"
 	"golang.org/x/sys/unix"
-
-	"github.com/cowcsi/cowcsi/test/testutil"
 )
 
 // TestNodeExpand grows staged, published volumes online through
 // NodeExpandVolume (the only expansion path, see doc.go): engine volume,
 // FUSE file, loop device and filesystem.
 func TestNodeExpand(t *testing.T) {
-	testutil.RequireRoot(t, nodeNeeds...)
-	env := newTestEnv(t)
-	td := startDriver(t, env)
+	env, td := startNodeDriver(t)
 	ctx := context.Background()
 
 	tests := []struct {

@@ -80,6 +80,15 @@ func testOptions(env *testEnv) Options {
 	return o
 }
 
+// startNodeDriver skips the test unless it can run the node side (root,
+// tools), and starts a driver on a new test environment.
+func startNodeDriver(t *testing.T) (*testEnv, *testDriver) {
+	t.Helper()
+	testutil.RequireRoot(t, nodeNeeds...)
+	env := newTestEnv(t)
+	return env, startDriver(t, env)
+}
+
 // startDriver runs a driver on env and waits until Probe says ready. It is
 // stopped in t.Cleanup unless the test stops it first.
 func startDriver(t testing.TB, env *testEnv) *testDriver {
@@ -108,11 +117,11 @@ func startDriverWith(t testing.TB, opts Options, deps Deps) *testDriver {
 		// FUSE mount under another name; note them while the names are
 		// still full paths, and detach what is left after the stop.
 		fuse := opts.fuseDir()
-		left := loopsBackedUnder(fuse)
+		left, _ := loopdev.BindingsUnder(fuse)
 		td.stop(t)
-		for dev, backing := range left {
-			if cur, err := loopdev.BackingFileOf(dev); err == nil && sameBacking(cur, backing) {
-				detachLoop(t, dev)
+		for _, b := range left {
+			if cur, err := loopdev.BackingFileOf(b.Path); err == nil && sameBacking(cur, b.BackingFile) {
+				detachLoop(t, b.Path)
 			}
 		}
 	})
@@ -161,20 +170,10 @@ func (td *testDriver) stop(t testing.TB) {
 // unstage what they stage; this catches what a failed test left.
 func cleanupKernel(t testing.TB, root string) {
 	testutil.UnmountAll(t, root)
-	for dev := range loopsBackedUnder(root) {
-		detachLoop(t, dev)
-	}
-}
-
-// loopsBackedUnder maps /dev/loopN to its backing file, for the loop
-// devices whose backing file is below dir.
-func loopsBackedUnder(dir string) map[string]string {
-	out := map[string]string{}
-	bound, _ := loopdev.BindingsUnder(dir)
+	bound, _ := loopdev.BindingsUnder(root)
 	for _, b := range bound {
-		out[b.Path] = b.BackingFile
+		detachLoop(t, b.Path)
 	}
-	return out
 }
 
 func detachLoop(t testing.TB, dev string) {

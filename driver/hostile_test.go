@@ -12,8 +12,6 @@ import (
 	"github.com/container-storage-interface/spec/lib/go/csi"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
-
-	"github.com/cowcsi/cowcsi/test/testutil"
 )
 
 // treeOutside lists every path below dir except the store directory, so a
@@ -39,9 +37,7 @@ func treeOutside(t *testing.T, dir, store string) []string {
 // checks the status code of each, then that nothing was created or removed
 // outside the store directory.
 func TestHostileInput(t *testing.T) {
-	testutil.RequireRoot(t, nodeNeeds...)
-	env := newTestEnv(t)
-	td := startDriver(t, env)
+	env, td := startNodeDriver(t)
 	ctx := context.Background()
 
 	// A volume staged and published, a volume only created, a snapshot.

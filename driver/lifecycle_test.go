@@ -11,8 +11,6 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/container-storage-interface/spec/lib/go/csi"
-
-	"github.com/cowcsi/cowcsi/test/testutil"
 )
 
 // TestSnapshotChainLifecycle takes a chain of snapshots of a published
@@ -21,9 +19,7 @@ import (
 // remaining ones: volumes and snapshots are independent (CSI), and every
 // restore must show exactly the blocks written before its snapshot.
 func TestSnapshotChainLifecycle(t *testing.T) {
-	testutil.RequireRoot(t, nodeNeeds...)
-	env := newTestEnv(t)
-	td := startDriver(t, env)
+	env, td := startNodeDriver(t)
 	ctx := context.Background()
 	seed := rand.Uint64()
 	t.Logf("seed %d", seed)

@@ -148,6 +148,15 @@ func parseCapability(vc *csi.VolumeCapability) (stageSpec, error) {
 	return s, nil
 }
 
+// checkIDPath checks the volume ID of a node request and its path named
+// what.
+func checkIDPath(id, what, p string) error {
+	if err := checkID("volume ID", id); err != nil {
+		return err
+	}
+	return checkPath(what, p)
+}
+
 func checkPath(what, p string) error {
 	if p == "" {
 		return status.Errorf(codes.InvalidArgument, "%s is required", what)
@@ -160,10 +169,7 @@ func checkPath(what, p string) error {
 
 func (n *nodeService) NodeStageVolume(ctx context.Context, req *csi.NodeStageVolumeRequest) (*csi.NodeStageVolumeResponse, error) {
 	id, staging := req.GetVolumeId(), req.GetStagingTargetPath()
-	if err := checkID("volume ID", id); err != nil {
-		return nil, err
-	}
-	if err := checkPath("staging_target_path", staging); err != nil {
+	if err := checkIDPath(id, "staging_target_path", staging); err != nil {
 		return nil, err
 	}
 	spec, err := parseCapability(req.GetVolumeCapability())
@@ -342,10 +348,7 @@ func (n *nodeService) unmountIfMounted(p string) error {
 
 func (n *nodeService) NodeUnstageVolume(ctx context.Context, req *csi.NodeUnstageVolumeRequest) (*csi.NodeUnstageVolumeResponse, error) {
 	id, staging := req.GetVolumeId(), req.GetStagingTargetPath()
-	if err := checkID("volume ID", id); err != nil {
-		return nil, err
-	}
-	if err := checkPath("staging_target_path", staging); err != nil {
+	if err := checkIDPath(id, "staging_target_path", staging); err != nil {
 		return nil, err
 	}
 	sv := n.get(id)

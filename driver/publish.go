@@ -15,10 +15,7 @@ import (
 
 func (n *nodeService) NodePublishVolume(ctx context.Context, req *csi.NodePublishVolumeRequest) (*csi.NodePublishVolumeResponse, error) {
 	id, target, staging := req.GetVolumeId(), req.GetTargetPath(), req.GetStagingTargetPath()
-	if err := checkID("volume ID", id); err != nil {
-		return nil, err
-	}
-	if err := checkPath("target_path", target); err != nil {
+	if err := checkIDPath(id, "target_path", target); err != nil {
 		return nil, err
 	}
 	spec, err := parseCapability(req.GetVolumeCapability())
@@ -28,12 +25,9 @@ func (n *nodeService) NodePublishVolume(ctx context.Context, req *csi.NodePublis
 	if err := checkPath("staging_target_path", staging); err != nil {
 		return nil, err
 	}
-	sv := n.get(id)
-	if sv == nil {
-		if _, err := n.engine().GetVolume(id); err != nil {
-			return nil, toStatus(rpcNodePublish, err)
-		}
-		return nil, status.Errorf(codes.FailedPrecondition, "volume %s is not staged on this node", id)
+	sv, err := n.staged(rpcNodePublish, id, codes.FailedPrecondition)
+	if err != nil {
+		return nil, err
 	}
 	if sv.StagingPath != staging {
 		return nil, status.Errorf(codes.FailedPrecondition, "volume %s is staged at %s, not %s", id, sv.StagingPath, staging)
@@ -94,10 +88,7 @@ func (n *nodeService) bind(sv *stagedVolume, target string, readOnly bool) error
 
 func (n *nodeService) NodeUnpublishVolume(ctx context.Context, req *csi.NodeUnpublishVolumeRequest) (*csi.NodeUnpublishVolumeResponse, error) {
 	id, target := req.GetVolumeId(), req.GetTargetPath()
-	if err := checkID("volume ID", id); err != nil {
-		return nil, err
-	}
-	if err := checkPath("target_path", target); err != nil {
+	if err := checkIDPath(id, "target_path", target); err != nil {
 		return nil, err
 	}
 	sv := n.get(id)
@@ -130,16 +121,26 @@ func hasTarget(sv *stagedVolume, p string) bool {
 	return ok
 }
 
-// volumeAt finds the staged volume id and checks that p is its staging
-// path or one of its targets; NotFound otherwise (the spec's code for "the
-// volume does not exist at that path").
-func (n *nodeService) volumeAt(call rpc, id, p string) (*stagedVolume, error) {
+// staged returns the volume id staged on this node. For one that is not:
+// the engine's error when the volume does not exist, else notStaged.
+func (n *nodeService) staged(call rpc, id string, notStaged codes.Code) (*stagedVolume, error) {
 	sv := n.get(id)
 	if sv == nil {
 		if _, err := n.engine().GetVolume(id); err != nil {
 			return nil, toStatus(call, err)
 		}
-		return nil, status.Errorf(codes.NotFound, "volume %s is not staged on this node", id)
+		return nil, status.Errorf(notStaged, "volume %s is not staged on this node", id)
+	}
+	return sv, nil
+}
+
+// volumeAt finds the staged volume id and checks that p is its staging
+// path or one of its targets; NotFound otherwise (the spec's code for "the
+// volume does not exist at that path").
+func (n *nodeService) volumeAt(call rpc, id, p string) (*stagedVolume, error) {
+	sv, err := n.staged(call, id, codes.NotFound)
+	if err != nil {
+		return nil, err
 	}
 	if p != sv.StagingPath && !hasTarget(sv, p) {
 		return nil, status.Errorf(codes.NotFound, "volume %s is not staged or published at %q", id, p)

@@ -17,9 +17,7 @@ import (
 // store, and checks that both paths work again and that data written and
 // synced before the stop is there.
 func TestRestart(t *testing.T) {
-	testutil.RequireRoot(t, nodeNeeds...)
-	env := newTestEnv(t)
-	td1 := startDriver(t, env)
+	env, td1 := startNodeDriver(t)
 
 	fsVol := createVolume(t, td1, &csi.CreateVolumeRequest{Name: "restart-fs"})
 	blkVol := createVolume(t, td1, &csi.CreateVolumeRequest{Name: "restart-blk", VolumeCapabilities: []*csi.VolumeCapability{blockCap(rwo)}})
@@ -85,24 +83,6 @@ func TestRestart(t *testing.T) {
 	}
 	// The recovered volume takes new writes.
 	writeSynced(t, filepath.Join(fsPV.target, "after.txt"), []byte("after restart"), 0)
-}
-
-func stageAndPublishNoCleanup(t *testing.T, td *testDriver, env *testEnv, id string, vc *csi.VolumeCapability) publishedVolume {
-	t.Helper()
-	pv := publishedVolume{
-		id:      id,
-		staging: filepath.Join(env.root, "staging", id),
-		target:  filepath.Join(env.root, "pods", id, "volume"),
-	}
-	os.MkdirAll(pv.staging, 0o750)
-	ctx := context.Background()
-	if _, err := td.node.NodeStageVolume(ctx, &csi.NodeStageVolumeRequest{VolumeId: id, StagingTargetPath: pv.staging, VolumeCapability: vc}); err != nil {
-		t.Fatalf("NodeStageVolume %s: %v", id, err)
-	}
-	if _, err := td.node.NodePublishVolume(ctx, &csi.NodePublishVolumeRequest{VolumeId: id, StagingTargetPath: pv.staging, TargetPath: pv.target, VolumeCapability: vc}); err != nil {
-		t.Fatalf("NodePublishVolume %s: %v", id, err)
-	}
-	return pv
 }
 
 // writeSynced writes data at off and fsyncs: acknowledged data that must

@@ -42,7 +42,18 @@ func createVolume(t *testing.T, td *testDriver, req *csi.CreateVolumeRequest) *c
 	return resp.GetVolume()
 }
 
+// stageAndPublish stages and publishes volume id as the kubelet does, and
+// unpublishes and unstages it when the test ends.
 func stageAndPublish(t *testing.T, td *testDriver, env *testEnv, id string, vc *csi.VolumeCapability) publishedVolume {
+	t.Helper()
+	pv := stageAndPublishNoCleanup(t, td, env, id, vc)
+	t.Cleanup(func() { unpublishAndUnstage(t, td, pv) })
+	return pv
+}
+
+// stageAndPublishNoCleanup is stageAndPublish for a test that unpublishes
+// and unstages the volume itself.
+func stageAndPublishNoCleanup(t *testing.T, td *testDriver, env *testEnv, id string, vc *csi.VolumeCapability) publishedVolume {
 	t.Helper()
 	pv := publishedVolume{
 		id:      id,
@@ -63,7 +74,6 @@ func stageAndPublish(t *testing.T, td *testDriver, env *testEnv, id string, vc *
 	}); err != nil {
 		t.Fatalf("NodePublishVolume %s: %v", id, err)
 	}
-	t.Cleanup(func() { unpublishAndUnstage(t, td, pv) })
 	return pv
 }
 
@@ -149,9 +159,7 @@ func writeNoSync(t *testing.T, path string, data []byte) {
 // volume restored from a snapshot taken right after, because
 // CreateSnapshot freezes the filesystem first.
 func TestSnapshotOfUnsyncedFile(t *testing.T) {
-	testutil.RequireRoot(t, nodeNeeds...)
-	env := newTestEnv(t)
-	td := startDriver(t, env)
+	env, td := startNodeDriver(t)
 
 	src := createVolume(t, td, &csi.CreateVolumeRequest{Name: "pvc-source"})
 	pv := stageAndPublish(t, td, env, src.GetVolumeId(), mountCap(rwo, "ext4"))

@@ -62,12 +62,9 @@ func (n *nodeService) NodeGetVolumeHealth(ctx context.Context, req *csi.NodeGetV
 	if err := checkID("volume ID", id); err != nil {
 		return nil, err
 	}
-	sv := n.get(id)
-	if sv == nil {
-		if _, err := n.engine().GetVolume(id); err != nil {
-			return nil, toStatus(rpcNodeVolumeHealth, err)
-		}
-		return nil, status.Errorf(codes.NotFound, "volume %s is not staged on this node", id)
+	sv, err := n.staged(rpcNodeVolumeHealth, id, codes.NotFound)
+	if err != nil {
+		return nil, err
 	}
 	health := &csi.VolumeHealth{VolumeId: id}
 	bad := func(reason, msg string) {

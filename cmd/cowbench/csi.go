@@ -2,8 +2,6 @@ package main
 
 import (
 	"context"
-	"errors"
-	"flag"
 	"fmt"
 	"io"
 	"time"
@@ -12,9 +10,7 @@ import (
 )
 
 func runCSI(ctx context.Context, args []string, stdout, stderr io.Writer) int {
-	fs := flag.NewFlagSet("csi", flag.ContinueOnError)
-	var c common
-	c.addFlags(fs, "1Gi,16Gi,256Gi")
+	fs, c := newFlags("csi", "1Gi,16Gi,256Gi")
 	cfg := csimode.Config{Online: true, ReadyPoll: 100 * time.Millisecond}
 	write := quantity(64 << 20)
 	var params, snapParams keyValues
@@ -44,8 +40,7 @@ func runCSI(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 			fmt.Fprintln(stderr, "cowbench csi: no --endpoint: starting cowcsi on a temporary store (--start-driver)")
 		}
 	}
-	cfg.Sizes, cfg.Concurrency, cfg.Volumes, cfg.Snapshots = c.sizes, c.concurrency, c.volumes, c.snapshots
-	cfg.Access, cfg.Clone, cfg.Write = c.access, c.clone, int64(write)
+	cfg.Plan, cfg.Write = c.plan(), int64(write)
 	cfg.Parameters, cfg.SnapshotParameters = params, snapParams
 	cfg.OpTimeout, cfg.CleanupTimeout = c.opTimeout, c.cleanupTimeout
 	if err := cfg.Validate(); err != nil {
@@ -55,12 +50,5 @@ func runCSI(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 	ctx, cancel := withTimeout(ctx, c.timeout)
 	defer cancel()
 	res, err := csimode.Run(ctx, cfg, newProgress(stderr, c.quiet))
-	if res == nil {
-		if err == nil {
-			err = errors.New("no result")
-		}
-		fmt.Fprintf(stderr, "cowbench csi: %v\n", err)
-		return exitSetup
-	}
-	return finish(res, err, &c, stdout, stderr, "cowbench csi")
+	return finish(res, err, exitSetup, c, stdout, stderr, "cowbench csi")
 }

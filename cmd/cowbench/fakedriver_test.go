@@ -3,6 +3,7 @@ package main
 import (
 	"context"
 	"fmt"
+	"maps"
 	"net"
 	"path/filepath"
 	"sync"
@@ -120,11 +121,7 @@ func (d *fakeDriver) has(m map[string]string, id string) bool {
 func (d *fakeDriver) DeleteVolume(_ context.Context, req *csi.DeleteVolumeRequest) (*csi.DeleteVolumeResponse, error) {
 	d.mu.Lock()
 	defer d.mu.Unlock()
-	for name, id := range d.vols {
-		if id == req.GetVolumeId() {
-			delete(d.vols, name)
-		}
-	}
+	maps.DeleteFunc(d.vols, func(_, id string) bool { return id == req.GetVolumeId() })
 	return &csi.DeleteVolumeResponse{}, nil
 }
 
@@ -153,10 +150,6 @@ func (d *fakeDriver) DeleteSnapshot(_ context.Context, req *csi.DeleteSnapshotRe
 	}
 	d.mu.Lock()
 	defer d.mu.Unlock()
-	for name, id := range d.snaps {
-		if id == req.GetSnapshotId() {
-			delete(d.snaps, name)
-		}
-	}
+	maps.DeleteFunc(d.snaps, func(_, id string) bool { return id == req.GetSnapshotId() })
 	return &csi.DeleteSnapshotResponse{}, nil
 }

@@ -170,6 +170,20 @@ type common struct {
 	quiet          bool
 }
 
+// plan is what the common flags ask to measure.
+func (c *common) plan() bench.Plan {
+	return bench.Plan{Sizes: c.sizes, Concurrency: c.concurrency, Volumes: c.volumes, Snapshots: c.snapshots,
+		Access: c.access, Clone: c.clone}
+}
+
+// newFlags returns the flag set of a mode with the common flags added.
+func newFlags(mode, defaultSizes string) (*flag.FlagSet, *common) {
+	fs := flag.NewFlagSet(mode, flag.ContinueOnError)
+	c := &common{}
+	c.addFlags(fs, defaultSizes)
+	return fs, c
+}
+
 func (c *common) addFlags(fs *flag.FlagSet, defaultSizes string) {
 	c.sizes = quantities{}
 	_ = c.sizes.Set(defaultSizes)

@@ -3,7 +3,6 @@ package main
 import (
 	"context"
 	"errors"
-	"flag"
 	"fmt"
 	"io"
 	"sync/atomic"
@@ -13,9 +12,7 @@ import (
 )
 
 func runK8s(ctx context.Context, args []string, stdout, stderr io.Writer) int {
-	fs := flag.NewFlagSet("k8s", flag.ContinueOnError)
-	var c common
-	c.addFlags(fs, "1Gi,16Gi")
+	fs, c := newFlags("k8s", "1Gi,16Gi")
 	cfg := k8smode.Config{}
 	var write quantity
 	fs.StringVar(&cfg.Kubeconfig, "kubeconfig", "", "kubeconfig file (default: $KUBECONFIG, then ~/.kube/config, then in-cluster)")
@@ -37,8 +34,7 @@ func runK8s(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 	if code, ok := parse(fs, args, stderr); !ok {
 		return code
 	}
-	cfg.Sizes, cfg.Concurrency, cfg.Volumes, cfg.Snapshots = c.sizes, c.concurrency, c.volumes, c.snapshots
-	cfg.Access, cfg.Clone, cfg.Write = c.access, c.clone, int64(write)
+	cfg.Plan, cfg.Write = c.plan(), int64(write)
 	cfg.OpTimeout, cfg.CleanupTimeout = c.opTimeout, c.cleanupTimeout
 	if err := cfg.Validate(); err != nil {
 		fmt.Fprintf(stderr, "cowbench k8s: %v\n", err)
@@ -55,15 +51,9 @@ func runK8s(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 		return ""
 	}
 	res, err := k8smode.Run(ctx, cfg, newProgress(stderr, c.quiet), func(n string) { ns.Store(n) })
-	if res == nil {
-		if err == nil {
-			err = errors.New("no result")
-		}
-		fmt.Fprintf(stderr, "cowbench k8s: %v\n", err)
-		if errors.Is(err, k8smode.ErrSetup) {
-			return exitSetup
-		}
-		return exitFailed
+	noResult := exitFailed // the run failed after it started
+	if errors.Is(err, k8smode.ErrSetup) {
+		noResult = exitSetup
 	}
-	return finish(res, err, &c, stdout, stderr, "cowbench k8s")
+	return finish(res, err, noResult, c, stdout, stderr, "cowbench k8s")
 }

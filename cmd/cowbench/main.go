@@ -139,37 +139,44 @@ func newProgress(stderr io.Writer, quiet bool) *bench.Progress {
 
 // finish writes the result in every format asked for and returns the exit
 // code: runErr is what went wrong besides failed operations (cleanup).
-func finish(res *bench.Result, runErr error, c *common, stdout, stderr io.Writer, prefix string) int {
+// Without a result (the run did not start) it reports runErr and returns
+// noResult.
+func finish(res *bench.Result, runErr error, noResult int, c *common, stdout, stderr io.Writer, prefix string) int {
+	if res == nil {
+		if runErr == nil {
+			runErr = errors.New("no result")
+		}
+		fmt.Fprintf(stderr, "%s: %v\n", prefix, runErr)
+		return noResult
+	}
 	code := exitOK
-	if res != nil {
-		for _, o := range c.outputs {
-			if err := writeOutput(res, o, stdout); err != nil {
-				fmt.Fprintf(stderr, "%s: --output %s: %v\n", prefix, o.format, err)
-				code = exitFailed
-			}
-		}
-		if c.plot != "" {
-			if err := report.Plot(c.plot, res); err != nil {
-				fmt.Fprintf(stderr, "%s: --plot: %v\n", prefix, err)
-				code = exitFailed
-			}
-		}
-		if res.Failed() {
-			n := 0
-			for _, r := range res.Rows {
-				n += r.Errors
-			}
-			noun := "operations"
-			if n == 1 {
-				noun = "operation"
-			}
-			fmt.Fprintf(stderr, "%s: %d %s failed\n", prefix, n, noun)
+	for _, o := range c.outputs {
+		if err := writeOutput(res, o, stdout); err != nil {
+			fmt.Fprintf(stderr, "%s: --output %s: %v\n", prefix, o.format, err)
 			code = exitFailed
 		}
-		if res.Interrupted != "" {
-			fmt.Fprintf(stderr, "%s: the run did not complete: %s\n", prefix, res.Interrupted)
+	}
+	if c.plot != "" {
+		if err := report.Plot(c.plot, res); err != nil {
+			fmt.Fprintf(stderr, "%s: --plot: %v\n", prefix, err)
 			code = exitFailed
 		}
+	}
+	if res.Failed() {
+		n := 0
+		for _, r := range res.Rows {
+			n += r.Errors
+		}
+		noun := "operations"
+		if n == 1 {
+			noun = "operation"
+		}
+		fmt.Fprintf(stderr, "%s: %d %s failed\n", prefix, n, noun)
+		code = exitFailed
+	}
+	if res.Interrupted != "" {
+		fmt.Fprintf(stderr, "%s: the run did not complete: %s\n", prefix, res.Interrupted)
+		code = exitFailed
 	}
 	if runErr != nil {
 		fmt.Fprintf(stderr, "%s: %v\n", prefix, runErr)

@@ -124,11 +124,11 @@ func TestCrashRecovery(t *testing.T) {
 	t.Cleanup(func() {
 		// Loops still on the plugin's FUSE files (a failed run) would
 		// outlive the FUSE mount under a short name: note them first.
-		left := loopsUnder(root)
+		left, _ := loopdev.BindingsUnder(root)
 		p2.term(t)
-		for dev, backing := range left {
-			if c, err := loopdev.BackingFileOf(dev); err == nil && (c == backing || c == "/"+filepath.Base(backing)) {
-				clearLoop(t, dev)
+		for _, b := range left {
+			if c, err := loopdev.BackingFileOf(b.Path); err == nil && (c == b.BackingFile || c == "/"+filepath.Base(b.BackingFile)) {
+				clearLoop(t, b.Path)
 			}
 		}
 	})
@@ -150,21 +150,11 @@ func TestCrashRecovery(t *testing.T) {
 // cleanupUnder detaches loop devices backed below root and every mount
 // below root: what a failed run may leave.
 func cleanupUnder(t *testing.T, root string) {
-	for dev := range loopsUnder(root) {
-		clearLoop(t, dev)
-	}
-	testutil.UnmountAll(t, root)
-}
-
-// loopsUnder maps /dev/loopN to its backing file for loop devices backed
-// by a file below root.
-func loopsUnder(root string) map[string]string {
-	out := map[string]string{}
 	bound, _ := loopdev.BindingsUnder(root)
 	for _, b := range bound {
-		out[b.Path] = b.BackingFile
+		clearLoop(t, b.Path)
 	}
-	return out
+	testutil.UnmountAll(t, root)
 }
 
 func clearLoop(t *testing.T, dev string) {

@@ -13,6 +13,15 @@ import (
 	"golang.org/x/sys/unix"
 )
 
+// loopOnMemFile serves a memFile of size bytes as "vol" on s and attaches
+// a loop device to it.
+func loopOnMemFile(t *testing.T, s *Server, size int) (*memFile, *loopdev.Device) {
+	t.Helper()
+	m := newMemFile(size)
+	add(t, s, "vol", m, false)
+	return m, attachLoop(t, s.Path("vol"), false)
+}
+
 // attachLoop attaches a loop device to path with cowcsi's settings and
 // detaches it on every path out of the test.
 func attachLoop(t *testing.T, path string, readOnly bool) *loopdev.Device {
@@ -82,9 +91,7 @@ func testExt4OnLoop(t *testing.T, o Options) {
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
 	defer cancel()
 
-	m := newMemFile(64 << 20)
-	add(t, s, "vol", m, false)
-	dev := attachLoop(t, s.Path("vol"), false)
+	m, dev := loopOnMemFile(t, s, 64<<20)
 	if !dev.DirectIO() {
 		t.Errorf("loop device on the FUSE file fell back to buffered I/O")
 	}
@@ -137,9 +144,7 @@ func TestLoopResize(t *testing.T) { eachTransport(t, testLoopResize) }
 
 func testLoopResize(t *testing.T, o Options) {
 	s := mount(t, o)
-	m := newMemFile(8 << 20)
-	add(t, s, "vol", m, false)
-	dev := attachLoop(t, s.Path("vol"), false)
+	m, dev := loopOnMemFile(t, s, 8<<20)
 
 	m.grow(24 << 20)
 	if err := s.Resized("vol"); err != nil {
@@ -163,9 +168,7 @@ func TestUnmountWhileAttached(t *testing.T) { eachTransport(t, testUnmountWhileA
 
 func testUnmountWhileAttached(t *testing.T, o Options) {
 	s := mount(t, o)
-	m := newMemFile(4 << 20)
-	add(t, s, "vol", m, false)
-	dev := attachLoop(t, s.Path("vol"), false)
+	m, dev := loopOnMemFile(t, s, 4<<20)
 
 	if err := s.Unmount(); err != nil {
 		t.Fatalf("Unmount while a loop device is attached: %v", err)

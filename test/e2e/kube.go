@@ -166,40 +166,35 @@ func until[T runtime.Object](ctx context.Context, lw cache.ListerWatcher, obj T,
 	return ev.Object.(T), nil
 }
 
-func byName(name string) func(*metav1.ListOptions) {
-	return func(o *metav1.ListOptions) {
-		o.FieldSelector = fields.OneTermEqualSelector("metadata.name", name).String()
+// listWatch is a ListerWatcher over the objects of one kind that match the
+// field selector sel; list and watch are the typed client's List and Watch.
+func listWatch[L runtime.Object](sel fields.Selector,
+	list func(context.Context, metav1.ListOptions) (L, error),
+	watchFn func(context.Context, metav1.ListOptions) (watch.Interface, error),
+) cache.ListerWatcher {
+	return &cache.ListWatch{
+		ListWithContextFunc: func(ctx context.Context, o metav1.ListOptions) (runtime.Object, error) {
+			o.FieldSelector = sel.String()
+			return list(ctx, o)
+		},
+		WatchFuncWithContext: func(ctx context.Context, o metav1.ListOptions) (watch.Interface, error) {
+			o.FieldSelector = sel.String()
+			return watchFn(ctx, o)
+		},
 	}
 }
 
+// byName selects the object named name.
+func byName(name string) fields.Selector { return fields.OneTermEqualSelector("metadata.name", name) }
+
 func (ns *testNS) pvcLW(name string) cache.ListerWatcher {
 	api := ns.c.kube.CoreV1().PersistentVolumeClaims(ns.name)
-	sel := byName(name)
-	return &cache.ListWatch{
-		ListWithContextFunc: func(ctx context.Context, o metav1.ListOptions) (runtime.Object, error) {
-			sel(&o)
-			return api.List(ctx, o)
-		},
-		WatchFuncWithContext: func(ctx context.Context, o metav1.ListOptions) (watch.Interface, error) {
-			sel(&o)
-			return api.Watch(ctx, o)
-		},
-	}
+	return listWatch(byName(name), api.List, api.Watch)
 }
 
 func (ns *testNS) snapshotLW(name string) cache.ListerWatcher {
 	api := ns.c.snap.SnapshotV1().VolumeSnapshots(ns.name)
-	sel := byName(name)
-	return &cache.ListWatch{
-		ListWithContextFunc: func(ctx context.Context, o metav1.ListOptions) (runtime.Object, error) {
-			sel(&o)
-			return api.List(ctx, o)
-		},
-		WatchFuncWithContext: func(ctx context.Context, o metav1.ListOptions) (watch.Interface, error) {
-			sel(&o)
-			return api.Watch(ctx, o)
-		},
-	}
+	return listWatch(byName(name), api.List, api.Watch)
 }
 
 // waitBound waits for the claim to be Bound and returns it with its PV.
@@ -261,17 +256,7 @@ func (c *cluster) waitEvent(ctx context.Context, namespace, kind, name string, r
 	ctx, cancel := context.WithTimeout(ctx, defaultTimeout)
 	defer cancel()
 	api := c.kube.CoreV1().Events(namespace)
-	sel := fields.Set{"involvedObject.kind": kind, "involvedObject.name": name}.String()
-	lw := &cache.ListWatch{
-		ListWithContextFunc: func(ctx context.Context, o metav1.ListOptions) (runtime.Object, error) {
-			o.FieldSelector = sel
-			return api.List(ctx, o)
-		},
-		WatchFuncWithContext: func(ctx context.Context, o metav1.ListOptions) (watch.Interface, error) {
-			o.FieldSelector = sel
-			return api.Watch(ctx, o)
-		},
-	}
+	lw := listWatch(fields.Set{"involvedObject.kind": kind, "involvedObject.name": name}.AsSelector(), api.List, api.Watch)
 	ev, err := until(ctx, lw, &corev1.Event{}, func(e *corev1.Event) (bool, error) {
 		for _, r := range reasons {
 			if e.Reason == r {

@@ -247,3 +247,18 @@ func Each[T any](ctx context.Context, rec *Recorder, ph Phase, items []T, fn fun
 	}
 	return ok
 }
+
+// Rounds runs rounds phases ph one after the other: round k runs fn on
+// mk(src, k) for every src. It returns the items fn succeeded on, round
+// after round.
+func Rounds[S, T any](ctx context.Context, rec *Recorder, ph Phase, rounds int, srcs []S, mk func(src S, round int) T, fn func(context.Context, T) error) []T {
+	var ok []T
+	for k := range rounds {
+		round := make([]T, len(srcs))
+		for i, src := range srcs {
+			round[i] = mk(src, k)
+		}
+		ok = append(ok, Each(ctx, rec, ph, round, fn)...)
+	}
+	return ok
+}

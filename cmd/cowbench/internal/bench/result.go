@@ -5,6 +5,7 @@
 package bench
 
 import (
+	"context"
 	"math"
 	"slices"
 	"time"
@@ -59,6 +60,15 @@ type Result struct {
 	Notes       []string  `json:"notes,omitempty"`
 	Errors      []Failure `json:"errors,omitempty"`
 	Interrupted string    `json:"interrupted,omitempty"` // why the run stopped early
+}
+
+// End records how long the run took since Started, and why ctx ended it
+// early if it did.
+func (r *Result) End(ctx context.Context) {
+	if ctx.Err() != nil {
+		r.Interrupted = context.Cause(ctx).Error()
+	}
+	r.Seconds = time.Since(r.Started).Seconds()
 }
 
 // Setting is one parameter of the run, shown above the table.

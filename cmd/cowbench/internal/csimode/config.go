@@ -13,12 +13,6 @@ import (
 	"github.com/cowcsi/cowcsi/cmd/cowbench/internal/bench"
 )
 
-// Access types of the volumes.
-const (
-	AccessBlock = "block"
-	AccessMount = "mount"
-)
-
 // Config is what a run measures and against what.
 type Config struct {
 	// Endpoint of the driver: unix:///path/csi.sock, /path/csi.sock, or
@@ -38,15 +32,13 @@ type Config struct {
 	// container needs paths it sees, such as /var/lib/kubelet.
 	StagingDir string
 
-	bench.Plan
-	Write  int64 // bytes written to each source volume before its snapshots
-	Access string
-	FsType string // for mount access; empty: the driver's default
+	bench.Plan        // Clone is honoured when the driver can clone
+	Write      int64  // bytes written to each source volume before its snapshots
+	FsType     string // for mount access; empty: the driver's default
 	// Online takes the snapshots while the source volumes are staged and
 	// published, as with a running pod; otherwise they are unpublished and
 	// unstaged first.
 	Online             bool
-	Clone              bool // measure clones when the driver can clone
 	Parameters         map[string]string
 	SnapshotParameters map[string]string
 
@@ -68,11 +60,6 @@ func (c *Config) Validate() error {
 		errs = append(errs, errors.New("--endpoint and --start-driver exclude each other"))
 	}
 	errs = append(errs, c.Plan.Validate()...)
-	switch c.Access {
-	case AccessBlock, AccessMount:
-	default:
-		errs = append(errs, fmt.Errorf("--access %q: want block or mount", c.Access))
-	}
 	if c.Write < 0 {
 		errs = append(errs, errors.New("--write must not be negative"))
 	}
@@ -82,7 +69,7 @@ func (c *Config) Validate() error {
 			smallest = min(smallest, s)
 		}
 		limit, what := smallest, "the smallest volume"
-		if c.Access == AccessMount {
+		if c.Access == bench.AccessMount {
 			// A filesystem keeps some of the volume for itself.
 			limit, what = smallest*3/4, "3/4 of the smallest volume (the filesystem needs the rest)"
 		}

@@ -161,7 +161,7 @@ func (r *runner) attachAndWrite(ctx context.Context, phase func(string, int) ben
 	return bench.Each(ctx, r.rec, ph, vols, func(ctx context.Context, v *volume) error {
 		h := fnv.New64a()
 		h.Write([]byte(v.name))
-		return writeData(ctx, v.target, r.cfg.Write, r.cfg.Access == AccessBlock, h.Sum64())
+		return writeData(ctx, v.target, r.cfg.Write, r.cfg.Access == bench.AccessBlock, h.Sum64())
 	})
 }
 

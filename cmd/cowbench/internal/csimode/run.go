@@ -93,26 +93,9 @@ func Run(ctx context.Context, cfg Config, prog *bench.Progress) (res *bench.Resu
 	defer d.Close()
 
 	r, notes := newRunner(cfg, d, prog, workDir)
-	prog.AddTotal(r.plannedOps())
-	defer func() {
-		// Clean up on every path, with a context of its own: ctx may have
-		// ended, and what was created must still go.
-		cctx, cancel := context.WithTimeout(context.Background(), cfg.CleanupTimeout)
-		defer cancel()
-		if cerr := r.cleanup(cctx); cerr != nil {
-			err = errors.Join(err, fmt.Errorf("cleanup: %w", cerr))
-		}
-	}()
-
-	for _, size := range cfg.Sizes {
-		for _, conc := range cfg.Concurrency {
-			if ctx.Err() != nil {
-				break
-			}
-			r.cell(ctx, size, conc)
-		}
-	}
-	prog.Finish()
+	prog.AddTotal(cfg.Total(r.cellOps))
+	defer bench.CleanUp(&err, cfg.CleanupTimeout, r.cleanup)
+	cfg.Measure(ctx, prog, r.cell)
 	return r.result(ctx, started, notes), nil
 }
 
@@ -173,7 +156,7 @@ func newRunner(cfg Config, d *driverConn, prog *bench.Progress, workDir string) 
 		r.kubelet = filepath.Join(workDir, "kubelet")
 	}
 	r.cap = &csi.VolumeCapability{AccessMode: &csi.VolumeCapability_AccessMode{Mode: csi.VolumeCapability_AccessMode_SINGLE_NODE_WRITER}}
-	if cfg.Access == AccessBlock {
+	if cfg.Access == bench.AccessBlock {
 		r.cap.AccessType = &csi.VolumeCapability_Block{Block: &csi.VolumeCapability_BlockVolume{}}
 	} else {
 		r.cap.AccessType = &csi.VolumeCapability_Mount{Mount: &csi.VolumeCapability_MountVolume{FsType: cfg.FsType}}
@@ -202,10 +185,7 @@ func (r *runner) result(ctx context.Context, started time.Time, notes []string) 
 	}
 	res := &bench.Result{Mode: "csi", Target: r.target(), Command: os.Args, Started: started,
 		Settings: r.settings(), Rows: r.rec.Rows(), Notes: notes, Errors: r.rec.Failures()}
-	if ctx.Err() != nil {
-		res.Interrupted = context.Cause(ctx).Error()
-	}
-	res.Seconds = time.Since(started).Seconds()
+	res.End(ctx)
 	return res
 }
 
@@ -221,37 +201,21 @@ func (r *runner) target() string {
 }
 
 func (r *runner) settings() []bench.Setting {
-	var sizes, concs []string
-	for _, s := range r.cfg.Sizes {
-		sizes = append(sizes, bench.SizeLabel(s))
-	}
-	for _, c := range r.cfg.Concurrency {
-		concs = append(concs, fmt.Sprint(c))
-	}
-	var vols []string
-	for _, c := range r.cfg.Concurrency {
-		vols = append(vols, fmt.Sprintf("%d at concurrency %d", r.cfg.VolumesFor(c), c))
-	}
 	write := "nothing"
 	if r.cfg.Write > 0 {
 		how := "to a file through the page cache, then fsync"
-		if r.cfg.Access == AccessBlock {
+		if r.cfg.Access == bench.AccessBlock {
 			how = "to the block device with O_DIRECT, then fsync"
 		}
 		write = fmt.Sprintf("%s of random data per source volume, %s", bench.SizeLabel(r.cfg.Write), how)
 	}
 	access := r.cfg.Access
-	if r.cfg.Access == AccessMount {
+	if r.cfg.Access == bench.AccessMount {
 		access += " (fs " + orDefault(r.cfg.FsType, "driver default") + ")"
 	}
-	s := []bench.Setting{
-		{Name: "sizes", Value: strings.Join(sizes, ", ")},
-		{Name: "concurrency", Value: strings.Join(concs, ", ")},
-		{Name: "volumes", Value: "per size: " + strings.Join(vols, ", ")},
-		{Name: "snapshots", Value: fmt.Sprintf("%d per source volume, each restored once", r.cfg.Snapshots)},
-		{Name: "access", Value: access},
-		{Name: "written", Value: write},
-	}
+	s := append(r.cfg.Settings(),
+		bench.Setting{Name: "access", Value: access},
+		bench.Setting{Name: "written", Value: write})
 	if r.cfg.Write > 0 {
 		online := "while staged and published (as with a running pod)"
 		if !r.cfg.Online {
@@ -268,30 +232,24 @@ func (r *runner) settings() []bench.Setting {
 	return s
 }
 
-// plannedOps counts the operations of the whole run, for the progress bar.
-func (r *runner) plannedOps() int {
-	total := 0
-	for range r.cfg.Sizes {
-		for _, c := range r.cfg.Concurrency {
-			n, s := r.cfg.VolumesFor(c), r.cfg.Snapshots
-			ops := n + n*s + n*s + n*s + n + n*s // create, snapshot, restore, delete snapshot, delete volumes
-			if r.clone {
-				ops += 2 * n
-			}
-			if r.cfg.Write > 0 {
-				perVol := 3 // publish, write, unpublish
-				if r.d.staged() {
-					perVol += 2
-				}
-				if r.attach {
-					perVol += 2
-				}
-				ops += n * perVol
-			}
-			total += ops
-		}
+// cellOps counts the operations of one cell at concurrency level conc.
+func (r *runner) cellOps(conc int) int {
+	n, s := r.cfg.VolumesFor(conc), r.cfg.Snapshots
+	ops := n + n*s + n*s + n*s + n + n*s // create, snapshot, restore, delete snapshot, delete volumes
+	if r.clone {
+		ops += 2 * n
 	}
-	return total
+	if r.cfg.Write > 0 {
+		perVol := 3 // publish, write, unpublish
+		if r.d.staged() {
+			perVol += 2
+		}
+		if r.attach {
+			perVol += 2
+		}
+		ops += n * perVol
+	}
+	return ops
 }
 
 // cell measures one volume size at one concurrency level.
@@ -319,14 +277,9 @@ func (r *runner) cell(ctx context.Context, size int64, conc int) {
 		}
 	}
 
-	var snaps []*snapshot
-	for k := range nsnap {
-		round := make([]*snapshot, len(written))
-		for i, v := range written {
-			round[i] = &snapshot{name: fmt.Sprintf("%s-s%d", v.name, k), src: v}
-		}
-		snaps = append(snaps, bench.Each(ctx, r.rec, phase(bench.OpCreateSnapshot, n), round, r.createSnapshot)...)
-	}
+	snaps := bench.Rounds(ctx, r.rec, phase(bench.OpCreateSnapshot, n), nsnap, written, func(v *volume, k int) *snapshot {
+		return &snapshot{name: fmt.Sprintf("%s-s%d", v.name, k), src: v}
+	}, r.createSnapshot)
 	if r.cfg.Write > 0 && r.cfg.Online {
 		r.detach(ctx, phase, n, sources)
 	}
@@ -401,7 +354,7 @@ func joinMap(m map[string]string) string {
 // stagingPath and targetPath follow the kubelet's layout, so a driver sees
 // the paths it sees in a cluster.
 func (r *runner) stagingPath(v *volume) string {
-	if r.cfg.Access == AccessBlock {
+	if r.cfg.Access == bench.AccessBlock {
 		return filepath.Join(r.kubelet, "plugins/kubernetes.io/csi/volumeDevices/staging", v.name)
 	}
 	sum := sha256.Sum256([]byte(v.id))
@@ -409,7 +362,7 @@ func (r *runner) stagingPath(v *volume) string {
 }
 
 func (r *runner) targetPath(v *volume) string {
-	if r.cfg.Access == AccessBlock {
+	if r.cfg.Access == bench.AccessBlock {
 		return filepath.Join(r.kubelet, "plugins/kubernetes.io/csi/volumeDevices/publish", v.name, r.podUID)
 	}
 	return filepath.Join(r.kubelet, "pods", r.podUID, "volumes/kubernetes.io~csi", v.name, "mount")

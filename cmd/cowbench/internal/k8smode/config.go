@@ -14,12 +14,6 @@ import (
 	"github.com/cowcsi/cowcsi/cmd/cowbench/internal/bench"
 )
 
-// Access types, as volumeMode.
-const (
-	AccessBlock = "block"
-	AccessMount = "mount"
-)
-
 // Config is what a run measures and where.
 type Config struct {
 	Kubeconfig string // empty: $KUBECONFIG, then ~/.kube/config, then in-cluster
@@ -37,9 +31,7 @@ type Config struct {
 	WriterImage string
 	Write       int64
 
-	bench.Plan
-	Access string
-	Clone  bool
+	bench.Plan // Access becomes the claims' volumeMode
 
 	// NamespacePrefix starts the generated namespace name.
 	NamespacePrefix string
@@ -58,11 +50,6 @@ func (c *Config) Validate() error {
 		errs = append(errs, errors.New("--snapshot-class is required"))
 	}
 	errs = append(errs, c.Plan.Validate()...)
-	switch c.Access {
-	case AccessBlock, AccessMount:
-	default:
-		errs = append(errs, fmt.Errorf("--access %q: want block or mount", c.Access))
-	}
 	if c.Write > 0 && !c.WriterPod {
 		errs = append(errs, errors.New("--write needs --writer-pod: in k8s mode the data is written by a pod"))
 	}

@@ -14,6 +14,7 @@ import (
 	snapfake "github.com/kubernetes-csi/external-snapshotter/client/v8/clientset/versioned/fake"
 	corev1 "k8s.io/api/core/v1"
 	storagev1 "k8s.io/api/storage/v1"
+	"k8s.io/apimachinery/pkg/api/meta"
 	"k8s.io/apimachinery/pkg/api/resource"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/runtime"
@@ -163,38 +164,35 @@ func (f *fakeCluster) namespace(ctx context.Context, e watch.Event) {
 	}
 }
 
-// empty returns what is left of cowbench's objects: namespaces, claims,
+// left returns what is left of cowbench's objects: namespaces, claims,
 // PVs, snapshots and contents.
 func (f *fakeCluster) left(t *testing.T) []string {
 	t.Helper()
-	ctx := context.Background()
+	ctx, all := context.Background(), metav1.ListOptions{}
+	nss, _ := f.kube.CoreV1().Namespaces().List(ctx, all)
+	pvcs, _ := f.kube.CoreV1().PersistentVolumeClaims("").List(ctx, all)
+	pvs, _ := f.kube.CoreV1().PersistentVolumes().List(ctx, all)
+	vss, _ := f.snap.SnapshotV1().VolumeSnapshots("").List(ctx, all)
+	vscs, _ := f.snap.SnapshotV1().VolumeSnapshotContents().List(ctx, all)
 	var left []string
-	nss, _ := f.kube.CoreV1().Namespaces().List(ctx, metav1.ListOptions{})
-	for _, n := range nss.Items {
-		left = append(left, "namespace "+n.Name)
-	}
-	pvcs, _ := f.kube.CoreV1().PersistentVolumeClaims("").List(ctx, metav1.ListOptions{})
-	for _, p := range pvcs.Items {
-		left = append(left, "PVC "+p.Name)
-	}
-	pvs, _ := f.kube.CoreV1().PersistentVolumes().List(ctx, metav1.ListOptions{})
-	for _, p := range pvs.Items {
-		left = append(left, "PV "+p.Name)
-	}
-	vss, _ := f.snap.SnapshotV1().VolumeSnapshots("").List(ctx, metav1.ListOptions{})
-	for _, v := range vss.Items {
-		left = append(left, "VolumeSnapshot "+v.Name)
-	}
-	vscs, _ := f.snap.SnapshotV1().VolumeSnapshotContents().List(ctx, metav1.ListOptions{})
-	for _, v := range vscs.Items {
-		left = append(left, "VolumeSnapshotContent "+v.Name)
+	for _, l := range []struct {
+		kind string
+		list runtime.Object
+	}{{"namespace", nss}, {"PVC", pvcs}, {"PV", pvs}, {"VolumeSnapshot", vss}, {"VolumeSnapshotContent", vscs}} {
+		items, err := meta.ExtractList(l.list)
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, o := range items {
+			left = append(left, l.kind+" "+name(o))
+		}
 	}
 	return left
 }
 
 func testConfig() Config {
 	return Config{StorageClass: "fast", SnapshotClass: "snaps",
-		Plan: bench.Plan{Sizes: []int64{1 << 30, 4 << 30}, Concurrency: []int{1, 3}, Volumes: 3, Snapshots: 2}, Access: AccessBlock, Clone: true, NamespacePrefix: "cowbench-",
+		Plan: bench.Plan{Sizes: []int64{1 << 30, 4 << 30}, Concurrency: []int{1, 3}, Volumes: 3, Snapshots: 2, Access: bench.AccessBlock, Clone: true}, NamespacePrefix: "cowbench-",
 		ConnectTimeout: 10 * time.Second, OpTimeout: 10 * time.Second, CleanupTimeout: 10 * time.Second}
 }
 

@@ -2,7 +2,6 @@ package k8smode
 
 import (
 	"context"
-	"errors"
 	"fmt"
 	"os"
 	"regexp"
@@ -101,28 +100,13 @@ func run(ctx context.Context, cfg Config, c *clients, started time.Time, prog *b
 	r := &runner{cfg: cfg, c: c, cl: cl, ns: ns.Name, prog: prog, rec: bench.NewRecorder(cfg.OpTimeout, prog), t: newTracker()}
 	stop := make(chan struct{})
 	defer close(stop) // after the cleanup, which waits on the informers
-	defer func() {
-		cctx, cancel := context.WithTimeout(context.Background(), cfg.CleanupTimeout)
-		defer cancel()
-		if cerr := r.cleanup(cctx); cerr != nil {
-			err = errors.Join(err, fmt.Errorf("cleanup: %w", cerr))
-		}
-	}()
+	defer bench.CleanUp(&err, cfg.CleanupTimeout, r.cleanup)
 	if err := r.startInformers(ctx, stop); err != nil {
 		return nil, err
 	}
-	prog.AddTotal(r.plannedOps())
+	prog.AddTotal(cfg.Total(r.cellOps))
 	prog.Printf("namespace %s", r.ns)
-
-	for _, size := range cfg.Sizes {
-		for _, conc := range cfg.Concurrency {
-			if ctx.Err() != nil {
-				break
-			}
-			r.cell(ctx, size, conc)
-		}
-	}
-	prog.Finish()
+	cfg.Measure(ctx, prog, r.cell)
 
 	res = &bench.Result{Mode: "k8s", Command: os.Args, Started: started, Rows: r.rec.Rows(), Errors: r.rec.Failures(),
 		Target:   fmt.Sprintf("%s at %s, storage class %s (%s), snapshot class %s", version, c.config.Host, cl.sc.Name, cl.sc.Provisioner, cl.vsc.Name),
@@ -130,10 +114,7 @@ func run(ctx context.Context, cfg Config, c *clients, started time.Time, prog *b
 	if cfg.Clone {
 		res.Notes = append(res.Notes, "clone: whether the driver can clone is not visible through Kubernetes; a driver that cannot leaves clones Pending until --op-timeout")
 	}
-	if ctx.Err() != nil {
-		res.Interrupted = context.Cause(ctx).Error()
-	}
-	res.Seconds = time.Since(started).Seconds()
+	res.End(ctx)
 	return res, nil
 }
 
@@ -175,26 +156,13 @@ func (r *runner) startInformers(ctx context.Context, stop chan struct{}) error {
 }
 
 func (r *runner) settings() []bench.Setting {
-	var sizes, concs, vols []string
-	for _, s := range r.cfg.Sizes {
-		sizes = append(sizes, bench.SizeLabel(s))
-	}
-	for _, c := range r.cfg.Concurrency {
-		concs = append(concs, fmt.Sprint(c))
-		vols = append(vols, fmt.Sprintf("%d at concurrency %d", r.cfg.VolumesFor(c), c))
-	}
 	mode := "Block"
-	if r.cfg.Access == AccessMount {
+	if r.cfg.Access == bench.AccessMount {
 		mode = "Filesystem"
 	}
-	s := []bench.Setting{
-		{Name: "namespace", Value: r.ns + " (deleted at the end)"},
-		{Name: "sizes", Value: strings.Join(sizes, ", ")},
-		{Name: "concurrency", Value: strings.Join(concs, ", ")},
-		{Name: "volumes", Value: "per size: " + strings.Join(vols, ", ")},
-		{Name: "snapshots", Value: fmt.Sprintf("%d per source volume, each restored once", r.cfg.Snapshots)},
-		{Name: "volumeMode", Value: mode},
-	}
+	s := []bench.Setting{{Name: "namespace", Value: r.ns + " (deleted at the end)"}}
+	s = append(s, r.cfg.Settings()...)
+	s = append(s, bench.Setting{Name: "volumeMode", Value: mode})
 	switch {
 	case r.cfg.Node != "":
 		s = append(s, bench.Setting{Name: "node", Value: r.cfg.Node + " (selected-node annotation on every claim)"})
@@ -209,22 +177,17 @@ func (r *runner) settings() []bench.Setting {
 	return s
 }
 
-func (r *runner) plannedOps() int {
-	total := 0
-	for range r.cfg.Sizes {
-		for _, c := range r.cfg.Concurrency {
-			n, s := r.cfg.VolumesFor(c), r.cfg.Snapshots
-			ops := n + 3*n*s + n + n*s // create, snapshot+restore+delete snapshot, delete volumes
-			if r.cfg.Clone {
-				ops += 2 * n
-			}
-			if r.cfg.WriterPod {
-				ops += n
-			}
-			total += ops
-		}
+// cellOps counts the operations of one cell at concurrency level conc.
+func (r *runner) cellOps(conc int) int {
+	n, s := r.cfg.VolumesFor(conc), r.cfg.Snapshots
+	ops := n + 3*n*s + n + n*s // create, snapshot+restore+delete snapshot, delete volumes
+	if r.cfg.Clone {
+		ops += 2 * n
 	}
-	return total
+	if r.cfg.WriterPod {
+		ops += n
+	}
+	return ops
 }
 
 var nonName = regexp.MustCompile(`[^a-z0-9]+`)
@@ -249,14 +212,9 @@ func (r *runner) cell(ctx context.Context, size int64, conc int) {
 		sources = bench.Each(ctx, r.rec, phase(bench.OpWrite, n), sources, r.write)
 	}
 
-	var snaps []*vsnap
-	for k := range nsnap {
-		round := make([]*vsnap, len(sources))
-		for i, cl := range sources {
-			round[i] = &vsnap{name: fmt.Sprintf("%s-s%d", cl.name, k), src: cl}
-		}
-		snaps = append(snaps, bench.Each(ctx, r.rec, phase(bench.OpCreateSnapshot, n), round, r.createSnapshot)...)
-	}
+	snaps := bench.Rounds(ctx, r.rec, phase(bench.OpCreateSnapshot, n), nsnap, sources, func(cl *claim, k int) *vsnap {
+		return &vsnap{name: fmt.Sprintf("%s-s%d", cl.name, k), src: cl}
+	}, r.createSnapshot)
 	if r.cfg.WriterPod {
 		// The writers kept the volumes in use while they were
 		// snapshotted, as an application would.
@@ -293,7 +251,7 @@ func ptr[T any](v T) *T { return &v }
 // createClaim creates a PVC and returns when it is Bound.
 func (r *runner) createClaim(ctx context.Context, cl *claim) error {
 	mode := corev1.PersistentVolumeBlock
-	if r.cfg.Access == AccessMount {
+	if r.cfg.Access == bench.AccessMount {
 		mode = corev1.PersistentVolumeFilesystem
 	}
 	pvc := &corev1.PersistentVolumeClaim{

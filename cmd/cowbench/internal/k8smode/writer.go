@@ -7,6 +7,8 @@ import (
 
 	corev1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+
+	"github.com/cowcsi/cowcsi/cmd/cowbench/internal/bench"
 )
 
 const (
@@ -23,7 +25,7 @@ func writerName(cl *claim) string { return cl.name + "-writer" }
 func (r *runner) createWriter(ctx context.Context, cl *claim) error {
 	mib := (r.cfg.Write + 1<<20 - 1) >> 20
 	target := writerDevice
-	if r.cfg.Access == AccessMount {
+	if r.cfg.Access == bench.AccessMount {
 		target = writerDir + "/cowbench.data"
 	}
 	script := fmt.Sprintf("dd if=/dev/urandom of=%s bs=1048576 count=%d conv=fsync && touch %s && exec sleep 86400", target, mib, writtenFlag)
@@ -32,7 +34,7 @@ func (r *runner) createWriter(ctx context.Context, cl *claim) error {
 		ReadinessProbe: &corev1.Probe{ProbeHandler: corev1.ProbeHandler{Exec: &corev1.ExecAction{Command: []string{"test", "-f", writtenFlag}}},
 			PeriodSeconds: 1},
 	}
-	if r.cfg.Access == AccessMount {
+	if r.cfg.Access == bench.AccessMount {
 		c.VolumeMounts = []corev1.VolumeMount{{Name: "data", MountPath: writerDir}}
 	} else {
 		c.VolumeDevices = []corev1.VolumeDevice{{Name: "data", DevicePath: writerDevice}}
