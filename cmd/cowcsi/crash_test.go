@@ -126,11 +126,7 @@ func TestCrashRecovery(t *testing.T) {
 		// outlive the FUSE mount under a short name: note them first.
 		left, _ := loopdev.BindingsUnder(root)
 		p2.term(t)
-		for _, b := range left {
-			if c, err := loopdev.BackingFileOf(b.Path); err == nil && (c == b.BackingFile || c == "/"+filepath.Base(b.BackingFile)) {
-				clearLoop(t, b.Path)
-			}
-		}
+		clearLoopsOf(t, left)
 	})
 	got, err := os.ReadFile(filepath.Join(target, "data"))
 	if err != nil || !bytes.Equal(got, want) {

@@ -57,7 +57,7 @@ func TestSecondInstance(t *testing.T) {
 	}
 	// Should the volume be forgotten (the bug), its loop device would
 	// outlive the test under the short name of a dead FUSE file.
-	staged := loopsUnder(root)
+	staged, _ := loopdev.BindingsUnder(root)
 	t.Cleanup(func() { clearLoopsOf(t, staged) })
 
 	// The same command again.
@@ -93,7 +93,7 @@ func TestSecondInstance(t *testing.T) {
 	p1.kill()
 	p3 := startPlugin(t, sock, store)
 	t.Cleanup(func() {
-		left := loopsUnder(root)
+		left, _ := loopdev.BindingsUnder(root)
 		p3.term(t)
 		clearLoopsOf(t, left)
 	})
@@ -114,13 +114,13 @@ func TestSecondInstance(t *testing.T) {
 	}
 }
 
-// clearLoopsOf detaches the devices of left (from loopsUnder) that are
+// clearLoopsOf detaches the devices of left (from BindingsUnder) that are
 // still bound to the same file, by its full path or, once its FUSE
 // mount is gone, by the short name the kernel keeps.
-func clearLoopsOf(t *testing.T, left map[string]string) {
-	for dev, backing := range left {
-		if c, err := loopdev.BackingFileOf(dev); err == nil && (c == backing || c == "/"+filepath.Base(backing)) {
-			clearLoop(t, dev)
+func clearLoopsOf(t *testing.T, left []loopdev.Binding) {
+	for _, b := range left {
+		if c, err := loopdev.BackingFileOf(b.Path); err == nil && (c == b.BackingFile || c == "/"+filepath.Base(b.BackingFile)) {
+			clearLoop(t, b.Path)
 		}
 	}
 }
