@@ -71,40 +71,56 @@ func (p *plugin) term(t *testing.T) {
 	}
 }
 
-// TestCrashRecovery kills the plugin with SIGKILL while a volume is staged
-// and published (its FUSE connection dies with it), starts it again on the
-// same store, and checks that the volume is served again at the same paths
-// with the data that was fsynced before the kill.
-func TestCrashRecovery(t *testing.T) {
+// mountedVolume is a plugin started on a fresh store with one 64 MiB ext4
+// volume created, staged and published: the start of the restart tests.
+type mountedVolume struct {
+	p1                                 *plugin
+	root, sock, store, staging, target string
+	id                                 string
+}
+
+// startWithMountedVolume starts the plugin and mounts volume name; paths
+// and loop devices under the test's directory are cleaned up on every path.
+func startWithMountedVolume(t *testing.T, name string) mountedVolume {
 	testutil.RequireRoot(t, "mkfs.ext4", "mount", "blkid")
 	root := t.TempDir()
 	t.Cleanup(func() { cleanupUnder(t, root) })
-	sockDir := testutil.SocketDir(t)
-	sock, store := filepath.Join(sockDir, "csi.sock"), filepath.Join(root, "store")
-	staging, target := filepath.Join(root, "staging"), filepath.Join(root, "pod", "mount")
-	os.MkdirAll(staging, 0o750)
+	m := mountedVolume{root: root, sock: filepath.Join(testutil.SocketDir(t), "csi.sock"), store: filepath.Join(root, "store"),
+		staging: filepath.Join(root, "staging"), target: filepath.Join(root, "pod", "mount")}
+	os.MkdirAll(m.staging, 0o750)
 	ctx := context.Background()
 	vc := &csi.VolumeCapability{
 		AccessMode: &csi.VolumeCapability_AccessMode{Mode: csi.VolumeCapability_AccessMode_SINGLE_NODE_WRITER},
 		AccessType: &csi.VolumeCapability_Mount{Mount: &csi.VolumeCapability_MountVolume{FsType: "ext4"}},
 	}
-
-	p1 := startPlugin(t, sock, store)
-	vol, err := p1.ctrl.CreateVolume(ctx, &csi.CreateVolumeRequest{Name: "crash", VolumeCapabilities: []*csi.VolumeCapability{vc},
+	m.p1 = startPlugin(t, m.sock, m.store)
+	fail := func(err error) {
+		m.p1.kill()
+		t.Fatal(err)
+	}
+	vol, err := m.p1.ctrl.CreateVolume(ctx, &csi.CreateVolumeRequest{Name: name, VolumeCapabilities: []*csi.VolumeCapability{vc},
 		CapacityRange: &csi.CapacityRange{RequiredBytes: 64 << 20}})
 	if err != nil {
-		p1.kill()
-		t.Fatal(err)
+		fail(err)
 	}
-	id := vol.GetVolume().GetVolumeId()
-	if _, err := p1.node.NodeStageVolume(ctx, &csi.NodeStageVolumeRequest{VolumeId: id, StagingTargetPath: staging, VolumeCapability: vc}); err != nil {
-		p1.kill()
-		t.Fatal(err)
+	m.id = vol.GetVolume().GetVolumeId()
+	if _, err := m.p1.node.NodeStageVolume(ctx, &csi.NodeStageVolumeRequest{VolumeId: m.id, StagingTargetPath: m.staging, VolumeCapability: vc}); err != nil {
+		fail(err)
 	}
-	if _, err := p1.node.NodePublishVolume(ctx, &csi.NodePublishVolumeRequest{VolumeId: id, StagingTargetPath: staging, TargetPath: target, VolumeCapability: vc}); err != nil {
-		p1.kill()
-		t.Fatal(err)
+	if _, err := m.p1.node.NodePublishVolume(ctx, &csi.NodePublishVolumeRequest{VolumeId: m.id, StagingTargetPath: m.staging, TargetPath: m.target, VolumeCapability: vc}); err != nil {
+		fail(err)
 	}
+	return m
+}
+
+// TestCrashRecovery kills the plugin with SIGKILL while a volume is staged
+// and published (its FUSE connection dies with it), starts it again on the
+// same store, and checks that the volume is served again at the same paths
+// with the data that was fsynced before the kill.
+func TestCrashRecovery(t *testing.T) {
+	m := startWithMountedVolume(t, "crash")
+	p1, root, sock, store, staging, target, id := m.p1, m.root, m.sock, m.store, m.staging, m.target, m.id
+	ctx := context.Background()
 	want := bytes.Repeat([]byte("synced before the crash\n"), 10000)
 	f, err := os.Create(filepath.Join(target, "data"))
 	if err == nil {

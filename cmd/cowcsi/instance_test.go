@@ -16,7 +16,6 @@ import (
 	"google.golang.org/grpc/credentials/insecure"
 
 	"github.com/cowcsi/cowcsi/cow/loopdev"
-	"github.com/cowcsi/cowcsi/test/testutil"
 )
 
 // TestSecondInstance is the operator's reproduction: with a volume staged
@@ -25,35 +24,12 @@ import (
 // killed, the next instance must still recover the staged volume (the
 // second did not wipe the node state).
 func TestSecondInstance(t *testing.T) {
-	testutil.RequireRoot(t, "mkfs.ext4", "mount", "blkid")
-	root := t.TempDir()
-	t.Cleanup(func() { cleanupUnder(t, root) })
-	sockDir := testutil.SocketDir(t)
-	sock, store := filepath.Join(sockDir, "csi.sock"), filepath.Join(root, "store")
-	staging, target := filepath.Join(root, "staging"), filepath.Join(root, "pod", "mount")
-	os.MkdirAll(staging, 0o750)
+	m := startWithMountedVolume(t, "second")
+	p1, root, sock, store, staging, target, id := m.p1, m.root, m.sock, m.store, m.staging, m.target, m.id
 	ctx := context.Background()
-	vc := &csi.VolumeCapability{
-		AccessMode: &csi.VolumeCapability_AccessMode{Mode: csi.VolumeCapability_AccessMode_SINGLE_NODE_WRITER},
-		AccessType: &csi.VolumeCapability_Mount{Mount: &csi.VolumeCapability_MountVolume{FsType: "ext4"}},
-	}
-
-	p1 := startPlugin(t, sock, store)
 	fail := func(err error) {
 		p1.kill()
 		t.Fatal(err)
-	}
-	vol, err := p1.ctrl.CreateVolume(ctx, &csi.CreateVolumeRequest{Name: "second", VolumeCapabilities: []*csi.VolumeCapability{vc},
-		CapacityRange: &csi.CapacityRange{RequiredBytes: 64 << 20}})
-	if err != nil {
-		fail(err)
-	}
-	id := vol.GetVolume().GetVolumeId()
-	if _, err := p1.node.NodeStageVolume(ctx, &csi.NodeStageVolumeRequest{VolumeId: id, StagingTargetPath: staging, VolumeCapability: vc}); err != nil {
-		fail(err)
-	}
-	if _, err := p1.node.NodePublishVolume(ctx, &csi.NodePublishVolumeRequest{VolumeId: id, StagingTargetPath: staging, TargetPath: target, VolumeCapability: vc}); err != nil {
-		fail(err)
 	}
 	// Should the volume be forgotten (the bug), its loop device would
 	// outlive the test under the short name of a dead FUSE file.
