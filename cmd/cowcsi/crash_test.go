@@ -113,24 +113,30 @@ func startWithMountedVolume(t *testing.T, name string) mountedVolume {
 	return m
 }
 
+// remove unpublishes, unstages and deletes the volume through p, the
+// plugin serving it at the end of a test.
+func (m mountedVolume) remove(t *testing.T, p *plugin) {
+	ctx := context.Background()
+	if _, err := p.node.NodeUnpublishVolume(ctx, &csi.NodeUnpublishVolumeRequest{VolumeId: m.id, TargetPath: m.target}); err != nil {
+		t.Errorf("NodeUnpublishVolume: %v", err)
+	}
+	if _, err := p.node.NodeUnstageVolume(ctx, &csi.NodeUnstageVolumeRequest{VolumeId: m.id, StagingTargetPath: m.staging}); err != nil {
+		t.Errorf("NodeUnstageVolume: %v", err)
+	}
+	if _, err := p.ctrl.DeleteVolume(ctx, &csi.DeleteVolumeRequest{VolumeId: m.id}); err != nil {
+		t.Errorf("DeleteVolume: %v", err)
+	}
+}
+
 // TestCrashRecovery kills the plugin with SIGKILL while a volume is staged
 // and published (its FUSE connection dies with it), starts it again on the
 // same store, and checks that the volume is served again at the same paths
 // with the data that was fsynced before the kill.
 func TestCrashRecovery(t *testing.T) {
 	m := startWithMountedVolume(t, "crash")
-	p1, root, sock, store, staging, target, id := m.p1, m.root, m.sock, m.store, m.staging, m.target, m.id
-	ctx := context.Background()
+	p1, root, sock, store, target := m.p1, m.root, m.sock, m.store, m.target
 	want := bytes.Repeat([]byte("synced before the crash\n"), 10000)
-	f, err := os.Create(filepath.Join(target, "data"))
-	if err == nil {
-		_, err = f.Write(want)
-		if err == nil {
-			err = f.Sync()
-		}
-		f.Close()
-	}
-	if err != nil {
+	if err := writeFileSynced(filepath.Join(target, "data"), want); err != nil {
 		p1.kill()
 		t.Fatal(err)
 	}
@@ -148,15 +154,7 @@ func TestCrashRecovery(t *testing.T) {
 	if err != nil || !bytes.Equal(got, want) {
 		t.Errorf("after crash and restart: %d bytes (want %d), err %v", len(got), len(want), err)
 	}
-	if _, err := p2.node.NodeUnpublishVolume(ctx, &csi.NodeUnpublishVolumeRequest{VolumeId: id, TargetPath: target}); err != nil {
-		t.Errorf("NodeUnpublishVolume: %v", err)
-	}
-	if _, err := p2.node.NodeUnstageVolume(ctx, &csi.NodeUnstageVolumeRequest{VolumeId: id, StagingTargetPath: staging}); err != nil {
-		t.Errorf("NodeUnstageVolume: %v", err)
-	}
-	if _, err := p2.ctrl.DeleteVolume(ctx, &csi.DeleteVolumeRequest{VolumeId: id}); err != nil {
-		t.Errorf("DeleteVolume: %v", err)
-	}
+	m.remove(t, p2)
 }
 
 // cleanupUnder detaches loop devices backed below root and every mount

@@ -25,7 +25,7 @@ import (
 // second did not wipe the node state).
 func TestSecondInstance(t *testing.T) {
 	m := startWithMountedVolume(t, "second")
-	p1, root, sock, store, staging, target, id := m.p1, m.root, m.sock, m.store, m.staging, m.target, m.id
+	p1, root, sock, store, target, id := m.p1, m.root, m.sock, m.store, m.target, m.id
 	ctx := context.Background()
 	fail := func(err error) {
 		p1.kill()
@@ -79,15 +79,7 @@ func TestSecondInstance(t *testing.T) {
 	if got, err := os.ReadFile(filepath.Join(target, "data")); err != nil || !bytes.Equal(got, want) {
 		t.Errorf("after kill and restart: %d bytes (want %d), err %v", len(got), len(want), err)
 	}
-	if _, err := p3.node.NodeUnpublishVolume(ctx, &csi.NodeUnpublishVolumeRequest{VolumeId: id, TargetPath: target}); err != nil {
-		t.Errorf("NodeUnpublishVolume: %v", err)
-	}
-	if _, err := p3.node.NodeUnstageVolume(ctx, &csi.NodeUnstageVolumeRequest{VolumeId: id, StagingTargetPath: staging}); err != nil {
-		t.Errorf("NodeUnstageVolume: %v", err)
-	}
-	if _, err := p3.ctrl.DeleteVolume(ctx, &csi.DeleteVolumeRequest{VolumeId: id}); err != nil {
-		t.Errorf("DeleteVolume: %v", err)
-	}
+	m.remove(t, p3)
 }
 
 // clearLoopsOf detaches the devices of left (from BindingsUnder) that are
