@@ -2,7 +2,12 @@ package cow
 
 import (
 	"context"
+	"errors"
+	"fmt"
 	"sort"
+	"time"
+
+	"k8s.io/klog/v2"
 
 	"github.com/cowcsi/cowcsi/cow/internal/ondisk"
 )
@@ -29,6 +34,14 @@ func (s *Store) kickGC() {
 	}
 }
 
+// Retries of a failed pass: the wait doubles from gcRetryMin up to
+// gcRetryMax while passes keep failing, and starts over after a pass that
+// completes. A kick (a delete) runs a pass at once whatever the wait.
+const (
+	gcRetryMin = 100 * time.Millisecond
+	gcRetryMax = 30 * time.Second
+)
+
 func (s *Store) gcLoop() {
 	defer close(s.gcDone)
 	// Close must not wait for a long merge: stopping one midway is safe
@@ -41,16 +54,29 @@ func (s *Store) gcLoop() {
 		<-s.gcStop
 		cancel()
 	}()
+	retry := time.NewTimer(time.Hour)
+	retry.Stop()
+	defer retry.Stop()
+	var wait time.Duration
 	for {
 		select {
 		case <-s.gcStop:
 			return
 		case <-s.gcKick:
+		case <-retry.C:
 		}
-		if !s.opts.NoBackgroundMerge {
-			// Errors are retried on the next kick; WaitIdle reports them.
-			_ = s.runGC(ctx)
+		if s.opts.NoBackgroundMerge {
+			continue
 		}
+		err := s.runGC(ctx)
+		if err == nil || ctx.Err() != nil {
+			wait = 0
+			continue
+		}
+		wait = min(max(2*wait, gcRetryMin), gcRetryMax)
+		klog.ErrorS(err, "Removing or merging unreferenced layers failed, retrying", "store", s.dir, "retryIn", wait)
+		retry.Stop()
+		retry.Reset(wait)
 	}
 }
 
@@ -68,9 +94,17 @@ type gcJob struct {
 	vol   *volume
 }
 
+// runGC removes and merges unreferenced layers until none is left but
+// those whose job failed in this pass. Removals come first: they free
+// space, while a merge may need space to copy into its child, so on a full
+// store a failing merge must not keep a removal from running. A failed job
+// is skipped for the rest of the pass and the others go on; the pass
+// returns every error it met (the caller retries).
 func (s *Store) runGC(ctx context.Context) error {
 	s.gcMu.Lock()
 	defer s.gcMu.Unlock()
+	failed := map[uint32]bool{}
+	var errs []error
 	for {
 		if err := ctx.Err(); err != nil {
 			return err
@@ -80,28 +114,38 @@ func (s *Store) runGC(ctx context.Context) error {
 			s.topo.Unlock()
 			return nil
 		}
-		job, ok := s.nextGCJob()
+		job, ok := s.nextGCJob(failed)
 		if !ok {
 			s.topo.Unlock()
-			return nil
+			break
 		}
 		if job.child == nil {
 			err := s.removeLayer(job.layer)
 			s.topo.Unlock()
 			if err != nil {
-				return err
+				failed[job.layer.num] = true
+				errs = append(errs, fmt.Errorf("removing layer %d: %w", job.layer.num, err))
 			}
 			continue
 		}
 		s.topo.Unlock()
 		if err := s.merge(ctx, job); err != nil {
-			return err
+			if ctx.Err() != nil {
+				return ctx.Err()
+			}
+			failed[job.layer.num] = true
+			errs = append(errs, fmt.Errorf("merging layer %d into %d: %w", job.layer.num, job.child.num, err))
 		}
 	}
+	if len(errs) > 0 {
+		s.gcFailures.Add(1)
+	}
+	return errors.Join(errs...)
 }
 
-// nextGCJob finds an unreferenced layer. Caller holds topo.
-func (s *Store) nextGCJob() (gcJob, bool) {
+// nextGCJob finds an unreferenced layer not in skip: one to remove if there
+// is any, else one to merge. Caller holds topo.
+func (s *Store) nextGCJob(skip map[uint32]bool) (gcJob, bool) {
 	referenced := map[uint32]bool{}
 	heads := map[uint32]*volume{}
 	for _, v := range s.vols {
@@ -120,18 +164,19 @@ func (s *Store) nextGCJob() (gcJob, bool) {
 	}
 	nums := make([]uint32, 0, len(s.byNum))
 	for n := range s.byNum {
-		nums = append(nums, n)
+		if !referenced[n] && !skip[n] {
+			nums = append(nums, n)
+		}
 	}
 	// Newest first: removing a deleted volume's head frees its parent next.
 	sort.Slice(nums, func(i, j int) bool { return nums[i] > nums[j] })
 	for _, n := range nums {
-		if referenced[n] {
-			continue
-		}
-		switch kids := children[n]; len(kids) {
-		case 0:
+		if len(children[n]) == 0 {
 			return gcJob{layer: s.byNum[n]}, true
-		case 1:
+		}
+	}
+	for _, n := range nums {
+		if kids := children[n]; len(kids) == 1 {
 			return gcJob{layer: s.byNum[n], child: kids[0], vol: heads[kids[0].num]}, true
 		}
 	}

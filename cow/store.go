@@ -58,6 +58,8 @@ type Store struct {
 	gcKick chan struct{}
 	gcStop chan struct{}
 	gcDone chan struct{}
+	// gcFailures counts passes of the merger that met an error.
+	gcFailures atomic.Int64
 }
 
 // ValidateID checks a volume or snapshot ID: 1 to 128 characters of
