@@ -185,7 +185,11 @@ func (n *nodeService) NodeStageVolume(ctx context.Context, req *csi.NodeStageVol
 			return nil, status.Errorf(codes.AlreadyExists, "volume %s is staged at %s with an incompatible capability (%s %s ro=%v)",
 				id, staging, sv.AccessType, sv.FSType, sv.ReadOnly)
 		}
-		if sv.AccessType == accessMount {
+		if p := n.attachmentProblem(sv); p != "" {
+			if err := n.repairStaged(ctx, sv, p); err != nil {
+				return nil, toStatus(rpcNodeStage, err)
+			}
+		} else if sv.AccessType == accessMount {
 			// Idempotent, but make sure the mount is really there.
 			if mounted, _ := n.isMounted(staging); !mounted {
 				if err := n.mountStaging(sv); err != nil {
@@ -230,9 +234,15 @@ func (n *nodeService) NodeStageVolume(ctx context.Context, req *csi.NodeStageVol
 }
 
 // attach opens the engine volume, serves it as a FUSE file and attaches a
-// loop device to the file; it sets sv.LoopDevice. On error nothing is left.
+// loop device to the file; it sets sv.LoopDevice. What a failed stage or
+// unstage left under the volume's name goes first (clearLeftovers). On
+// error nothing is left but what a failing cleanup could not remove, which
+// the next attach clears.
 func (n *nodeService) attach(ctx context.Context, sv *stagedVolume) (OpenVolume, error) {
 	id := sv.VolumeID
+	if err := n.clearLeftovers(ctx, id); err != nil {
+		return nil, err
+	}
 	vol, err := n.engine().OpenVolume(ctx, id)
 	if err != nil {
 		return nil, err
