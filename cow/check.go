@@ -30,6 +30,7 @@ func (s *Store) Check() error {
 	c.volumes()
 	c.snapshots()
 	c.files()
+	c.numbers()
 	c.indexes()
 	if len(c.problems) == 0 {
 		return nil
@@ -150,6 +151,39 @@ func (c *storeCheck) files() {
 			// A layer that never owned a block has no files yet.
 		default:
 			c.bad("layer %d has %d of its 2 files (owns %d blocks)", n, files[n], l.owned.Load())
+		}
+	}
+}
+
+// numbers checks that no free or retired layer number is a layer's, or
+// still named by an index (its slot is set): layernums.go.
+func (c *storeCheck) numbers() {
+	s := c.s
+	used := func(n uint32) bool {
+		_, live := s.byNum[n]
+		return live || s.slots.get(n) != nil
+	}
+	for _, n := range s.nums.retired {
+		if used(n) {
+			c.bad("retired layer number %d is in use", n)
+		}
+	}
+	for _, r := range s.nums.free {
+		if r.lo == 0 || r.lo > r.hi {
+			c.bad("free layer numbers %d-%d", r.lo, r.hi)
+			continue
+		}
+		for n := range s.byNum {
+			if n >= r.lo && n <= r.hi {
+				c.bad("free layer number %d is a layer's", n)
+			}
+		}
+		// Slots: a free range after open may be long, and only numbers
+		// used in this process can have one.
+		for n := r.lo; n <= min(r.hi, r.lo+1<<16); n++ {
+			if s.slots.get(n) != nil {
+				c.bad("free layer number %d is named by an index", n)
+			}
 		}
 	}
 }

@@ -11,3 +11,11 @@ func LiveLayers(s *Store) int {
 	defer s.topo.Unlock()
 	return len(s.byNum)
 }
+
+// SetLayerLimit makes layer numbers stop below n (n-1 numbers in use at
+// most), so that a test can cross the limit.
+func SetLayerLimit(s *Store, n uint32) {
+	s.topo.Lock()
+	defer s.topo.Unlock()
+	s.nums.limit = n
+}

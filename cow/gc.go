@@ -137,6 +137,13 @@ func (s *Store) runGC(ctx context.Context) error {
 			errs = append(errs, fmt.Errorf("merging layer %d into %d: %w", job.layer.num, job.child.num, err))
 		}
 	}
+	s.topo.Lock()
+	s.relabelAliases()
+	s.dropIdleStale()
+	s.topo.Unlock()
+	if err := s.settleRetired(); err != nil {
+		errs = append(errs, err)
+	}
 	if len(errs) > 0 {
 		s.gcFailures.Add(1)
 	}
@@ -191,11 +198,13 @@ func (s *Store) removeLayer(l *layer) error {
 	}
 	delete(s.byNum, l.num)
 	// Drop the slot and the aliases of layers merged into this one: no tree
-	// that can still be read names them.
-	s.slots.set(l.num, nil)
-	for _, a := range l.aliases {
-		s.slots.set(a, nil)
+	// that can still be read names them (nothing reads a layer without a
+	// volume or a snapshot).
+	nums := append(append([]uint32{l.num}, l.aliases...), l.stale...)
+	for _, n := range nums {
+		s.slots.set(n, nil)
 	}
+	s.retire(nums...)
 	l.close()
 	l.treeMu.Lock()
 	l.tree = tree{}
@@ -307,7 +316,15 @@ func (s *Store) commitMerge(f, c *layer) error {
 		return err
 	}
 	c.parent = f.parent
-	c.aliases = append(append(c.aliases, f.num), f.aliases...)
+	if c.frozen {
+		// Its index, shared with the layers above, still names f's
+		// blocks by f's number and its aliases'.
+		c.aliases = append(append(append(c.aliases, f.num), f.aliases...), f.stale...)
+	} else {
+		// adopt retagged every block f held: only reads in flight can
+		// still name f.
+		c.stale = append(append(append(c.stale, f.num), f.aliases...), f.stale...)
+	}
 	f.mergedInto.Store(c)
 	delete(s.byNum, f.num)
 	return nil

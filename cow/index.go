@@ -411,3 +411,74 @@ func (t *tree) memory(seen map[any]bool) int64 {
 	}
 	return n
 }
+
+// relabel gives every block owned by a number in from to owner to instead.
+// Leaves this version does not own are copied, as by any change.
+func (t *tree) relabel(from map[uint32]bool, to uint32) {
+	var bases []uint64
+	t.forEachLeaf(func(base uint64, lf *leaf) {
+		if lf.hasOwnerIn(from) {
+			bases = append(bases, base)
+		}
+	})
+	for _, b := range bases {
+		t.mutableLeaf(b).relabel(from, to)
+	}
+}
+
+func (lf *leaf) hasOwnerIn(set map[uint32]bool) bool {
+	owners := lf.pal
+	if lf.bits == nil {
+		for _, r := range lf.runs {
+			if set[r.owner] {
+				return true
+			}
+		}
+		return false
+	}
+	for _, o := range owners {
+		if set[o] {
+			return true
+		}
+	}
+	return false
+}
+
+func (lf *leaf) relabel(from map[uint32]bool, to uint32) {
+	if lf.bits == nil {
+		out := lf.runs[:0]
+		for _, r := range lf.runs {
+			if from[r.owner] {
+				r.owner = to
+			}
+			if n := len(out); n > 0 && out[n-1].owner == r.owner {
+				continue
+			}
+			out = append(out, r)
+		}
+		lf.runs = out
+		return
+	}
+	// One palette entry per owner, as paletteIndex keeps it.
+	index := map[uint32]uint32{}
+	remap := make([]uint32, len(lf.pal))
+	var pal []uint32
+	for i, o := range lf.pal {
+		if from[o] {
+			o = to
+		}
+		j, ok := index[o]
+		if !ok {
+			j = uint32(len(pal))
+			index[o] = j
+			pal = append(pal, o)
+		}
+		remap[i] = j
+	}
+	w := widthFor(len(pal) + 1)
+	n := newPacked(w)
+	for i := uint64(0); i < leafBlocks; i++ {
+		n.put(w, i, remap[lf.index(i)])
+	}
+	lf.pal, lf.width, lf.bits = pal, w, n
+}

@@ -113,6 +113,7 @@ func (s *Store) freezeHeads(specs []SnapshotSpec, vols []*volume) (recs []*ondis
 	for i, sp := range specs {
 		v := vols[i]
 		head := v.head.Load()
+		s.dropStale(head) // the caller holds v's barrier
 		if err := head.flush(s.layerFS); err != nil {
 			return nil, created, nil, err
 		}

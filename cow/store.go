@@ -53,6 +53,7 @@ type Store struct {
 	vols  map[string]*volume
 	byNum map[uint32]*layer // live layers (guarded by topo)
 	slots slotTable         // layer number -> layer, for the read path
+	nums  layerNums         // free layer numbers (guarded by topo)
 	// gcMu lets one goroutine at a time (background or WaitIdle) merge.
 	gcMu   sync.Mutex
 	gcKick chan struct{}
@@ -96,7 +97,8 @@ func Open(dir string, opts Options) (*Store, error) {
 	}
 	s := &Store{dir: dir, opts: opts, lock: lock, layerFS: filepath.Join(dir, layersDir),
 		vols: map[string]*volume{}, byNum: map[uint32]*layer{},
-		gcKick: make(chan struct{}, 1), gcStop: make(chan struct{}), gcDone: make(chan struct{})}
+		gcKick: make(chan struct{}, 1), gcStop: make(chan struct{}), gcDone: make(chan struct{}),
+		nums: layerNums{limit: layerNumLimit}}
 	s.arena = newLocArena(s.layerFS)
 	if err := s.load(); err != nil {
 		s.closeLayers()
@@ -190,7 +192,16 @@ func (s *Store) load() error {
 			return errf(ErrCorrupt, "catalog: snapshot %s has bad layer %d", sn.ID, sn.Layer)
 		}
 	}
-	return s.removeOrphanFiles()
+	if err := s.removeOrphanFiles(); err != nil {
+		return err
+	}
+	// The orphans' removal must be durable before their numbers are
+	// reused (layernums.go).
+	if err := syncDir(s.layerFS); err != nil {
+		return err
+	}
+	s.nums.initFree(s.byNum, cat.maxLayer)
+	return nil
 }
 
 // removeOrphanFiles deletes layer files the catalog does not know: layers
@@ -226,7 +237,7 @@ type slotTable struct {
 
 const (
 	slotChunkSize = 4096
-	slotChunks    = 16384 // 64 Mi layer numbers over a store's life
+	slotChunks    = 16384 // 64 Mi layer numbers in use at once
 )
 
 func (t *slotTable) get(n uint32) *layer {
@@ -299,14 +310,12 @@ func (s *Store) closeLayers() {
 }
 
 // newLayer makes a layer above parent. It creates no files (see
-// layer.ensureFiles), so it cannot fail on I/O.
+// layer.ensureFiles), so it cannot fail on I/O; it fails only when every
+// layer number is in use (layernums.go).
 func (s *Store) newLayer(parent *layer, size int64) (*layer, error) {
-	num := s.cat.maxLayer + 1
-	for _, ok := s.byNum[num]; ok; _, ok = s.byNum[num] {
-		num++
-	}
-	if num/slotChunkSize >= slotChunks {
-		return nil, errf(ErrNoSpace, "layer numbers exhausted")
+	num, err := s.newLayerNum()
+	if err != nil {
+		return nil, err
 	}
 	l := newLayerStruct(num, size, s.arena)
 	l.parent = parent
@@ -318,7 +327,8 @@ func (s *Store) newLayer(parent *layer, size int64) (*layer, error) {
 	return l, nil
 }
 
-// discardLayer undoes newLayer after a failed commit.
+// discardLayer undoes newLayer after a failed commit. The number is not
+// reused before the next open (layernums.go).
 func (s *Store) discardLayer(l *layer) {
 	l.close()
 	_ = removeLayerFiles(s.layerFS, l.num)

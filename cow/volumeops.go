@@ -97,6 +97,7 @@ type volumeSource struct {
 // catalog changes, applied by commitVolume. Caller holds topo.
 func (s *Store) freezeForClone(srcVol *volume) (volumeSource, error) {
 	frozen := srcVol.head.Load()
+	s.dropStale(frozen) // the caller holds srcVol's barrier
 	if err := frozen.flush(s.layerFS); err != nil {
 		return volumeSource{}, err
 	}
