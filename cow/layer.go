@@ -26,10 +26,10 @@ type layer struct {
 	// tree entries naming this layer now resolve to that child's data file.
 	mergedInto atomic.Pointer[layer]
 	aliases    []uint32 // layers merged into this one; guarded by Store.topo
-	// stale: layers merged into this one while it was a head. Its index
-	// no longer names them (adopt retagged their blocks), but a read of
-	// its volume in flight may still resolve them: their slots go when
-	// the volume's barrier is next held (dropStale). Guarded by topo.
+	// stale: layers merged into this one that no index names any more
+	// (adopt or relabelAliases renamed their blocks), but a read in flight
+	// of a volume above may still resolve them: their slots go when those
+	// volumes' barriers are next held (dropStale). Guarded by topo.
 	stale []uint32
 
 	layerLife

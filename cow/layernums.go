@@ -3,6 +3,7 @@ package cow
 import (
 	"errors"
 	"fmt"
+	"slices"
 	"sort"
 )
 
@@ -156,9 +157,41 @@ func (s *Store) dropStale(l *layer) {
 	l.stale = nil
 }
 
-// dropIdleStale runs dropStale on layers whose volumes (those whose
-// chain holds the layer) have no I/O in flight; the others wait for a
-// later pass. Caller holds topo.
+// volumesAbove lists the volumes whose chain holds l. Caller holds topo.
+func (s *Store) volumesAbove(l *layer) []*volume {
+	var out []*volume
+	for _, v := range s.vols {
+		if v.head.Load().hasAncestor(l) {
+			out = append(out, v)
+		}
+	}
+	return out
+}
+
+// dropStaleHeld runs dropStale on the layers of the chains of held whose
+// volumes are all in held. The caller holds topo and the barriers of held
+// exclusively (a snapshot or a clone): so a volume that is never idle
+// still gives its numbers back at its next snapshot.
+func (s *Store) dropStaleHeld(held ...*volume) {
+	for _, v := range held {
+		for l := v.head.Load(); l != nil; l = l.parent {
+			if len(l.stale) == 0 {
+				continue
+			}
+			all := true
+			for _, w := range s.volumesAbove(l) {
+				all = all && slices.Contains(held, w)
+			}
+			if all {
+				s.dropStale(l)
+			}
+		}
+	}
+}
+
+// dropIdleStale runs dropStale on layers whose volumes have no I/O in
+// flight; the others wait for a later pass or a snapshot. Caller holds
+// topo.
 func (s *Store) dropIdleStale() {
 	for _, l := range s.byNum {
 		if len(l.stale) == 0 {
@@ -166,10 +199,7 @@ func (s *Store) dropIdleStale() {
 		}
 		var locked []*volume
 		idle := true
-		for _, v := range s.vols {
-			if !v.head.Load().hasAncestor(l) {
-				continue
-			}
+		for _, v := range s.volumesAbove(l) {
 			// TryLock: no waiting under topo, so no lock order to keep.
 			if !v.barrier.TryLock() {
 				idle = false

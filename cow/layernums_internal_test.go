@@ -1,6 +1,7 @@
 package cow
 
 import (
+	"fmt"
 	"os"
 	"path/filepath"
 	"testing"
@@ -71,5 +72,39 @@ func TestRetiredNumberWaitsForItsFiles(t *testing.T) {
 	}
 	if err := s.Check(); err != nil {
 		t.Fatalf("Check: %v", err)
+	}
+}
+
+// TestInitFree: at open, the free numbers are those from 1 to the highest
+// the catalog used that no layer holds, lowest taken first.
+func TestInitFree(t *testing.T) {
+	for _, tc := range []struct {
+		live []uint32
+		max  uint32
+		want []uint32
+	}{
+		{nil, 0, nil},
+		{nil, 3, []uint32{1, 2, 3}},
+		{[]uint32{1, 2, 3}, 3, nil},
+		{[]uint32{2, 5}, 7, []uint32{1, 3, 4, 6, 7}},
+		{[]uint32{1, 7}, 7, []uint32{2, 3, 4, 5, 6}},
+	} {
+		live := map[uint32]*layer{}
+		for _, n := range tc.live {
+			live[n] = nil
+		}
+		ns := layerNums{limit: layerNumLimit}
+		ns.initFree(live, tc.max)
+		var got []uint32
+		for {
+			n, ok := ns.take()
+			if !ok {
+				break
+			}
+			got = append(got, n)
+		}
+		if fmt.Sprint(got) != fmt.Sprint(tc.want) {
+			t.Errorf("live %v max %d: took %v, want %v", tc.live, tc.max, got, tc.want)
+		}
 	}
 }

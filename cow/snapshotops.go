@@ -60,6 +60,7 @@ func (s *Store) CreateSnapshotGroup(ctx context.Context, specs []SnapshotSpec) (
 		v.barrier.Lock()
 		defer v.barrier.Unlock()
 	}
+	s.dropStaleHeld(vols...)
 	recs, created, ops, err := s.freezeHeads(specs, vols)
 	if err == nil {
 		err = s.cat.commit(ops)
@@ -113,7 +114,6 @@ func (s *Store) freezeHeads(specs []SnapshotSpec, vols []*volume) (recs []*ondis
 	for i, sp := range specs {
 		v := vols[i]
 		head := v.head.Load()
-		s.dropStale(head) // the caller holds v's barrier
 		if err := head.flush(s.layerFS); err != nil {
 			return nil, created, nil, err
 		}

@@ -177,6 +177,13 @@ func (s *Store) load() error {
 		s.byNum[l.num] = l
 		s.slots.set(l.num, l)
 	}
+	return s.loadVolumes()
+}
+
+// loadVolumes ties the catalog's volumes and snapshots to the layers load
+// opened, removes orphan layer files and finds the free layer numbers.
+func (s *Store) loadVolumes() error {
+	cat := s.cat
 	for _, v := range cat.volumes {
 		head, ok := s.byNum[v.Head]
 		if !ok || head.frozen {

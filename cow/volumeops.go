@@ -97,7 +97,7 @@ type volumeSource struct {
 // catalog changes, applied by commitVolume. Caller holds topo.
 func (s *Store) freezeForClone(srcVol *volume) (volumeSource, error) {
 	frozen := srcVol.head.Load()
-	s.dropStale(frozen) // the caller holds srcVol's barrier
+	s.dropStaleHeld(srcVol) // the caller holds its barrier
 	if err := frozen.flush(s.layerFS); err != nil {
 		return volumeSource{}, err
 	}

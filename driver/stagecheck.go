@@ -27,11 +27,15 @@ func (n *nodeService) clearLeftovers(ctx context.Context, id string) error {
 	file := n.filePath(id)
 	devs, err := n.loop().FindByBacking(file)
 	if err != nil {
-		return fmt.Errorf("find loop devices of %s: %w", file, err)
+		klog.ErrorS(err, "Looking for leftover loop devices", "volume", id, "file", file)
 	}
 	for _, dev := range devs {
+		// A device that stays bound keeps the file busy, and removeFile
+		// reports that; one bound to a dead mount's file of that name (a
+		// restart) does not matter.
 		if err := n.loop().Detach(ctx, dev, file); err != nil {
-			return fmt.Errorf("detach leftover %s: %w", dev, err)
+			klog.ErrorS(err, "Detaching a leftover loop device", "volume", id, "device", dev)
+			continue
 		}
 		klog.InfoS("Detached a loop device left by a failed stage or unstage", "volume", id, "device", dev)
 	}
