@@ -75,5 +75,6 @@
 // single child in the background (gc.go), so chain depth follows the number
 // of live snapshots, not the number ever taken.
 //
-// The package imports no gRPC, CSI or Kubernetes code.
+// The package imports no gRPC, CSI or Kubernetes code but klog, with which
+// the merger logs the errors it retries.
 package cow
