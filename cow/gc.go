@@ -175,7 +175,9 @@ func (s *Store) nextGCJob(skip map[uint32]bool) (gcJob, bool) {
 			nums = append(nums, n)
 		}
 	}
-	// Newest first: removing a deleted volume's head frees its parent next.
+	// Removals first (see runGC): removing a deleted volume's head leaves
+	// its parent childless, so it is removed next instead of merged. The
+	// order among them only makes passes repeatable.
 	sort.Slice(nums, func(i, j int) bool { return nums[i] > nums[j] })
 	for _, n := range nums {
 		if len(children[n]) == 0 {
