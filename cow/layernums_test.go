@@ -1,6 +1,7 @@
 package cow_test
 
 import (
+	"encoding/binary"
 	"fmt"
 	"math/rand"
 	"testing"
@@ -126,4 +127,118 @@ func TestLayerNumbersReused(t *testing.T) {
 		t.Fatal(err)
 	}
 	t.Logf("%d snapshots and %d clones with %d layer numbers", round, round/5, limit-1)
+}
+
+// TestLayerNumbersReusedUnderIO reuses layer numbers while the volume is
+// read and written: a read must never resolve a number that was freed or
+// given to another layer. Every block written holds its own block number
+// and a checksum, so a read from the wrong layer or place shows.
+func TestLayerNumbersReusedUnderIO(t *testing.T) {
+	seed := testSeed(t)
+	ctx := t.Context()
+	const limit = 17
+	const blocks = 256
+	s := openStore(t, fastTempDir(t))
+	cow.SetLayerLimit(s, limit)
+	if _, err := s.CreateVolume(ctx, cow.VolumeSpec{ID: "v", Size: blocks * cow.BlockSize}); err != nil {
+		t.Fatal(err)
+	}
+	v, err := s.OpenVolume(ctx, "v")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer v.Close()
+	stop := make(chan struct{})
+	errc := make(chan error, 3)
+	io := func(worker int) {
+		rng := rand.New(rand.NewSource(seed + int64(worker)))
+		p := make([]byte, 4*cow.BlockSize)
+		for gen := uint64(1); ; gen++ {
+			select {
+			case <-stop:
+				errc <- nil
+				return
+			default:
+			}
+			b := rng.Intn(blocks - 4)
+			if worker == 0 {
+				for i := range 4 {
+					selfCheckedBlock(p[i*cow.BlockSize:(i+1)*cow.BlockSize], uint64(b+i), gen)
+				}
+				if _, err := v.WriteAt(p, int64(b)*cow.BlockSize); err != nil {
+					errc <- fmt.Errorf("WriteAt block %d: %w", b, err)
+					return
+				}
+				continue
+			}
+			if _, err := v.ReadAt(p, int64(b)*cow.BlockSize); err != nil {
+				errc <- fmt.Errorf("ReadAt block %d: %w", b, err)
+				return
+			}
+			for i := range 4 {
+				if err := checkSelfCheckedBlock(p[i*cow.BlockSize:(i+1)*cow.BlockSize], uint64(b+i)); err != nil {
+					errc <- err
+					return
+				}
+			}
+		}
+	}
+	for w := range 3 {
+		go io(w)
+	}
+	for round := 1; round <= 10*limit; round++ {
+		id := fmt.Sprintf("s%d", round)
+		if _, err := s.CreateSnapshot(ctx, cow.SnapshotSpec{ID: id, VolumeID: "v"}); err != nil {
+			close(stop)
+			t.Fatalf("round %d: CreateSnapshot: %v", round, err)
+		}
+		if round > 2 {
+			if err := s.DeleteSnapshot(ctx, fmt.Sprintf("s%d", round-2)); err != nil {
+				close(stop)
+				t.Fatalf("round %d: DeleteSnapshot: %v", round, err)
+			}
+		}
+		if err := s.WaitIdle(ctx); err != nil {
+			close(stop)
+			t.Fatalf("round %d: WaitIdle: %v", round, err)
+		}
+	}
+	close(stop)
+	for range 3 {
+		if err := <-errc; err != nil {
+			t.Fatal(err)
+		}
+	}
+	mustCheck(t, s)
+}
+
+// selfCheckedBlock fills p (one block) with block number b, generation gen
+// and a checksum of both.
+func selfCheckedBlock(p []byte, b, gen uint64) {
+	clear(p)
+	binary.LittleEndian.PutUint64(p[0:], b)
+	binary.LittleEndian.PutUint64(p[8:], gen)
+	binary.LittleEndian.PutUint64(p[16:], b*0x9E3779B97F4A7C15^gen)
+}
+
+// checkSelfCheckedBlock accepts a block of zeros (never written) or one
+// selfCheckedBlock wrote for block b.
+func checkSelfCheckedBlock(p []byte, b uint64) error {
+	got, gen, sum := binary.LittleEndian.Uint64(p[0:]), binary.LittleEndian.Uint64(p[8:]), binary.LittleEndian.Uint64(p[16:])
+	if got == 0 && gen == 0 && sum == 0 && allZero(p) {
+		return nil
+	}
+	if got != b || sum != b*0x9E3779B97F4A7C15^gen || !allZero(p[24:]) {
+		return fmt.Errorf("block %d reads as block %d generation %d (checksum %#x)", b, got, gen, sum)
+	}
+	return nil
+}
+
+func allZero(p []byte) bool {
+	for _, c := range p {
+		if c != 0 {
+			return false
+		}
+	}
+	return true
 }
