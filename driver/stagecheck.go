@@ -59,7 +59,12 @@ func (n *nodeService) attachmentProblem(sv *stagedVolume) string {
 		return "no loop device"
 	}
 	devs, err := n.loop().FindByBacking(n.filePath(sv.VolumeID))
-	if err != nil || !slices.Contains(devs, sv.LoopDevice) {
+	if err != nil {
+		// Cannot tell: leave a possibly healthy volume alone.
+		klog.ErrorS(err, "Checking a staged volume's loop device", "volume", sv.VolumeID, "device", sv.LoopDevice)
+		return ""
+	}
+	if !slices.Contains(devs, sv.LoopDevice) {
 		return fmt.Sprintf("loop device %s not bound to the volume's file", sv.LoopDevice)
 	}
 	return ""
