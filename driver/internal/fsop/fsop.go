@@ -110,21 +110,24 @@ func (r reply) err() error {
 	case r.Err == "":
 		return nil
 	case r.NotMounted:
-		return fmt.Errorf("%s (%w)", r.Err, ErrNotMounted)
+		return childError{msg: r.Err, is: ErrNotMounted}
+	case r.Expired:
+		return childError{msg: r.Err, is: ErrExpired}
 	case r.Errno != 0:
-		return childError{msg: r.Err, errno: syscall.Errno(r.Errno)}
+		return childError{msg: r.Err, is: syscall.Errno(r.Errno)}
 	}
 	return errors.New(r.Err)
 }
 
-// childError is an error from the child that carried an errno.
+// childError is an error from the child, with the sentinel or errno it
+// wrapped there.
 type childError struct {
-	msg   string
-	errno syscall.Errno
+	msg string
+	is  error
 }
 
 func (e childError) Error() string { return e.msg }
-func (e childError) Unwrap() error { return e.errno }
+func (e childError) Unwrap() error { return e.is }
 
 func init() {
 	if spec, ok := os.LookupEnv(envRequest); ok {
