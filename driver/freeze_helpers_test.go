@@ -134,12 +134,19 @@ func (g *gate) pass() {
 // that the FUSE files pass to volumes.
 type gatedEngine struct {
 	Engine
-	snapshots, writes, flushes *gate
+	snapshots, writes, flushes passer
 }
 
+// passer is a gate: pass returns when the gate is open.
+type passer interface{ pass() }
+
 func newGatedDeps() (Deps, *gatedEngine) {
+	return gatedDeps(&gate{}, &gate{}, &gate{})
+}
+
+func gatedDeps(snapshots, writes, flushes passer) (Deps, *gatedEngine) {
 	deps := DefaultDeps()
-	g := &gatedEngine{snapshots: &gate{}, writes: &gate{}, flushes: &gate{}}
+	g := &gatedEngine{snapshots: snapshots, writes: writes, flushes: flushes}
 	deps.OpenEngine = func(dir string) (Engine, error) {
 		e, err := OpenCowEngine(dir)
 		if err != nil {

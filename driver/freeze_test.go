@@ -30,9 +30,15 @@ func startGatedDriver(t *testing.T, freezeTimeout time.Duration) (*testEnv, *tes
 	opts := testOptions(env)
 	opts.FreezeTimeout = freezeTimeout
 	// Nothing may stay held when the test ends, whatever failed.
-	t.Cleanup(func() { g.snapshots.open(); g.writes.open(); g.flushes.open() })
+	t.Cleanup(func() {
+		for _, p := range []passer{g.snapshots, g.writes, g.flushes} {
+			p.(*gate).open()
+		}
+	})
 	return env, startDriverWith(t, opts, deps), g
 }
+
+func gateOf(p passer) *gate { return p.(*gate) }
 
 // fsopChildren lists this process's fsop children doing op.
 func fsopChildren(t testing.TB, op string) []int {
@@ -80,10 +86,10 @@ func TestFrozenWindowBounded(t *testing.T) {
 	pv := stageAndPublish(t, td, env, src.GetVolumeId(), mountCap(rwo, "ext4"))
 	writeNoSync(t, filepath.Join(pv.target, "a.txt"), importantContent("window"))
 
-	g.snapshots.close()
+	gateOf(g.snapshots).close()
 	res := snapshotAsync(td, "snap-window", src.GetVolumeId())
 	select {
-	case <-g.snapshots.waiting():
+	case <-gateOf(g.snapshots).waiting():
 	case err := <-res:
 		t.Fatalf("CreateSnapshot returned before the engine's cut: %v", err)
 	}
@@ -94,7 +100,7 @@ func TestFrozenWindowBounded(t *testing.T) {
 	checkChildDescriptors(t, children[0])
 
 	waitFor(t, "the filesystem thawed while the cut waits", 10*time.Second, func() bool { return !isFrozen(t, pv.staging) })
-	g.snapshots.open()
+	gateOf(g.snapshots).open()
 	err := <-res
 	if status.Code(err) != codes.DeadlineExceeded {
 		t.Fatalf("CreateSnapshot with the cut after the window: %v; want DeadlineExceeded", err)
@@ -142,14 +148,14 @@ func TestLateFreeze(t *testing.T) {
 	want := importantContent("late")
 	writeNoSync(t, filepath.Join(pv.target, "late.txt"), want)
 
-	g.writes.close()
+	gateOf(g.writes).close()
 	err := <-snapshotAsync(td, "snap-late", src.GetVolumeId())
 	if status.Code(err) != codes.DeadlineExceeded {
 		t.Fatalf("CreateSnapshot with a late freeze: %v; want DeadlineExceeded", err)
 	}
 	wantNoSnapshot(t, td, "snap-late")
 	select {
-	case <-g.writes.waiting():
+	case <-gateOf(g.writes).waiting():
 	default:
 		t.Fatal("the freeze never waited for the held writes")
 	}
@@ -159,7 +165,7 @@ func TestLateFreeze(t *testing.T) {
 	}
 	wantNoSnapshot(t, td, "snap-late")
 
-	g.writes.open()
+	gateOf(g.writes).open()
 	waitFor(t, "the late freeze's child gone", 20*time.Second, func() bool { return td.d.node.freezes.pendingFreezes() == 0 })
 	if isFrozen(t, pv.staging) {
 		t.Fatal("the late freeze left the filesystem frozen")
@@ -228,9 +234,9 @@ func TestFreezeChildKilled(t *testing.T) {
 	src := createVolume(t, td, &csi.CreateVolumeRequest{Name: "pvc-killed"})
 	pv := stageAndPublish(t, td, env, src.GetVolumeId(), mountCap(rwo, "ext4"))
 
-	g.snapshots.close()
+	gateOf(g.snapshots).close()
 	res := snapshotAsync(td, "snap-killed", src.GetVolumeId())
-	<-g.snapshots.waiting()
+	<-gateOf(g.snapshots).waiting()
 	children := fsopChildren(t, "freeze")
 	if len(children) != 1 {
 		t.Fatalf("freeze children %v, want one", children)
@@ -244,7 +250,7 @@ func TestFreezeChildKilled(t *testing.T) {
 	if isFrozen(t, pv.staging) {
 		t.Fatal("filesystem still frozen after the freeze child was killed")
 	}
-	g.snapshots.open()
+	gateOf(g.snapshots).open()
 	if err := <-res; err == nil {
 		t.Fatal("CreateSnapshot succeeded although its freeze child died before the thaw")
 	}
