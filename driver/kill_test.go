@@ -16,6 +16,7 @@ import (
 	"time"
 
 	"github.com/container-storage-interface/spec/lib/go/csi"
+	"github.com/moby/sys/mountinfo"
 	"golang.org/x/sys/unix"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials/insecure"
@@ -194,11 +195,14 @@ func (h *helperDriver) killAndWait(t *testing.T, group bool, fuseDir string) {
 	case <-time.After(30 * time.Second):
 	}
 	t.Errorf("the killed driver did not exit within 30s: a thread of it waits on its own FUSE connection")
-	var st unix.Stat_t
-	if err := unix.Stat(fuseDir, &st); err == nil {
-		abort := fmt.Sprintf("/sys/fs/fuse/connections/%d/abort", unix.Minor(st.Dev))
+	// From mountinfo: a stat of the mount would wait on the connection.
+	mounts, _ := mountinfo.GetMounts(mountinfo.SingleEntryFilter(fuseDir))
+	for _, m := range mounts {
+		abort := fmt.Sprintf("/sys/fs/fuse/connections/%d/abort", m.Minor)
 		t.Logf("aborting %s", abort)
-		os.WriteFile(abort, []byte("1"), 0o200)
+		if err := os.WriteFile(abort, []byte("1"), 0o200); err != nil {
+			t.Log(err)
+		}
 	}
 	select {
 	case <-h.exited:
