@@ -309,7 +309,13 @@ func TestRestartThawsFreezeOfKilledDriver(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	t.Cleanup(func() { unix.Close(fd) })
+	t.Cleanup(func() {
+		// Never leave it frozen, whatever failed: the last close of a
+		// detached mount shuts the filesystem down, which waits for a
+		// thaw.
+		unix.IoctlSetInt(fd, testFITHAW, 0)
+		unix.Close(fd)
+	})
 	h.hold(t, "snapshots")
 	go h.ctrl.CreateSnapshot(ctx, &csi.CreateSnapshotRequest{Name: "snap-frozen-kill", SourceVolumeId: id})
 	h.waitHeld(t, "snapshots")
