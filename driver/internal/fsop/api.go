@@ -97,12 +97,11 @@ func StartFreeze(ctx context.Context, path, dev string, window time.Duration) (*
 			return f, c.gone(opFreeze)
 		}
 		if err := r.err(); err != nil {
-			c.closeStdin()
-			return f, err
+			return f, c.reaped(ctx, err)
 		}
 		f.State = r.State
 		if f.State != StateFrozen {
-			c.closeStdin()
+			return f, c.reaped(ctx, nil)
 		}
 		return f, nil
 	case <-ctx.Done():
@@ -111,8 +110,8 @@ func StartFreeze(ctx context.Context, path, dev string, window time.Duration) (*
 	}
 }
 
-// Thaw asks the child to thaw and waits for its answer, at most until ctx
-// ends. It returns ErrExpired if the child had thawed by itself at the end
+// Thaw asks the child to thaw and waits for its answer and its exit, at
+// most until ctx ends. It returns ErrExpired if the child had thawed by itself at the end
 // of its window: what was done in between may have run unfrozen. It is
 // idempotent, and a no-op for a filesystem the child did not freeze.
 func (f *Freeze) Thaw(ctx context.Context) error {
@@ -132,7 +131,7 @@ func (f *Freeze) thaw(ctx context.Context) error {
 		if !ok {
 			return f.c.gone("thaw")
 		}
-		return r.err()
+		return f.c.reaped(ctx, r.err())
 	case <-ctx.Done():
 		return fmt.Errorf("thaw: %w", ctx.Err())
 	}

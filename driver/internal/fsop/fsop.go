@@ -224,11 +224,23 @@ func run(ctx context.Context, req request) (string, error) {
 		if !ok {
 			return "", c.gone(req.Op)
 		}
-		return r.Result, r.err()
+		return r.Result, c.reaped(ctx, r.err())
 	case <-ctx.Done():
 		c.kill()
 		return "", fmt.Errorf("fsop: %s: %w", req.Op, ctx.Err())
 	}
+}
+
+// reaped waits until the child has exited, at most until ctx ends, and
+// returns err. A child that still runs holds what it opened (a staging
+// directory: an unmount right after would find it busy).
+func (c *child) reaped(ctx context.Context, err error) error {
+	c.closeStdin()
+	select {
+	case <-c.exited:
+	case <-ctx.Done():
+	}
+	return err
 }
 
 // tailBuffer keeps the last max bytes written to it.
