@@ -281,9 +281,17 @@ func processGone(pid int) bool {
 // TestRestartThawsFreezeOfKilledDriver: a driver killed (with its children,
 // as a container kill does) while it holds a snapshot freeze leaves the
 // filesystem frozen, and unmounting does not thaw it; the next driver
-// thaws it from its record before anything else.
+// thaws it from its record before anything else. Killed alone, the driver
+// leaves nothing frozen even before the restart: its freeze child sees
+// its standard input end and thaws.
 func TestRestartThawsFreezeOfKilledDriver(t *testing.T) {
 	testutil.RequireRoot(t, nodeNeeds...)
+	for _, group := range []bool{true, false} {
+		t.Run(fmt.Sprintf("group=%v", group), func(t *testing.T) { testRestartThaws(t, group) })
+	}
+}
+
+func testRestartThaws(t *testing.T, group bool) {
 	env := newTestEnv(t)
 	opts := testOptions(env)
 	opts.FreezeTimeout = 60 * time.Second
@@ -319,8 +327,16 @@ func TestRestartThawsFreezeOfKilledDriver(t *testing.T) {
 	h.hold(t, "snapshots")
 	go h.ctrl.CreateSnapshot(ctx, &csi.CreateSnapshotRequest{Name: "snap-frozen-kill", SourceVolumeId: id})
 	h.waitHeld(t, "snapshots")
-	h.killAndWait(t, true, opts.fuseDir())
-	if !frozenFD(t, fd) {
+	children := h.children()
+	h.killAndWait(t, group, opts.fuseDir())
+	if !group {
+		for _, c := range children {
+			waitFor(t, fmt.Sprintf("child %d of the killed driver gone", c), 30*time.Second, func() bool { return processGone(c) })
+		}
+		if frozenFD(t, fd) {
+			t.Fatal("the freeze child of a killed driver left the filesystem frozen")
+		}
+	} else if !frozenFD(t, fd) {
 		t.Fatal("precondition: the filesystem is not frozen after the kill")
 	}
 	td := startDriver(t, env)
