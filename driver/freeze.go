@@ -76,10 +76,9 @@ func (n *nodeService) quiesce(ctx context.Context, id string, freeze bool) (*qui
 // having thawed.
 func (n *nodeService) freeze(ctx context.Context, sv *stagedVolume) (*quiesced, error) {
 	window := n.d.opts.FreezeTimeout
-	start := time.Now()
-	wctx, cancel := context.WithTimeout(ctx, window)
+	actx, cancel := context.WithTimeout(ctx, window)
 	defer cancel()
-	done, err := n.freezes.acquire(wctx, sv.VolumeID)
+	done, err := n.freezes.acquire(actx, sv.VolumeID)
 	if err != nil {
 		return nil, err
 	}
@@ -88,7 +87,13 @@ func (n *nodeService) freeze(ctx context.Context, sv *stagedVolume) (*quiesced, 
 		done()
 		return nil, err
 	}
-	f, err := fsop.StartFreeze(wctx, sv.StagingPath, sv.LoopDevice, window-time.Since(start))
+	// The window starts here. The child counts it from its own start, a
+	// little later, so the engine's cut, bounded by this deadline, ends
+	// before the child's own thaw.
+	start := time.Now()
+	wctx, cancel := context.WithDeadline(ctx, start.Add(window))
+	defer cancel()
+	f, err := fsop.StartFreeze(wctx, sv.StagingPath, sv.LoopDevice, window)
 	if f == nil {
 		n.forgetFreeze(rec)
 		done()
