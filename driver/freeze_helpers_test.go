@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -135,6 +136,8 @@ func (g *gate) pass() {
 type gatedEngine struct {
 	Engine
 	snapshots, writes, flushes passer
+	// panicking makes CreateSnapshot panic (after its gate).
+	panicking atomic.Bool
 }
 
 // passer is a gate: pass returns when the gate is open.
@@ -160,6 +163,9 @@ func gatedDeps(snapshots, writes, flushes passer) (Deps, *gatedEngine) {
 
 func (g *gatedEngine) CreateSnapshot(ctx context.Context, spec cow.SnapshotSpec) (cow.SnapshotInfo, error) {
 	g.snapshots.pass()
+	if g.panicking.Load() {
+		panic("engine snapshot panics (test)")
+	}
 	return g.Engine.CreateSnapshot(ctx, spec)
 }
 

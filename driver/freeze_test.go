@@ -260,3 +260,27 @@ func TestFreezeChildKilled(t *testing.T) {
 		t.Errorf("freeze records left: %v, %v", recs, err)
 	}
 }
+
+// TestPanicWhileFrozenThaws: a panic between the freeze and the thaw (here
+// in the engine's cut) still thaws at once, on the way out of the handler,
+// long before the frozen window would end.
+func TestPanicWhileFrozenThaws(t *testing.T) {
+	env, td, g := startGatedDriver(t, time.Minute)
+	src := createVolume(t, td, &csi.CreateVolumeRequest{Name: "pvc-panic"})
+	pv := stageAndPublish(t, td, env, src.GetVolumeId(), mountCap(rwo, "ext4"))
+	g.panicking.Store(true)
+	t.Cleanup(func() { g.panicking.Store(false) })
+	func() {
+		defer func() {
+			if r := recover(); r == nil {
+				t.Fatal("CreateSnapshot did not panic")
+			}
+		}()
+		// Straight to the service: no gRPC server, no recovery
+		// interceptor, only the handler's own defers.
+		td.d.controller.CreateSnapshot(context.Background(), &csi.CreateSnapshotRequest{Name: "snap-panic", SourceVolumeId: src.GetVolumeId()})
+	}()
+	if isFrozen(t, pv.staging) {
+		t.Fatal("filesystem frozen after a panic in CreateSnapshot")
+	}
+}
