@@ -28,6 +28,9 @@ func TestMain(m *testing.M) {
 	if dir := os.Getenv("COWCSI_REPRO_FUSE_DIR"); dir != "" {
 		os.Exit(reproFuseHelper(dir))
 	}
+	if os.Getenv("COWCSI_IOFLUSHER_CHILD") != "" {
+		os.Exit(ioFlusherChild())
+	}
 	if dir := os.Getenv("COWCSI_WEDGE_STORE"); dir != "" {
 		os.Exit(wedgeHelper(dir))
 	}
