@@ -18,7 +18,7 @@ deps:
 	bash test/install-deps.sh
 
 build:
-	$(GO) build -o $(BIN)/ ./cmd/...
+	CGO_ENABLED=0 $(GO) build -o $(BIN)/ ./cmd/...
 
 # Correctness only: the tests that run a benchmark at length are left to
 # bench-io-check (test/bench-io) and to their own switches

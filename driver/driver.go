@@ -7,6 +7,7 @@ import (
 	"net"
 	"os"
 	"path/filepath"
+	"runtime/debug"
 	"strings"
 	"sync/atomic"
 	"time"
@@ -52,8 +53,8 @@ func New(opts Options, deps Deps) (*Driver, error) {
 	return d, nil
 }
 
-// Run takes the store's instance lock (failing if another instance holds
-// it), listens on the endpoint, opens the store, recovers the volumes
+// Run takes the store's instance lock (failing if another live instance
+// holds it; a previous one stuck exiting is freed, see takeInstance), listens on the endpoint, opens the store, recovers the volumes
 // staged before a restart, and serves until ctx is cancelled. It then stops
 // gracefully: in-flight calls get StopTimeout to finish, staged filesystems
 // are synced, volumes flushed, the store closed and the FUSE filesystem
@@ -64,7 +65,7 @@ func (d *Driver) Run(ctx context.Context) error {
 	}
 	// First of all: the socket, node state and FUSE mount point belong
 	// to whoever holds this lock.
-	lock, err := lockInstance(d.opts.StoreDir)
+	lock, err := takeInstance(ctx, d.opts.StoreDir, d.opts.fuseDir())
 	if err != nil {
 		return err
 	}
@@ -73,7 +74,7 @@ func (d *Driver) Run(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
-	srv := grpc.NewServer(grpc.ChainUnaryInterceptor(logCalls, d.refuseUntilReady))
+	srv := grpc.NewServer(grpc.ChainUnaryInterceptor(logCalls, recoverPanics, d.refuseUntilReady))
 	csi.RegisterIdentityServer(srv, d.identity)
 	csi.RegisterControllerServer(srv, &lockedController{ControllerServer: d.controller, f: d.inflight})
 	csi.RegisterNodeServer(srv, &lockedNode{NodeServer: d.node, f: d.inflight})
@@ -208,6 +209,20 @@ func logCalls(ctx context.Context, req any, info *grpc.UnaryServerInfo, handler 
 		klog.V(4).InfoS("GRPC response", "method", info.FullMethod, "response", protosanitizer.StripSecrets(resp), "duration", time.Since(start))
 	}
 	return resp, err
+}
+
+// recoverPanics turns a panic in a handler into an Internal error for that
+// call instead of a crash of the node's data path: the FUSE server, every
+// staged volume and every frozen filesystem live in this process. The
+// handler's deferred cleanups (thaws, in-flight marks) have run by then.
+func recoverPanics(ctx context.Context, req any, info *grpc.UnaryServerInfo, handler grpc.UnaryHandler) (resp any, err error) {
+	defer func() {
+		if r := recover(); r != nil {
+			klog.ErrorS(fmt.Errorf("panic: %v", r), "Recovered a panic in a gRPC handler", "method", info.FullMethod, "stack", string(debug.Stack()))
+			resp, err = nil, status.Errorf(codes.Internal, "internal error in %s: %v", info.FullMethod, r)
+		}
+	}()
+	return handler(ctx, req)
 }
 
 // refuseUntilReady answers Unavailable to Controller and Node calls while

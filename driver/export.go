@@ -56,6 +56,7 @@ func MountFuseExport(ctx context.Context, dir, ioURing string) (FileExport, erro
 			opts.IOURing = false
 		}
 	}
+	becomeIOFlusher()
 	s, err := fusefs.Mount(ctx, dir, opts)
 	if err != nil {
 		return nil, err

@@ -31,6 +31,12 @@ func TestMain(m *testing.M) {
 	if spec := os.Getenv(envHelperDriver); spec != "" {
 		os.Exit(helperDriverMain(spec))
 	}
+	if os.Getenv("COWCSI_IOFLUSHER_CHILD") != "" {
+		os.Exit(ioFlusherChild())
+	}
+	if dir := os.Getenv("COWCSI_WEDGE_STORE"); dir != "" {
+		os.Exit(wedgeHelper(dir))
+	}
 	os.Exit(m.Run())
 }
 

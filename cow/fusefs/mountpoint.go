@@ -104,6 +104,9 @@ func maxWrite() int {
 	return min(want, limit)
 }
 
+// fsType names the filesystem type: the mount table shows "fuse.cowcsi".
+const fsType = "cowcsi"
+
 // go-fuse's poll-hack file (its fuse/poll.go): go-fuse answers for it on
 // /dev/fuse, pollHackReply on the ring.
 const (
@@ -171,3 +174,28 @@ func abortConn(conn int) error {
 	}
 	return nil
 }
+
+// Connections returns the FUSE connection numbers of the fuse.cowcsi mounts
+// at dir (mounts can stack), read from the mount table only: a stat of a
+// wedged mount would wait forever.
+func Connections(dir string) ([]int, error) {
+	dir, err := filepath.Abs(dir)
+	if err != nil {
+		return nil, fmt.Errorf("fusefs: %w", err)
+	}
+	ms, err := mountinfo.GetMounts(mountinfo.SingleEntryFilter(dir))
+	if err != nil {
+		return nil, fmt.Errorf("fusefs: mount table: %w", err)
+	}
+	var conns []int
+	for _, m := range ms {
+		if m.FSType == "fuse."+fsType {
+			conns = append(conns, m.Minor)
+		}
+	}
+	return conns, nil
+}
+
+// AbortConnection aborts FUSE connection conn (see Connections): every
+// request waiting on it fails, so a process stuck in one can exit.
+func AbortConnection(conn int) error { return abortConn(conn) }

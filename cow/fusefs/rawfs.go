@@ -52,7 +52,7 @@ func mountOptions(o Options) *fuse.MountOptions {
 	}
 	mo := &fuse.MountOptions{
 		FsName:        o.FsName,
-		Name:          "cowcsi",
+		Name:          fsType,
 		MaxWrite:      maxWrite(),
 		MaxReadAhead:  1 << 20,
 		MaxBackground: 128,
