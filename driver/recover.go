@@ -4,7 +4,6 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"os"
 	"path/filepath"
 	"slices"
 
@@ -131,46 +130,4 @@ func (n *nodeService) restage(ctx context.Context, sv *stagedVolume) (OpenVolume
 		}
 	}
 	return vol, nil
-}
-
-// shutdown makes everything acknowledged durable: it syncs staged
-// filesystems, flushes their loop devices down to the engine and flushes
-// the engine volumes. Mounts and loop devices stay (see Driver.shutdown).
-func (n *nodeService) shutdown() error {
-	n.mu.Lock()
-	defer n.mu.Unlock()
-	var errs []error
-	for id, sv := range n.vols {
-		if sv.AccessType == accessMount {
-			if err := syncFS(sv.StagingPath); err != nil {
-				errs = append(errs, fmt.Errorf("volume %s: %w", id, err))
-			}
-		}
-		if sv.LoopDevice != "" {
-			if err := n.loop().Sync(context.Background(), sv.LoopDevice); err != nil {
-				errs = append(errs, fmt.Errorf("volume %s: %w", id, err))
-			}
-		}
-		if vol := n.open[id]; vol != nil {
-			if err := vol.Flush(); err != nil {
-				errs = append(errs, fmt.Errorf("volume %s: flush: %w", id, err))
-			}
-		}
-	}
-	// A state this instance did not load (its start failed before) must
-	// not overwrite the one on disk: that would forget every volume staged
-	// there, for the next instance too.
-	if n.loaded {
-		if err := n.state.save(n.vols); err != nil && !errors.Is(err, os.ErrNotExist) {
-			errs = append(errs, err)
-		}
-	}
-	return errors.Join(errs...)
-}
-
-func (n *nodeService) unmountExport() error {
-	if n.export == nil {
-		return nil
-	}
-	return n.export.Unmount()
 }
