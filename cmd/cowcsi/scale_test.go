@@ -9,6 +9,7 @@ import (
 	"strings"
 	"sync"
 	"testing"
+	"time"
 
 	"github.com/container-storage-interface/spec/lib/go/csi"
 
@@ -32,9 +33,9 @@ func scaleVolumes(t *testing.T) int {
 
 // TestScale stages many volumes on one driver, a tenth of them ext4 and
 // the rest block: every volume is staged, published and written, every one
-// snapshotted, a few restored and checked, and all are unstaged and
-// deleted. It logs the driver's descriptors, RSS and threads and the loop
-// devices in use at full load.
+// snapshotted, the driver restarted, a few snapshots restored and checked,
+// and all volumes unstaged and deleted. It logs the driver's descriptors,
+// RSS and threads, the loop devices in use and how long each step took.
 func TestScale(t *testing.T) {
 	testutil.RequireRoot(t, testutil.DevFUSE, testutil.DevLoopControl, "mkfs.ext4", "mount", "blkid")
 	n := scaleVolumes(t)
@@ -44,6 +45,9 @@ func TestScale(t *testing.T) {
 	sock, store := filepath.Join(testutil.SocketDir(t), "csi.sock"), filepath.Join(root, "store")
 	p := startPluginArgs(t, sock, store, nil)
 	t.Cleanup(func() {
+		if p == nil {
+			return // stopped by the test, not restarted
+		}
 		left, _ := loopdev.BindingsUnder(root)
 		p.term(t)
 		clearLoopsOf(t, left)
@@ -53,9 +57,11 @@ func TestScale(t *testing.T) {
 
 	vols := newFleet(root, n-nFS, nFS)
 	const size = 32 << 20
+	start := time.Now()
 	if err := parallel(vols, 4, func(v *fleetVol) error { return v.bringUp(p, size) }); err != nil {
 		t.Fatal(err)
 	}
+	t.Logf("created, staged, published and written %d volumes in %v", n, time.Since(start).Round(time.Millisecond))
 	bound, err := loopdev.BindingsUnder(root)
 	if err != nil || len(bound) != n {
 		t.Errorf("%d loop devices bound to the driver's files, want %d (%v)", len(bound), n, err)
@@ -79,6 +85,19 @@ func TestScale(t *testing.T) {
 		t.Fatal(err)
 	}
 	t.Logf("%d volumes and %d snapshots: %s", n, len(snaps), procFigures(t, p.cmd.Process.Pid))
+
+	// A restart at full load: the stop syncs every volume within its
+	// timeout, and the next instance serves them all again.
+	start = time.Now()
+	p.term(t)
+	t.Logf("stopped with %d volumes staged in %v", n, time.Since(start).Round(time.Millisecond))
+	p = nil
+	start = time.Now()
+	p = startPluginArgs(t, sock, store, nil)
+	t.Logf("restarted and recovered %d volumes in %v: %s", n, time.Since(start).Round(time.Millisecond), procFigures(t, p.cmd.Process.Pid))
+	if err := parallel(vols, 4, func(v *fleetVol) error { return v.check() }); err != nil {
+		t.Errorf("after the restart: %v", err)
+	}
 
 	// Restore the first block and the first ext4 volume's snapshots,
 	// after their sources moved on: the restores show the old data.
