@@ -9,6 +9,7 @@ import (
 
 	"github.com/container-storage-interface/spec/lib/go/csi"
 
+	"github.com/cowcsi/cowcsi/cow/loopdev"
 	"github.com/cowcsi/cowcsi/test/testutil"
 )
 
@@ -80,6 +81,16 @@ func TestStopWithinStopTimeout(t *testing.T) {
 	<-loop.attaching
 	loop.armed.Store(true)
 
+	// The driver's own cleanup finds its loops by their full path, which
+	// the stop (FUSE mount detached) changes: note them now, clear after.
+	left, _ := loopdev.BindingsUnder(opts.fuseDir())
+	t.Cleanup(func() {
+		for _, b := range left {
+			if cur, err := loopdev.BackingFileOf(b.Path); err == nil && sameBacking(cur, b.BackingFile) {
+				detachLoop(t, b.Path)
+			}
+		}
+	})
 	cancel := td.cancel
 	td.cancel = nil // stopped here, not by the cleanup
 	start := time.Now()
