@@ -69,18 +69,7 @@ func TestScale(t *testing.T) {
 	t.Logf("%d volumes staged (%d ext4): %s; loop devices %d, highest %s", n, nFS, procFigures(t, p.cmd.Process.Pid), len(bound), highestLoop(bound))
 
 	ctx := context.Background()
-	snaps := make(map[*fleetVol]string, n)
-	var mu sync.Mutex
-	err = parallel(vols, 4, func(v *fleetVol) error {
-		resp, err := p.ctrl.CreateSnapshot(ctx, &csi.CreateSnapshotRequest{Name: "snap-" + v.name, SourceVolumeId: v.id})
-		if err != nil {
-			return err
-		}
-		mu.Lock()
-		snaps[v] = resp.GetSnapshot().GetSnapshotId()
-		mu.Unlock()
-		return v.check()
-	})
+	snaps, err := snapshotAll(p, vols)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -99,24 +88,10 @@ func TestScale(t *testing.T) {
 		t.Errorf("after the restart: %v", err)
 	}
 
-	// Restore the first block and the first ext4 volume's snapshots,
-	// after their sources moved on: the restores show the old data.
+	// The first block and the last (ext4) volume's snapshots, after
+	// their sources moved on: the restores show the old data.
 	for _, src := range []*fleetVol{vols[0], vols[n-1]} {
-		old := src.want
-		if err := src.write("<" + src.name + " after the snapshot>"); err != nil {
-			t.Fatal(err)
-		}
-		r := &fleetVol{name: "restore-" + src.name, block: src.block, staging: filepath.Join(root, "staging", "restore-"+src.name),
-			target: filepath.Join(root, "pods", "restore-"+src.name, "vol"), want: old}
-		if err := restore(p, r, snaps[src], size); err != nil {
-			t.Fatalf("restore %s: %v", r.name, err)
-		}
-		if err := r.check(); err != nil {
-			t.Errorf("%s: %v", r.name, err)
-		}
-		if err := r.tearDown(p); err != nil {
-			t.Error(err)
-		}
+		checkRestore(t, p, root, src, snaps[src], size)
 	}
 
 	if err := parallel(vols, 4, func(v *fleetVol) error {
@@ -135,6 +110,45 @@ func TestScale(t *testing.T) {
 		t.Errorf("%d loop devices still bound after unstaging every volume", len(left))
 	}
 	t.Logf("all unstaged and deleted: %s", procFigures(t, p.cmd.Process.Pid))
+}
+
+// snapshotAll snapshots every volume and checks its data after; it
+// returns the snapshot IDs.
+func snapshotAll(p *plugin, vols []*fleetVol) (map[*fleetVol]string, error) {
+	snaps := make(map[*fleetVol]string, len(vols))
+	var mu sync.Mutex
+	err := parallel(vols, 4, func(v *fleetVol) error {
+		resp, err := p.ctrl.CreateSnapshot(context.Background(), &csi.CreateSnapshotRequest{Name: "snap-" + v.name, SourceVolumeId: v.id})
+		if err != nil {
+			return err
+		}
+		mu.Lock()
+		snaps[v] = resp.GetSnapshot().GetSnapshotId()
+		mu.Unlock()
+		return v.check()
+	})
+	return snaps, err
+}
+
+// checkRestore overwrites src's data, restores snap (taken before) into a
+// new volume, checks that it has src's old data and removes it.
+func checkRestore(t *testing.T, p *plugin, root string, src *fleetVol, snap string, size int64) {
+	t.Helper()
+	old := src.want
+	if err := src.write("<" + src.name + " after the snapshot>"); err != nil {
+		t.Fatal(err)
+	}
+	r := &fleetVol{name: "restore-" + src.name, block: src.block, staging: filepath.Join(root, "staging", "restore-"+src.name),
+		target: filepath.Join(root, "pods", "restore-"+src.name, "vol"), want: old}
+	if err := restore(p, r, snap, size); err != nil {
+		t.Fatalf("restore %s: %v", r.name, err)
+	}
+	if err := r.check(); err != nil {
+		t.Errorf("%s: %v", r.name, err)
+	}
+	if err := r.tearDown(p); err != nil {
+		t.Error(err)
+	}
 }
 
 // restore creates r from snapshot snap and stages and publishes it.

@@ -89,20 +89,28 @@ func TestShutdownWithinStopTimeout(t *testing.T) {
 		}
 	}
 	if snapErr == nil {
-		found := false
-		resp, err := p2.ctrl.ListSnapshots(context.Background(), &csi.ListSnapshotsRequest{SourceVolumeId: src.id})
-		for _, e := range resp.GetEntries() {
-			found = found || e.GetSnapshot().GetSourceVolumeId() == src.id
-			if _, err := p2.ctrl.DeleteSnapshot(context.Background(), &csi.DeleteSnapshotRequest{SnapshotId: e.GetSnapshot().GetSnapshotId()}); err != nil {
-				t.Errorf("DeleteSnapshot: %v", err)
-			}
-		}
-		if err != nil || !found {
-			t.Errorf("the snapshot acknowledged before SIGTERM is not listed after the restart: %v", err)
-		}
+		checkListed(t, p2, src.id)
 	}
 	if err := parallel(vols, 4, func(v *fleetVol) error { return v.tearDown(p2) }); err != nil {
 		t.Error(err)
+	}
+}
+
+// checkListed checks that a snapshot of volume id is listed, and deletes
+// the volume's snapshots.
+func checkListed(t *testing.T, p *plugin, id string) {
+	t.Helper()
+	ctx := context.Background()
+	resp, err := p.ctrl.ListSnapshots(ctx, &csi.ListSnapshotsRequest{SourceVolumeId: id})
+	found := false
+	for _, e := range resp.GetEntries() {
+		found = found || e.GetSnapshot().GetSourceVolumeId() == id
+		if _, err := p.ctrl.DeleteSnapshot(ctx, &csi.DeleteSnapshotRequest{SnapshotId: e.GetSnapshot().GetSnapshotId()}); err != nil {
+			t.Errorf("DeleteSnapshot: %v", err)
+		}
+	}
+	if err != nil || !found {
+		t.Errorf("the snapshot acknowledged before SIGTERM is not listed after the restart: %v", err)
 	}
 }
 
