@@ -46,8 +46,9 @@ type Options struct {
 	DefaultVolumeSize int64
 	// FreezeTimeout bounds FIFREEZE during CreateSnapshot.
 	FreezeTimeout time.Duration
-	// StopTimeout bounds the graceful gRPC stop; in-flight calls are
-	// cancelled after it.
+	// StopTimeout bounds the whole stop once the driver is told to stop:
+	// graceful gRPC stop, sync of every staged volume, store close (see
+	// stopClock); the pod's grace period must exceed it.
 	StopTimeout time.Duration
 	// FuseIOURing selects how the kernel's FUSE requests reach the driver:
 	// FUSE over io_uring (fast, Linux 6.14+) or /dev/fuse. See the
@@ -92,7 +93,7 @@ func (o *Options) AddFlags(fs *flag.FlagSet) {
 	fs.Int64Var(&o.MaxVolumesPerNode, "max-volumes-per-node", o.MaxVolumesPerNode, "most volumes staged on this node, reported to the CO; 0 derives it from RLIMIT_NOFILE")
 	fs.Int64Var(&o.DefaultVolumeSize, "default-volume-size", o.DefaultVolumeSize, "size in bytes of a volume created without a capacity range")
 	fs.DurationVar(&o.FreezeTimeout, "freeze-timeout", o.FreezeTimeout, "bound on freezing a filesystem for a snapshot")
-	fs.DurationVar(&o.StopTimeout, "stop-timeout", o.StopTimeout, "bound on the graceful stop of the gRPC server")
+	fs.DurationVar(&o.StopTimeout, "stop-timeout", o.StopTimeout, "bound on the whole stop after SIGTERM: in-flight calls, syncing every staged volume, closing the store")
 	fs.StringVar(&o.FuseIOURing, "fuse-io-uring", o.FuseIOURing, "serve the volumes' FUSE file through FUSE over io_uring: auto (if the kernel has it; turns on the fuse module's enable_uring), on (required), off (/dev/fuse)")
 }
 
