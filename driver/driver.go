@@ -80,6 +80,11 @@ func (d *Driver) Run(ctx context.Context) error {
 	csi.RegisterControllerServer(srv, &lockedController{ControllerServer: d.controller, f: d.inflight})
 	csi.RegisterNodeServer(srv, &lockedNode{NodeServer: d.node, f: d.inflight})
 
+	// The stop's clock starts with the stop signal, even if it arrives
+	// while start is still recovering volumes.
+	signalled := make(chan time.Time, 1)
+	defer context.AfterFunc(ctx, func() { signalled <- time.Now() })()
+
 	served := make(chan error, 1)
 	go func() { served <- srv.Serve(lis) }()
 	klog.InfoS("Listening", "endpoint", d.opts.Endpoint, "driver", d.opts.DriverName, "node", d.opts.NodeID)
@@ -95,7 +100,7 @@ func (d *Driver) Run(ctx context.Context) error {
 		}
 	}
 	d.ready.Store(false)
-	clock := newStopClock(d.opts.StopTimeout)
+	clock := newStopClock(signalled, d.opts.StopTimeout)
 	d.stopServer(srv, clock)
 	stopErr := d.shutdown(clock)
 	if err := os.Remove(sockPath); err != nil && !errors.Is(err, os.ErrNotExist) {

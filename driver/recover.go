@@ -36,7 +36,18 @@ func (n *nodeService) start(ctx context.Context) error {
 	n.export = exp
 
 	for id, sv := range vols {
+		if ctx.Err() != nil {
+			// Stopping: the volume stays recorded, and the next
+			// instance recovers it; forgotten, its kernel side would
+			// outlive every later NodeUnstageVolume.
+			klog.InfoS("Stopping; volume left to the next instance to recover", "volume", id)
+			continue
+		}
 		vol, err := n.restage(ctx, sv)
+		if err != nil && ctx.Err() != nil {
+			klog.ErrorS(err, "Stopping; volume left to the next instance to recover", "volume", id)
+			continue
+		}
 		if err != nil {
 			klog.ErrorS(err, "Cannot recover staged volume; forgetting it (the CO will stage it again)", "volume", id, "staging", sv.StagingPath)
 			delete(vols, id)

@@ -37,8 +37,15 @@ type stopClock struct {
 	total time.Duration
 }
 
-func newStopClock(total time.Duration) stopClock {
-	return stopClock{start: time.Now(), total: total}
+// newStopClock starts the clock at the time received from signalled, if
+// any (the stop signal came before this point), else now.
+func newStopClock(signalled <-chan time.Time, total time.Duration) stopClock {
+	select {
+	case t := <-signalled:
+		return stopClock{start: t, total: total}
+	default:
+		return stopClock{start: time.Now(), total: total}
+	}
 }
 
 // at is the point num/8 of the way through StopTimeout.
@@ -145,6 +152,9 @@ func (n *nodeService) syncAll(ctx context.Context) error {
 	jobs := make(chan syncJob, len(n.vols))
 	var ids []string
 	for id, sv := range n.vols {
+		if n.open[id] == nil && sv.LoopDevice == "" {
+			continue // left unrecovered by a stop during start: nothing attached
+		}
 		jobs <- syncJob{id: id, sv: *sv, vol: n.open[id]}
 		ids = append(ids, id)
 	}

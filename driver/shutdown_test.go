@@ -25,13 +25,22 @@ type stallingLoop struct {
 	syncing   chan struct{} // closed when the first armed Sync started
 	once      atomic.Bool
 	release   chan struct{}
+	// onAttach, if set, runs before every other Attach and returns the
+	// context it proceeds with, or an error.
+	onAttach func(ctx context.Context) (context.Context, error)
 }
 
 func (l *stallingLoop) Attach(ctx context.Context, backing string, readOnly bool) (string, error) {
-	if filepath.Base(backing) == l.stallName {
+	if l.stallName != "" && filepath.Base(backing) == l.stallName {
 		close(l.attaching)
 		<-ctx.Done()
 		return "", ctx.Err()
+	}
+	if l.onAttach != nil {
+		var err error
+		if ctx, err = l.onAttach(ctx); err != nil {
+			return "", err
+		}
 	}
 	return l.LoopDevices.Attach(ctx, backing, readOnly)
 }
@@ -114,5 +123,114 @@ func TestStopWithinStopTimeout(t *testing.T) {
 	td.conn.Close()
 	if err := <-staged; err == nil {
 		t.Errorf("the stalled NodeStageVolume succeeded")
+	}
+}
+
+// stopDuringRecovery stages a block volume on a first instance and stops
+// it, then runs a second on the same store whose recovery of that volume
+// waits for the stop signal and then does onAttach; it sends the signal
+// and returns how long Run took after it, and the volumes the node state
+// records afterwards.
+func stopDuringRecovery(t *testing.T, loop *stallingLoop, stopTimeout time.Duration,
+	onAttach func(ctx context.Context) (context.Context, error)) (time.Duration, map[string]*stagedVolume) {
+	testutil.RequireRoot(t, nodeNeeds...)
+	env := newTestEnv(t)
+	opts := testOptions(env)
+	opts.StopTimeout = stopTimeout
+	td := startDriverWith(t, opts, DefaultDeps())
+	vc := blockCap(rwo)
+	createVolume(t, td, &csi.CreateVolumeRequest{Name: "v", VolumeCapabilities: []*csi.VolumeCapability{vc}})
+	if _, err := td.node.NodeStageVolume(context.Background(), &csi.NodeStageVolumeRequest{VolumeId: volumeIDFor("v"),
+		StagingTargetPath: filepath.Join(env.root, "staging-v"), VolumeCapability: vc}); err != nil {
+		t.Fatal(err)
+	}
+	td.stop(t)
+
+	deps := DefaultDeps()
+	loop.LoopDevices = deps.Loop
+	signalled := make(chan struct{})
+	loop.onAttach = func(ctx context.Context) (context.Context, error) {
+		<-signalled
+		return onAttach(ctx)
+	}
+	deps.Loop = loop
+	d, err := New(opts, deps)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- d.Run(ctx) }()
+	t.Cleanup(func() {
+		// A stopped instance leaves the volume's loop bound to the
+		// file's short name: clear it.
+		bound, _ := loopdev.Bindings()
+		for _, b := range bound {
+			if b.BackingFile == "/"+volumeIDFor("v") {
+				detachLoop(t, b.Path)
+			}
+		}
+	})
+	// Signal once the recovery reached the volume (the FUSE mount is up).
+	for deadline := time.Now().Add(30 * time.Second); ; {
+		if m, _ := testutil.MountsUnder(opts.fuseDir()); len(m) > 0 {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("the second instance did not mount its FUSE filesystem")
+		}
+		time.Sleep(10 * time.Millisecond) // polling the mount table
+	}
+	start := time.Now()
+	cancel()
+	close(signalled)
+	var took time.Duration
+	select {
+	case err := <-done:
+		took = time.Since(start)
+		t.Logf("Run returned %v after the signal: %v", took.Round(time.Millisecond), err)
+	case <-time.After(stopTimeout + time.Minute):
+		t.Fatalf("Run did not return within %v of the stop signal", stopTimeout+time.Minute)
+	}
+	vols, err := (stateFile{dir: opts.stateDir()}).load()
+	if err != nil {
+		t.Fatal(err)
+	}
+	return took, vols
+}
+
+// TestStopClockStartsAtSignal: a stop signal that arrives while the
+// driver is still recovering volumes (that takes a while at scale) counts
+// from the signal, not from the end of the recovery: Run returns within
+// StopTimeout of the signal even when the recovery took most of it and the
+// recovered volume's sync never ends.
+func TestStopClockStartsAtSignal(t *testing.T) {
+	const stopTimeout = 4 * time.Second
+	loop := &stallingLoop{syncing: make(chan struct{}), release: make(chan struct{})}
+	loop.armed.Store(true)
+	t.Cleanup(func() { close(loop.release) })
+	took, vols := stopDuringRecovery(t, loop, stopTimeout, func(ctx context.Context) (context.Context, error) {
+		time.Sleep(stopTimeout * 3 / 4) // a slow recovery, not ordering
+		return context.WithoutCancel(ctx), nil
+	})
+	if bound := stopTimeout + 1500*time.Millisecond; took > bound {
+		t.Errorf("Run returned %v after the stop signal, want within %v (StopTimeout %v)", took, bound, stopTimeout)
+	}
+	if vols[volumeIDFor("v")] == nil {
+		t.Errorf("the recovered volume is not in the node state after the stop")
+	}
+}
+
+// TestStopDuringRecoveryKeepsVolumes: a volume whose recovery the stop
+// signal cut short stays in the node state for the next instance.
+// Forgotten, its kernel side would outlive every later NodeUnstageVolume.
+func TestStopDuringRecoveryKeepsVolumes(t *testing.T) {
+	loop := &stallingLoop{}
+	_, vols := stopDuringRecovery(t, loop, 4*time.Second, func(ctx context.Context) (context.Context, error) {
+		<-ctx.Done()
+		return nil, ctx.Err()
+	})
+	if vols[volumeIDFor("v")] == nil {
+		t.Errorf("the volume whose recovery the stop cut short is gone from the node state")
 	}
 }
