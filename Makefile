@@ -110,3 +110,13 @@ bench-io-ab:
 .PHONY: bench-io-check
 bench-io-check: deps
 	bash test/fuse-guard.sh run $(TEST_GUARD_MINUTES) env COWCSI_BENCH_IO=1 $(GO) test $(TESTFLAGS) -v -run '^(TestSmoke|TestAB)$$' ./test/bench-io/
+
+# scale -------------------------------------------------------------------
+# TestScale (cmd/cowcsi) at SCALE volumes on one driver, a tenth ext4:
+# staging, I/O, snapshots, restores and unstaging, logging the driver's
+# descriptors, RSS, threads and loop devices. No -race, so that the RSS is
+# the binary's own. `make test` runs it at 24 volumes.
+SCALE ?= 500
+.PHONY: scale
+scale: deps
+	bash test/fuse-guard.sh run $(TEST_GUARD_MINUTES) env COWCSI_SCALE=$(SCALE) $(GO) test -count=1 -timeout 30m -v -run '^TestScale$$' ./cmd/cowcsi/

@@ -36,6 +36,8 @@ type Driver struct {
 	controller *controllerService
 	node       *nodeService
 	inflight   *inFlight
+	// calls counts running handlers, for the stop sequence.
+	calls *callTracker
 }
 
 // New validates opts and builds a Driver; Run serves it.
@@ -46,7 +48,7 @@ func New(opts Options, deps Deps) (*Driver, error) {
 	if deps.OpenEngine == nil || deps.MountExport == nil || deps.Loop == nil || deps.Mounter == nil || deps.Resizer == nil {
 		return nil, errors.New("driver: every dependency in Deps is required (see DefaultDeps)")
 	}
-	d := &Driver{opts: opts, deps: deps, inflight: newInFlight()}
+	d := &Driver{opts: opts, deps: deps, inflight: newInFlight(), calls: newCallTracker()}
 	d.identity = &identityService{d: d}
 	d.node = newNodeService(d)
 	d.controller = &controllerService{d: d}
@@ -54,11 +56,11 @@ func New(opts Options, deps Deps) (*Driver, error) {
 }
 
 // Run takes the store's instance lock (failing if another live instance
-// holds it; a previous one stuck exiting is freed, see takeInstance), listens on the endpoint, opens the store, recovers the volumes
-// staged before a restart, and serves until ctx is cancelled. It then stops
-// gracefully: in-flight calls get StopTimeout to finish, staged filesystems
-// are synced, volumes flushed, the store closed and the FUSE filesystem
-// unmounted.
+// holds it; a previous one stuck exiting is freed, see takeInstance),
+// listens on the endpoint, opens the store, recovers the volumes staged before a restart, and serves until ctx is cancelled. It then stops
+// within StopTimeout (see stopClock): in-flight calls get part of it to
+// finish, staged filesystems are synced, volumes flushed, the store closed
+// and the FUSE filesystem unmounted.
 func (d *Driver) Run(ctx context.Context) error {
 	if err := os.MkdirAll(d.opts.StoreDir, 0o700); err != nil {
 		return fmt.Errorf("store dir: %w", err)
@@ -74,10 +76,15 @@ func (d *Driver) Run(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
-	srv := grpc.NewServer(grpc.ChainUnaryInterceptor(logCalls, recoverPanics, d.refuseUntilReady))
+	srv := grpc.NewServer(grpc.ChainUnaryInterceptor(d.calls.intercept, logCalls, recoverPanics, d.refuseUntilReady))
 	csi.RegisterIdentityServer(srv, d.identity)
 	csi.RegisterControllerServer(srv, &lockedController{ControllerServer: d.controller, f: d.inflight})
 	csi.RegisterNodeServer(srv, &lockedNode{NodeServer: d.node, f: d.inflight})
+
+	// The stop's clock starts with the stop signal, even if it arrives
+	// while start is still recovering volumes.
+	signalled := make(chan time.Time, 1)
+	defer context.AfterFunc(ctx, func() { signalled <- time.Now() })()
 
 	served := make(chan error, 1)
 	go func() { served <- srv.Serve(lis) }()
@@ -94,8 +101,9 @@ func (d *Driver) Run(ctx context.Context) error {
 		}
 	}
 	d.ready.Store(false)
-	d.stopServer(srv)
-	stopErr := d.shutdown()
+	clock := newStopClock(signalled, d.opts.StopTimeout)
+	d.stopServer(srv, clock)
+	stopErr := d.shutdown(clock)
 	if err := os.Remove(sockPath); err != nil && !errors.Is(err, os.ErrNotExist) {
 		klog.ErrorS(err, "Removing socket")
 	}
@@ -117,45 +125,6 @@ func (d *Driver) start(ctx context.Context) error {
 		return err
 	}
 	return nil
-}
-
-// stopServer lets in-flight calls finish for StopTimeout, then cancels them.
-func (d *Driver) stopServer(srv *grpc.Server) {
-	done := make(chan struct{})
-	go func() {
-		srv.GracefulStop()
-		close(done)
-	}()
-	t := time.NewTimer(d.opts.StopTimeout)
-	defer t.Stop()
-	select {
-	case <-done:
-	case <-t.C:
-		klog.InfoS("Graceful stop timed out; cancelling in-flight calls", "timeout", d.opts.StopTimeout)
-		srv.Stop()
-		<-done
-	}
-}
-
-// shutdown makes everything acknowledged so far durable and releases the
-// store. The kernel objects (mounts, loop devices) stay: their users keep
-// their mounts, and the next instance rebuilds the I/O path under them.
-func (d *Driver) shutdown() error {
-	var errs []error
-	errs = append(errs, d.node.shutdown())
-	if d.engine != nil {
-		if err := d.engine.Close(); err != nil {
-			errs = append(errs, fmt.Errorf("close store: %w", err))
-		}
-	}
-	errs = append(errs, d.node.unmountExport())
-	err := errors.Join(errs...)
-	if err != nil {
-		klog.ErrorS(err, "Stopping")
-	} else {
-		klog.InfoS("Stopped")
-	}
-	return err
 }
 
 // listen creates the unix socket with its final mode before it becomes

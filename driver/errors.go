@@ -80,6 +80,10 @@ func toStatus(call rpc, err error) error {
 		// "Unable to provision in the capacity" / "not enough space to
 		// create snapshot": RESOURCE_EXHAUSTED.
 		code = codes.ResourceExhausted
+	case errors.Is(err, errNodeFull):
+		// NodeStageVolume lists no code for it; RESOURCE_EXHAUSTED is
+		// ControllerPublishVolume's "max volumes attached".
+		code = codes.ResourceExhausted
 	case errors.Is(err, cow.ErrInUse), errors.Is(err, errExportBusy):
 		// The spec's answer to "volume in use" (DeleteVolume of an open
 		// volume, staging a volume open elsewhere) is FAILED_PRECONDITION.

@@ -68,7 +68,7 @@ func MountFuseExport(ctx context.Context, dir, ioURing string) (FileExport, erro
 		}
 		klog.InfoS("FUSE over io_uring not in use; serving through /dev/fuse", "reason", why.Error())
 	} else if on {
-		klog.InfoS("Serving the FUSE filesystem through FUSE over io_uring", "dir", dir)
+		klog.InfoS("Serving the FUSE filesystem through FUSE over io_uring", "dir", dir, "queues", s.RingQueues())
 		reserveProcs(s.RingQueues())
 	}
 	return fuseExport{s}, nil

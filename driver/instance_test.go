@@ -119,7 +119,7 @@ func TestShutdownKeepsUnloadedState(t *testing.T) {
 	if err := n.state.save(map[string]*stagedVolume{id: {VolumeID: id, StagingPath: "/s", AccessType: accessBlock}}); err != nil {
 		t.Fatal(err)
 	}
-	if err := n.shutdown(); err != nil {
+	if err := errors.Join(n.syncAll(context.Background()), n.saveState()); err != nil {
 		t.Fatal(err)
 	}
 	vols, err := n.state.load()

@@ -114,7 +114,7 @@ func (n *nodeService) NodeGetCapabilities(ctx context.Context, req *csi.NodeGetC
 func (n *nodeService) NodeGetInfo(ctx context.Context, req *csi.NodeGetInfoRequest) (*csi.NodeGetInfoResponse, error) {
 	return &csi.NodeGetInfoResponse{
 		NodeId:             n.d.opts.NodeID,
-		MaxVolumesPerNode:  n.d.opts.MaxVolumesPerNode,
+		MaxVolumesPerNode:  n.d.opts.volumeLimit(),
 		AccessibleTopology: &csi.Topology{Segments: map[string]string{TopologyKey: n.d.opts.NodeID}},
 	}, nil
 }
@@ -203,6 +203,9 @@ func (n *nodeService) NodeStageVolume(ctx context.Context, req *csi.NodeStageVol
 	}
 
 	if _, err := n.engine().GetVolume(id); err != nil {
+		return nil, toStatus(rpcNodeStage, err)
+	}
+	if err := n.checkRoom(); err != nil {
 		return nil, toStatus(rpcNodeStage, err)
 	}
 	sv := &stagedVolume{

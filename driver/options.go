@@ -38,7 +38,9 @@ type Options struct {
 	Version string
 	// SocketGroupAccess makes the socket mode 0660 instead of 0600.
 	SocketGroupAccess bool
-	// MaxVolumesPerNode is reported by NodeGetInfo; 0 means no limit.
+	// MaxVolumesPerNode bounds the volumes staged on this node, and
+	// NodeGetInfo reports it; 0 derives it from the descriptor limit
+	// (see volumeLimit).
 	MaxVolumesPerNode int64
 	// DefaultVolumeSize is used when CreateVolume has no capacity range.
 	DefaultVolumeSize int64
@@ -46,8 +48,9 @@ type Options struct {
 	// (FIFREEZE, the loop flush, the engine's cut); past it the filesystem
 	// is thawed and the call fails.
 	FreezeTimeout time.Duration
-	// StopTimeout bounds the graceful gRPC stop; in-flight calls are
-	// cancelled after it.
+	// StopTimeout bounds the whole stop once the driver is told to stop:
+	// graceful gRPC stop, sync of every staged volume, store close (see
+	// stopClock); the pod's grace period must exceed it.
 	StopTimeout time.Duration
 	// FuseIOURing selects how the kernel's FUSE requests reach the driver:
 	// FUSE over io_uring (fast, Linux 6.14+) or /dev/fuse. See the
@@ -89,10 +92,10 @@ func (o *Options) AddFlags(fs *flag.FlagSet) {
 	fs.StringVar(&o.FuseDir, "fuse-dir", o.FuseDir, "where to mount the driver's FUSE filesystem (default <store-dir>/fuse)")
 	fs.StringVar(&o.DriverName, "driver-name", o.DriverName, "CSI driver name")
 	fs.BoolVar(&o.SocketGroupAccess, "socket-group-access", o.SocketGroupAccess, "create the socket with mode 0660 instead of 0600")
-	fs.Int64Var(&o.MaxVolumesPerNode, "max-volumes-per-node", o.MaxVolumesPerNode, "volume limit reported to the CO; 0 means no limit")
+	fs.Int64Var(&o.MaxVolumesPerNode, "max-volumes-per-node", o.MaxVolumesPerNode, "most volumes staged on this node, reported to the CO; 0 derives it from RLIMIT_NOFILE")
 	fs.Int64Var(&o.DefaultVolumeSize, "default-volume-size", o.DefaultVolumeSize, "size in bytes of a volume created without a capacity range")
 	fs.DurationVar(&o.FreezeTimeout, "freeze-timeout", o.FreezeTimeout, "bound on the frozen window of a snapshot: freeze, loop flush and cut")
-	fs.DurationVar(&o.StopTimeout, "stop-timeout", o.StopTimeout, "bound on the graceful stop of the gRPC server")
+	fs.DurationVar(&o.StopTimeout, "stop-timeout", o.StopTimeout, "bound on the whole stop after SIGTERM: in-flight calls, syncing every staged volume, closing the store")
 	fs.StringVar(&o.FuseIOURing, "fuse-io-uring", o.FuseIOURing, "serve the volumes' FUSE file through FUSE over io_uring: auto (if the kernel has it; turns on the fuse module's enable_uring), on (required), off (/dev/fuse)")
 }
 

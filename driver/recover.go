@@ -4,14 +4,11 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"os"
 	"path/filepath"
 	"slices"
 
 	"golang.org/x/sys/unix"
 	"k8s.io/klog/v2"
-
-	"github.com/cowcsi/cowcsi/driver/internal/fsop"
 )
 
 // start brings the node side up: it reads what was staged before, tears
@@ -41,7 +38,18 @@ func (n *nodeService) start(ctx context.Context) error {
 	n.export = exp
 
 	for id, sv := range vols {
+		if ctx.Err() != nil {
+			// Stopping: the volume stays recorded, and the next
+			// instance recovers it; forgotten, its kernel side would
+			// outlive every later NodeUnstageVolume.
+			klog.InfoS("Stopping; volume left to the next instance to recover", "volume", id)
+			continue
+		}
 		vol, err := n.restage(ctx, sv)
+		if err != nil && ctx.Err() != nil {
+			klog.ErrorS(err, "Stopping; volume left to the next instance to recover", "volume", id)
+			continue
+		}
 		if err != nil {
 			klog.ErrorS(err, "Cannot recover staged volume; forgetting it (the CO will stage it again)", "volume", id, "staging", sv.StagingPath)
 			delete(vols, id)
@@ -135,48 +143,4 @@ func (n *nodeService) restage(ctx context.Context, sv *stagedVolume) (OpenVolume
 		}
 	}
 	return vol, nil
-}
-
-// shutdown makes everything acknowledged durable: it syncs staged
-// filesystems, flushes their loop devices down to the engine and flushes
-// the engine volumes. Mounts and loop devices stay (see Driver.shutdown).
-func (n *nodeService) shutdown() error {
-	n.mu.Lock()
-	defer n.mu.Unlock()
-	var errs []error
-	for id, sv := range n.vols {
-		if sv.AccessType == accessMount {
-			// In a child, like every call that waits on this process's
-			// own FUSE connection (package fsop).
-			if err := fsop.SyncFS(context.Background(), sv.StagingPath); err != nil {
-				errs = append(errs, fmt.Errorf("volume %s: %w", id, err))
-			}
-		}
-		if sv.LoopDevice != "" {
-			if err := n.loop().Sync(context.Background(), sv.LoopDevice); err != nil {
-				errs = append(errs, fmt.Errorf("volume %s: %w", id, err))
-			}
-		}
-		if vol := n.open[id]; vol != nil {
-			if err := vol.Flush(); err != nil {
-				errs = append(errs, fmt.Errorf("volume %s: flush: %w", id, err))
-			}
-		}
-	}
-	// A state this instance did not load (its start failed before) must
-	// not overwrite the one on disk: that would forget every volume staged
-	// there, for the next instance too.
-	if n.loaded {
-		if err := n.state.save(n.vols); err != nil && !errors.Is(err, os.ErrNotExist) {
-			errs = append(errs, err)
-		}
-	}
-	return errors.Join(errs...)
-}
-
-func (n *nodeService) unmountExport() error {
-	if n.export == nil {
-		return nil
-	}
-	return n.export.Unmount()
 }

@@ -62,6 +62,7 @@ func TestToStatus(t *testing.T) {
 		{rpcNodeExpand, cow.ErrInvalid, codes.OutOfRange},
 		{rpcCreateSnapshot, cow.ErrInvalid, codes.InvalidArgument},
 		{rpcCreateSnapshot, cow.ErrNoSpace, codes.ResourceExhausted},
+		{rpcNodeStage, fmt.Errorf("x: %w", errNodeFull), codes.ResourceExhausted},
 		{rpcDeleteVolume, cow.ErrInUse, codes.FailedPrecondition},
 		{rpcNodeUnstage, errExportBusy, codes.FailedPrecondition},
 		{rpcListVolumes, cow.ErrClosed, codes.Unavailable},

@@ -22,17 +22,24 @@ func main() {
 	os.Exit(run(os.Args[1:]))
 }
 
-func run(args []string) int {
-	fs := flag.NewFlagSet("cowcsi", flag.ContinueOnError)
+// newFlagSet registers the command's flags: opts' fields, klog's, and
+// --version.
+func newFlagSet(opts *driver.Options) (fs *flag.FlagSet, showVersion *bool) {
+	fs = flag.NewFlagSet("cowcsi", flag.ContinueOnError)
 	klog.InitFlags(fs)
-	opts := driver.DefaultOptions()
-	opts.Version = version
 	opts.AddFlags(fs)
-	showVersion := fs.Bool("version", false, "print the version and exit")
+	showVersion = fs.Bool("version", false, "print the version and exit")
 	fs.Usage = func() {
 		fmt.Fprintf(fs.Output(), "Usage: cowcsi --nodeid=NODE [flags]\n\nFlags:\n")
 		fs.PrintDefaults()
 	}
+	return fs, showVersion
+}
+
+func run(args []string) int {
+	opts := driver.DefaultOptions()
+	opts.Version = version
+	fs, showVersion := newFlagSet(&opts)
 	if err := fs.Parse(args); err != nil {
 		if err == flag.ErrHelp {
 			return 0
