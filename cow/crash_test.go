@@ -131,9 +131,19 @@ type crashWorker struct {
 	s     *cow.Store
 	vols  map[string]*cow.Volume
 	snaps []string
+	// In-process use (TestPowerCut): out takes the lines, stop is called
+	// with the first error and must not return; idle runs WaitIdle now
+	// and then (a store without background merges).
+	out  func(line string)
+	stop func(what string, err error)
+	idle bool
 }
 
 func (w *crashWorker) emit(format string, args ...any) {
+	if w.out != nil {
+		w.out(fmt.Sprintf(format, args...))
+		return
+	}
 	// One write(2) per line: a kill can cut off only the last line.
 	if _, err := fmt.Fprintf(os.Stdout, "cw "+format+"\n", args...); err != nil {
 		w.die("stdout: %v", err)
@@ -146,6 +156,9 @@ func (w *crashWorker) die(format string, args ...any) {
 }
 
 func (w *crashWorker) check(what string, err error) {
+	if err != nil && w.stop != nil {
+		w.stop(what, err)
+	}
 	if err != nil {
 		w.die("%s: %v", what, err)
 	}
@@ -171,6 +184,12 @@ func (w *crashWorker) pickVol() (string, *cow.Volume) {
 func (w *crashWorker) run(dir string) {
 	s, err := cow.Open(dir, cow.Options{})
 	w.check("Open", err)
+	w.attach(s)
+	w.loop()
+}
+
+// attach opens every volume of s and reports ready.
+func (w *crashWorker) attach(s *cow.Store) {
 	w.s = s
 	for _, vi := range s.ListVolumes() {
 		w.open(vi.ID)
@@ -179,6 +198,10 @@ func (w *crashWorker) run(dir string) {
 		w.snaps = append(w.snaps, si.ID)
 	}
 	w.emit("ready")
+}
+
+// loop runs the random workload until an operation fails.
+func (w *crashWorker) loop() {
 	for {
 		if len(w.vols) == 0 {
 			w.create()
@@ -207,6 +230,8 @@ func (w *crashWorker) run(dir string) {
 			w.deleteVolume()
 		case r < 95:
 			w.expand()
+		case w.idle && r >= 98:
+			w.check("WaitIdle", w.s.WaitIdle(w.ctx))
 		default:
 			w.create()
 		}

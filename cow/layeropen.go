@@ -5,17 +5,18 @@ import (
 	"fmt"
 	"os"
 
+	"github.com/cowcsi/cowcsi/cow/internal/faultfs"
 	"github.com/cowcsi/cowcsi/cow/internal/ondisk"
 )
 
 // openLayerFiles opens an existing layer and returns its owned ranges. A
 // layer without a journal never owned a block: it stays without files.
-func openLayerFiles(dir string, num uint32, size int64, arena *locArena) (*layer, []ondisk.Range, error) {
-	l := newLayerStruct(num, size, arena)
+func openLayerFiles(dir string, num uint32, size int64, arena *locArena, ff *faultfs.FS) (*layer, []ondisk.Range, error) {
+	l := newLayerStruct(num, size, arena, ff)
 	dp, jp := layerPaths(dir, num)
 	img, err := os.ReadFile(jp)
 	if errors.Is(err, os.ErrNotExist) {
-		if err := os.Remove(dp); err != nil && !errors.Is(err, os.ErrNotExist) {
+		if err := ff.Remove(dp); err != nil && !errors.Is(err, os.ErrNotExist) {
 			return nil, nil, ioErr(err)
 		}
 		return l, nil, nil
@@ -32,7 +33,7 @@ func openLayerFiles(dir string, num uint32, size int64, arena *locArena) (*layer
 		// fdatasync that also covers the header, so this layer owned
 		// nothing. Start it again without files.
 		for _, p := range []string{dp, jp} {
-			if err := os.Remove(p); err != nil && !errors.Is(err, os.ErrNotExist) {
+			if err := ff.Remove(p); err != nil && !errors.Is(err, os.ErrNotExist) {
 				return nil, nil, ioErr(err)
 			}
 		}
@@ -44,10 +45,10 @@ func openLayerFiles(dir string, num uint32, size int64, arena *locArena) (*layer
 	if err != nil {
 		return nil, nil, errf(ErrCorrupt, "layer %d: %v", num, err)
 	}
-	data, err := openData(dp, os.O_RDWR)
+	data, err := openData(ff, dp, os.O_RDWR)
 	if errors.Is(err, os.ErrNotExist) && len(ranges) == 0 {
 		// Crashed between creating the journal and the data file.
-		if err := os.Remove(jp); err != nil {
+		if err := ff.Remove(jp); err != nil {
 			return nil, nil, ioErr(err)
 		}
 		return l, nil, nil
@@ -58,7 +59,7 @@ func openLayerFiles(dir string, num uint32, size int64, arena *locArena) (*layer
 	adviseRandom(data)
 	l.dontcache = dontcacheFlag(data)
 	l.mayCache.Store(true) // an earlier process may have left pages cached
-	j, err := os.OpenFile(jp, os.O_RDWR, 0)
+	j, err := openFile(ff, jp, os.O_RDWR, 0)
 	if err != nil {
 		data.Close()
 		return nil, nil, ioErr(err)

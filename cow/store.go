@@ -13,6 +13,7 @@ import (
 
 	"golang.org/x/sys/unix"
 
+	"github.com/cowcsi/cowcsi/cow/internal/faultfs"
 	"github.com/cowcsi/cowcsi/cow/internal/ondisk"
 )
 
@@ -32,6 +33,9 @@ type Options struct {
 	// NoBackgroundMerge disables the background merger (tests): merges and
 	// removals of unreferenced layers then happen only in WaitIdle.
 	NoBackgroundMerge bool
+	// Faults, for tests only, puts the store's file I/O through a fault
+	// injector (package faultfs); nil does plain I/O.
+	Faults *faultfs.FS
 }
 
 // Store is a directory of layers plus the catalog that ties them into
@@ -112,7 +116,7 @@ func Open(dir string, opts Options) (*Store, error) {
 
 // load reads the catalog, opens every layer and rebuilds the trees.
 func (s *Store) load() error {
-	cat, err := openCatalog(s.dir)
+	cat, err := openCatalog(s.dir, s.opts.Faults)
 	if err != nil {
 		return err
 	}
@@ -152,7 +156,7 @@ func (s *Store) load() error {
 		}
 	}
 	for _, rec := range order {
-		l, ranges, err := openLayerFiles(s.layerFS, rec.Num, rec.Size, s.arena)
+		l, ranges, err := openLayerFiles(s.layerFS, rec.Num, rec.Size, s.arena, s.opts.Faults)
 		if err != nil {
 			return err
 		}
@@ -207,7 +211,7 @@ func (s *Store) removeOrphanFiles() error {
 			continue // not ours; leave it
 		}
 		if _, ok := s.byNum[uint32(n)]; !ok {
-			if err := os.Remove(filepath.Join(s.layerFS, name)); err != nil {
+			if err := s.opts.Faults.Remove(filepath.Join(s.layerFS, name)); err != nil {
 				return ioErr(err)
 			}
 		}
@@ -306,7 +310,7 @@ func (s *Store) newLayer(parent *layer, size int64) (*layer, error) {
 	if num/slotChunkSize >= slotChunks {
 		return nil, errf(ErrNoSpace, "layer numbers exhausted")
 	}
-	l := newLayerStruct(num, size, s.arena)
+	l := newLayerStruct(num, size, s.arena, s.opts.Faults)
 	l.parent = parent
 	if parent != nil {
 		l.tree = parent.tree.fork()
@@ -319,7 +323,7 @@ func (s *Store) newLayer(parent *layer, size int64) (*layer, error) {
 // discardLayer undoes newLayer after a failed commit.
 func (s *Store) discardLayer(l *layer) {
 	l.close()
-	_ = removeLayerFiles(s.layerFS, l.num)
+	_ = removeLayerFiles(s.opts.Faults, s.layerFS, l.num)
 }
 
 func layerRec(l *layer) *ondisk.LayerRec {

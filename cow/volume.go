@@ -305,6 +305,9 @@ func (h *Volume) WriteAt(p []byte, off int64) (int, error) {
 	v.barrier.RLock()
 	defer v.barrier.RUnlock()
 	head := v.head.Load()
+	if err := head.broken(); err != nil {
+		return 0, err
+	}
 	first, last := uint64(off>>blockShift), uint64((off+int64(len(p))-1)>>blockShift)
 	if head.placedAll(first, last) {
 		if err := head.writePlaced(p, off); err != nil {
@@ -489,6 +492,9 @@ func (h *Volume) Discard(off, length int64) error {
 	v.barrier.RLock()
 	defer v.barrier.RUnlock()
 	head := v.head.Load()
+	if err := head.broken(); err != nil {
+		return err
+	}
 	first, last := uint64(alignedStart>>blockShift), uint64((alignedEnd-1)>>blockShift)
 	if err := head.ensureFiles(v.s.layerFS); err != nil {
 		return err
@@ -514,8 +520,7 @@ func (l *layer) discardDense(first, last uint64) error {
 			return err
 		}
 		for _, pc := range ps {
-			if err := unix.Fallocate(int(l.data.Fd()), unix.FALLOC_FL_PUNCH_HOLE|unix.FALLOC_FL_KEEP_SIZE,
-				pc.off, int64(pc.n)); err != nil {
+			if err := l.ff.Punch(l.data, pc.off, int64(pc.n)); err != nil {
 				return ioErr(err)
 			}
 		}
