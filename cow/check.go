@@ -227,6 +227,7 @@ func (c *storeCheck) rebuild(l *layer, fresh map[uint32]*tree) (*tree, error) {
 		locs.set(r.Start, r.Count, r.Loc)
 	}
 	c.locations(l, &locs, limit)
+	c.fileSpace(l)
 	fresh[l.num] = &t
 	return &t, nil
 }
@@ -265,5 +266,26 @@ func (c *storeCheck) locations(l *layer, want *locMap, limit uint64) {
 	}
 	if end := l.locs.end(); end > l.next.Load() {
 		c.bad("layer %d: places end at %d, next free block %d", l.num, end, l.next.Load())
+	}
+}
+
+// fileSpace checks that every place of a layer lies inside its data file:
+// a place past the end names space that was given back (a record that
+// outlived the reclaim of its blocks).
+func (c *storeCheck) fileSpace(l *layer) {
+	l.treeMu.RLock()
+	end := l.locs.end()
+	l.treeMu.RUnlock()
+	l.filesMu.Lock()
+	defer l.filesMu.Unlock()
+	if l.data == nil {
+		return
+	}
+	st, err := l.data.Stat()
+	switch {
+	case err != nil:
+		c.bad("layer %d: data file: %v", l.num, err)
+	case uint64(st.Size()) < end<<blockShift:
+		c.bad("layer %d: places end at file block %d, past the data file's %d bytes", l.num, end, st.Size())
 	}
 }

@@ -65,6 +65,10 @@ func openLayerFiles(dir string, num uint32, size int64, arena *locArena, ff *fau
 		return nil, nil, ioErr(err)
 	}
 	l.data, l.journal, l.jOff, l.jAlloc, l.dirSynced = data, j, next, int64(len(img)), true
+	if err := l.zeroJournalTail(img, next); err != nil {
+		l.close()
+		return nil, nil, err
+	}
 	for _, r := range ranges {
 		if !fitsLocs(r) {
 			l.close()
@@ -78,4 +82,20 @@ func openLayerFiles(dir string, num uint32, size int64, arena *locArena, ff *fau
 		return nil, nil, err
 	}
 	return l, ranges, nil
+}
+
+// zeroJournalTail zeroes what follows the journal's last valid record
+// (next) in its image img, durably, as the catalog does with its log. A
+// power cut during an append can leave a later page of records on disk
+// and not an earlier one: replay stops at the zero gap, and without this
+// the records behind it would count again once later appends fill the
+// gap, naming file space that reclaim gave back and later writes reused.
+func (l *layer) zeroJournalTail(img []byte, next int64) error {
+	if next >= int64(len(img)) || allZeroBytes(img[next:]) {
+		return nil
+	}
+	if _, err := l.ff.WriteAt(l.journal, make([]byte, int64(len(img))-next), next); err != nil {
+		return ioErr(err)
+	}
+	return ioErr(l.ff.Fdatasync(l.journal))
 }

@@ -196,6 +196,17 @@ func (m CutMode) String() string {
 // Cut makes the power go and writes to dst, a new directory, the tree of
 // root as a disk would hold it afterwards.
 func (fs *FS) Cut(root, dst string, mode CutMode) error {
+	return fs.cut(root, dst, mode, nil)
+}
+
+// CutPages is Cut where the test chooses: each changed page of the file at
+// path reaches the disk, with its last content, if keep says so, else
+// keeps what the disk had; every size and directory change is kept.
+func (fs *FS) CutPages(root, dst string, keep func(path string, page int64) bool) error {
+	return fs.cut(root, dst, Keep, keep)
+}
+
+func (fs *FS) cut(root, dst string, mode CutMode, keep func(string, int64) bool) error {
 	fs.mu.Lock()
 	defer fs.mu.Unlock()
 	fs.dead = true
@@ -228,7 +239,7 @@ func (fs *FS) Cut(root, dst string, mode CutMode) error {
 			d.apply(op, ents)
 		}
 		for _, name := range slices.Sorted(maps.Keys(ents)) {
-			if err := fs.writeCut(ents[name], filepath.Join(dst, rel, name), mode); err != nil {
+			if err := fs.writeCut(ents[name], filepath.Join(dst, rel, name), mode, keep); err != nil {
 				return err
 			}
 		}
@@ -237,7 +248,7 @@ func (fs *FS) Cut(root, dst string, mode CutMode) error {
 }
 
 // writeCut writes file f as the disk holds it after a cut at path.
-func (fs *FS) writeCut(f *file, path string, mode CutMode) error {
+func (fs *FS) writeCut(f *file, path string, mode CutMode, keep func(string, int64) bool) error {
 	size := f.durSize
 	switch {
 	case mode == Keep:
@@ -255,10 +266,14 @@ func (fs *FS) writeCut(f *file, path string, mode CutMode) error {
 	for _, pg := range slices.Sorted(maps.Keys(f.touched())) {
 		b := f.dur[pg]
 		if h := f.hist[pg]; len(h) > 0 {
-			switch mode {
-			case Keep:
+			switch {
+			case keep != nil:
+				if keep(f.path, pg) {
+					b = h[len(h)-1]
+				}
+			case mode == Keep:
 				b = h[len(h)-1]
-			case Tear:
+			case mode == Tear:
 				if k := fs.rng.Intn(len(h) + 1); k > 0 {
 					b = h[k-1]
 				}
