@@ -111,7 +111,11 @@ func (l *layer) writeData(p []byte, off int64) error {
 		// kernel throttles the writer, and the next flush has little
 		// left to do. Small writes stay in the page cache, where
 		// rewrites of a block cost nothing.
-		_ = unix.SyncFileRange(int(l.data.Fd()), start, length, unix.SYNC_FILE_RANGE_WRITE)
+		l.ioMu.RLock()
+		if !l.closed {
+			_ = unix.SyncFileRange(int(l.data.Fd()), start, length, unix.SYNC_FILE_RANGE_WRITE)
+		}
+		l.ioMu.RUnlock()
 	} else {
 		l.writeBehind(length)
 	}
@@ -264,7 +268,19 @@ func (l *layer) reclaim() error {
 
 // punch frees n file blocks from file block fb of a layer's data file.
 func (l *layer) punch(fb, n uint64) error {
-	return ioErr(l.ff.Punch(l.data, int64(fb)<<blockShift, int64(n)<<blockShift))
+	return l.punchBytes(int64(fb)<<blockShift, int64(n)<<blockShift)
+}
+
+// punchBytes frees n bytes from off of a layer's data file, while the file
+// is open: under ioMu, so that close cannot give its descriptor number to
+// another file in between. The caller holds no ranked lock.
+func (l *layer) punchBytes(off, n int64) error {
+	l.ioMu.RLock()
+	defer l.ioMu.RUnlock()
+	if l.closed {
+		return errf(ErrClosed, "layer %d", l.num)
+	}
+	return ioErr(l.ff.Punch(l.data, off, n))
 }
 
 // growStep is how far ahead of its appends a data file grows.

@@ -100,6 +100,13 @@ func (l *layer) appendRecords(dir string, ranges []ondisk.Range) error {
 // flush makes every write to the layer that completed before the call durable:
 // first the data, then the journal records that point at it.
 func (l *layer) flush(dir string) error {
+	// The files stay open until the syncs are done: a descriptor number
+	// used after close could name another file by then.
+	l.ioMu.RLock()
+	defer l.ioMu.RUnlock()
+	if l.closed {
+		return errf(ErrClosed, "layer %d", l.num)
+	}
 	// No files: nothing was ever written (owning needs the files). Checked
 	// before flushMu, which ranks after filesMu (lockrank.go).
 	if !l.hasFiles() {

@@ -520,8 +520,8 @@ func (l *layer) discardDense(first, last uint64) error {
 			return err
 		}
 		for _, pc := range ps {
-			if err := l.ff.Punch(l.data, pc.off, int64(pc.n)); err != nil {
-				return ioErr(err)
+			if err := l.punchBytes(pc.off, int64(pc.n)); err != nil {
+				return err
 			}
 		}
 	}
