@@ -79,10 +79,12 @@ func crashSector(b []byte, off int64, gen uint64) {
 	}
 }
 
+var zeroSector [sectorSize]byte
+
 // decodeSector returns the generation of the sector at byte offset off: 0 for
 // zeros, or an error if it is neither zeros nor an intact sector written there.
 func decodeSector(b []byte, off int64) (uint64, error) {
-	if !slices.ContainsFunc(b, func(c byte) bool { return c != 0 }) {
+	if bytes.Equal(b, zeroSector[:]) {
 		return 0, nil
 	}
 	if binary.LittleEndian.Uint64(b[0:]) != crashMagic {

@@ -2,7 +2,9 @@ package cow_test
 
 import (
 	"bytes"
+	"context"
 	"errors"
+	"fmt"
 	"os"
 	"path/filepath"
 	"strings"
@@ -179,5 +181,96 @@ func TestJournalTailBehindGap(t *testing.T) {
 	}
 	if got := data[254*cow.BlockSize : 255*cow.BlockSize]; !bytes.Equal(got, fill(0xB6)) {
 		t.Errorf("block 254: %s", diffAt(got, fill(0xB6)))
+	}
+}
+
+// noSpaceWorkload walks the engine's write paths once: first writes (file
+// creation), in-place and partial writes, discards, a snapshot, a clone,
+// a deleted snapshot merged away, flushes. It stops at the first error.
+func noSpaceWorkload(ctx context.Context, s *cow.Store) error {
+	if _, err := s.CreateVolume(ctx, cow.VolumeSpec{ID: "v", Size: 1 << 20}); err != nil {
+		return err
+	}
+	v, err := s.OpenVolume(ctx, "v")
+	if err != nil {
+		return err
+	}
+	defer v.Close()
+	steps := []func() error{
+		func() error { _, err := v.WriteAt(bytes.Repeat([]byte{1}, 40*cow.BlockSize), 0); return err },
+		v.Flush,
+		func() error { _, err := v.WriteAt(fill(2), 3*cow.BlockSize); return err },
+		func() error {
+			_, err := s.CreateSnapshot(ctx, cow.SnapshotSpec{ID: "s", VolumeID: "v"})
+			return err
+		},
+		func() error { _, err := v.WriteAt(bytes.Repeat([]byte{3}, 700), 5*cow.BlockSize+100); return err },
+		func() error { return v.Discard(8*cow.BlockSize, 4*cow.BlockSize) },
+		func() error { _, err := v.WriteAt(bytes.Repeat([]byte{4}, 300<<10), 64*cow.BlockSize); return err },
+		v.Flush,
+		func() error {
+			_, err := s.CreateVolume(ctx, cow.VolumeSpec{ID: "c", Size: 1 << 20, SourceVolume: "v"})
+			return err
+		},
+		func() error { _, err := v.WriteAt(fill(5), 6*cow.BlockSize); return err },
+		func() error { return s.DeleteSnapshot(ctx, "s") },
+		func() error { return s.WaitIdle(ctx) },
+		v.Flush,
+		func() error { return s.DeleteVolume(ctx, "c") },
+		func() error { return s.WaitIdle(ctx) },
+	}
+	for _, step := range steps {
+		if err := step(); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// ENOSPC at any write: for every write and growing truncate the workload
+// makes, in turn, the disk is full from that one on. The engine must report
+// ErrNoSpace, keep a store that passes Check once there is room again, and
+// reopen clean.
+func TestNoSpaceAtEveryWrite(t *testing.T) {
+	ctx := t.Context()
+	base := fastTempDir(t)
+	seed := testSeed(t)
+	for k := int64(1); ; k++ {
+		dir := filepath.Join(base, fmt.Sprintf("store%d", k))
+		if err := os.MkdirAll(filepath.Join(dir, "layers"), 0o700); err != nil {
+			t.Fatal(err)
+		}
+		ff, err := faultfs.New(dir, seed+k)
+		if err != nil {
+			t.Fatal(err)
+		}
+		ff.NoSpaceAfter(k, -1)
+		s, err := cow.Open(dir, cow.Options{Faults: ff, NoBackgroundMerge: true})
+		if err == nil {
+			err = noSpaceWorkload(ctx, s)
+			ff.NoSpaceAfter(1<<40, 0)
+			if cerr := s.Check(); cerr != nil {
+				t.Errorf("disk full from write %d: Check once there is room: %v", k, cerr)
+			}
+			s.Close()
+		}
+		if err == nil {
+			t.Logf("the workload makes %d writes; ENOSPC tried at each", k-1)
+			return
+		}
+		if !errors.Is(err, cow.ErrNoSpace) {
+			t.Fatalf("disk full from write %d: %v, want ErrNoSpace", k, err)
+		}
+		s2, err := cow.Open(dir, cow.Options{NoBackgroundMerge: true})
+		if err != nil {
+			t.Fatalf("disk full from write %d: reopen: %v", k, err)
+		}
+		if err := s2.Check(); err != nil {
+			t.Errorf("disk full from write %d: Check after reopening: %v", k, err)
+		}
+		s2.Close()
+		if t.Failed() {
+			return
+		}
 	}
 }

@@ -34,12 +34,12 @@ func (l *layer) ensureFiles(dir string) error {
 		make([]byte, 4096-ondisk.JournalHeaderSize)...)
 	if _, err := l.ff.WriteAt(j, img, 0); err != nil {
 		j.Close()
-		return ioErr(err)
+		return l.dropFiles(dir, err)
 	}
 	data, err := openData(l.ff, dp, os.O_RDWR|os.O_CREATE|os.O_TRUNC)
 	if err != nil {
 		j.Close()
-		return ioErr(err)
+		return l.dropFiles(dir, err)
 	}
 	adviseRandom(data)
 	l.dontcache = dontcacheFlag(data)
@@ -49,6 +49,14 @@ func (l *layer) ensureFiles(dir string) error {
 	l.flushMu.Unlock()
 	l.data = data
 	return nil
+}
+
+// dropFiles removes what a failed ensureFiles created (a layer without
+// files is one that never owned a block), and returns err as ensureFiles
+// reports it. What it cannot remove, open removes.
+func (l *layer) dropFiles(dir string, err error) error {
+	_ = removeLayerFiles(l.ff, dir, l.num)
+	return ioErr(err)
 }
 
 // Page-cache folio sizes and the layer data files.
@@ -307,6 +315,9 @@ func (l *layer) alloc(n uint64) (uint64, error) {
 		// not extend the file, which ext4 would make take its inode lock
 		// exclusively.
 		if err := l.ff.Truncate(l.data, int64(size)<<blockShift); err != nil {
+			// Give the blocks back unless a later reservation took
+			// blocks after them (reclaim frees those at the next open).
+			l.next.CompareAndSwap(end, first)
 			return 0, ioErr(err)
 		}
 		l.fileEnd.Store(size)
