@@ -254,10 +254,14 @@ func (l *layer) failSync(err error) error {
 // files failed (syncErr), else nil.
 func (l *layer) broken() error {
 	if p := l.syncErr.Load(); p != nil {
-		return fmt.Errorf("%w: layer %d: an earlier fdatasync failed (%v): writes and flushes fail until the store is reopened",
-			syscall.EIO, l.num, *p)
+		return l.brokenErr(*p)
 	}
 	return nil
+}
+
+func (l *layer) brokenErr(first error) error {
+	return fmt.Errorf("%w: layer %d: an earlier fdatasync failed (%v): writes and flushes fail until the store is reopened",
+		syscall.EIO, l.num, first)
 }
 
 // ioErr wraps a system error, mapping ENOSPC and EDQUOT to ErrNoSpace.
