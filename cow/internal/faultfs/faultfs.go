@@ -5,8 +5,8 @@
 // tests, so it works at the file layer.
 //
 // A nil *FS does plain I/O: each method is a nil check and the system call,
-// which the compiler inlines, so the engine's data path costs the same
-// whether the seam is there or not. A non-nil FS still does every write to
+// with no allocation, so the engine's data path costs what it cost before
+// the seam (one more direct call per I/O). A non-nil FS still does every write to
 // the real files, so the process reads back what it wrote, as through the
 // page cache; beside that it keeps a model of what has reached the disk:
 // per file, the pages and size its last fsync or fdatasync made durable
