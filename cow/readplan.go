@@ -113,6 +113,10 @@ func (h *Volume) PlanWrite(p []byte, off int64) (*blockio.Plan, error) {
 	if !v.barrier.TryRLock() {
 		return nil, unix.EAGAIN
 	}
+	if err := h.check(); err != nil { // see WriteAt
+		v.barrier.RUnlock()
+		return nil, err
+	}
 	head := v.head.Load()
 	if err := head.broken(); err != nil {
 		v.barrier.RUnlock()

@@ -282,9 +282,14 @@ func (s *Store) Close() error {
 	var errs []error
 	for _, v := range s.vols {
 		if v.handle != nil {
+			// Under the barrier: writes in flight finish first, and later
+			// ones see the handle closed before they touch the layers,
+			// which are closed next.
+			v.barrier.Lock()
 			errs = append(errs, v.head.Load().flush(s.layerFS))
 			v.handle.closed.Store(true)
 			v.handle = nil
+			v.barrier.Unlock()
 		}
 	}
 	s.closeLayers()

@@ -304,6 +304,11 @@ func (h *Volume) WriteAt(p []byte, off int64) (int, error) {
 	v := h.v
 	v.barrier.RLock()
 	defer v.barrier.RUnlock()
+	// Again under the barrier: the store's Close closes the handle under
+	// it before it closes the layers.
+	if err := h.check(); err != nil {
+		return 0, err
+	}
 	head := v.head.Load()
 	if err := head.broken(); err != nil {
 		return 0, err
@@ -455,6 +460,9 @@ func (h *Volume) Flush() error {
 	}
 	h.v.barrier.RLock()
 	defer h.v.barrier.RUnlock()
+	if err := h.check(); err != nil { // see WriteAt
+		return err
+	}
 	return h.v.head.Load().flush(h.v.s.layerFS)
 }
 
@@ -491,6 +499,9 @@ func (h *Volume) Discard(off, length int64) error {
 	v := h.v
 	v.barrier.RLock()
 	defer v.barrier.RUnlock()
+	if err := h.check(); err != nil { // see WriteAt
+		return err
+	}
 	head := v.head.Load()
 	if err := head.broken(); err != nil {
 		return err
