@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"syscall"
 
 	"github.com/cowcsi/cowcsi/cow/internal/faultfs"
 	"github.com/cowcsi/cowcsi/cow/internal/ondisk"
@@ -34,6 +35,10 @@ type catalog struct {
 	ff         *faultfs.FS // file I/O (nil: plain)
 	log        *os.File
 	off, alloc int64
+	// broken is set when the log may hold a commit that was reported as
+	// failed, or may not be the file the directory names: no commit is
+	// taken until the store is reopened.
+	broken     bool
 	checkpoint int64 // size of the last checkpoint frame
 }
 
@@ -145,14 +150,21 @@ func (c *catalog) apply(ops []ondisk.Op) {
 
 // commit makes ops durable, then applies them. On error nothing is applied.
 func (c *catalog) commit(ops []ondisk.Op) error {
+	if c.broken {
+		return fmt.Errorf("%w: catalog: an earlier write failed: no commit until the store is reopened", syscall.EIO)
+	}
 	frame := ondisk.EncodeFrame(ondisk.FrameTxn, ops)
 	if err := appendLog(c.ff, c.log, frame, c.off, &c.alloc, catalogGrow); err != nil {
 		return err
 	}
 	if err := c.ff.Fdatasync(c.log); err != nil {
-		// The frame may or may not be on disk; overwrite it with zeros so a
-		// later reopen cannot see a commit this call reported as failed.
-		_, _ = c.ff.WriteAt(c.log, make([]byte, len(frame)), c.off)
+		// The frame may or may not be on disk (Linux marks the pages clean
+		// after a writeback error). Overwrite it with zeros, durably, so a
+		// later reopen cannot see a commit this call reported as failed;
+		// if that fails too, take no more commits.
+		if _, zerr := c.ff.WriteAt(c.log, make([]byte, len(frame)), c.off); zerr != nil || c.ff.Fdatasync(c.log) != nil {
+			c.broken = true
+		}
 		return ioErr(err)
 	}
 	c.off += int64(len(frame))
@@ -206,14 +218,18 @@ func (c *catalog) rewrite() error {
 		f.Close()
 		return ioErr(err)
 	}
-	if err := syncDir(c.ff, c.dir); err != nil {
-		f.Close()
-		return err
-	}
+	// The new file is the log now, whether the rename is durable or not:
+	// commits to the old one would go to a file no directory names.
 	if c.log != nil {
 		c.log.Close()
 	}
 	c.log, c.off, c.alloc, c.checkpoint = f, int64(len(frame)), alloc, int64(len(frame))
+	if err := syncDir(c.ff, c.dir); err != nil {
+		// After a power cut the directory may name the old log, which
+		// lacks any later commit.
+		c.broken = true
+		return err
+	}
 	return nil
 }
 

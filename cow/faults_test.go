@@ -274,3 +274,53 @@ func TestNoSpaceAtEveryWrite(t *testing.T) {
 		}
 	}
 }
+
+// A catalog commit whose fdatasync fails may have reached the disk anyway
+// (Linux marks the pages clean either way). CreateSnapshot reports the
+// failure, so the snapshot must not appear after a power cut, holding
+// writes made after it failed.
+func TestCatalogSyncEIOForgetsCommit(t *testing.T) {
+	ctx := t.Context()
+	dir, ff, s := faultStore(t)
+	if _, err := s.CreateVolume(ctx, cow.VolumeSpec{ID: "v", Size: 1 << 20}); err != nil {
+		t.Fatal(err)
+	}
+	v, err := s.OpenVolume(ctx, "v")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := v.WriteAt(fill(0xAA), 0); err != nil {
+		t.Fatal(err)
+	}
+	if err := v.Flush(); err != nil {
+		t.Fatal(err)
+	}
+	// The head is clean: the only sync is the catalog's, and its pages
+	// reach the disk although it fails.
+	ff.FailSyncAfterMode(1, faultfs.Keep)
+	if _, err := s.CreateSnapshot(ctx, cow.SnapshotSpec{ID: "s", VolumeID: "v"}); !errors.Is(err, syscall.EIO) {
+		t.Fatalf("snapshot with a failing catalog fdatasync: %v, want EIO", err)
+	}
+	if failed := ff.FailedSyncs(); len(failed) != 1 || !strings.Contains(failed[0], "catalog.log") {
+		t.Fatalf("failed syncs %v, want the catalog", failed)
+	}
+	if _, err := v.WriteAt(fill(0xBB), 0); err != nil {
+		t.Fatal(err)
+	}
+	if err := v.Flush(); err != nil {
+		t.Fatal(err)
+	}
+	s.Close()
+	next := dir + "-cut"
+	if err := ff.Cut(dir, next, faultfs.Drop); err != nil {
+		t.Fatal(err)
+	}
+	s2 := openStore(t, next)
+	mustCheck(t, s2)
+	if _, err := s2.GetSnapshot("s"); !errors.Is(err, cow.ErrNotFound) {
+		t.Errorf("snapshot whose CreateSnapshot failed, after a power cut: %v, want ErrNotFound", err)
+	}
+	if got := readVolume(ctx, t, s2, "v")[:cow.BlockSize]; !bytes.Equal(got, fill(0xBB)) {
+		t.Errorf("block 0 after the cut: %s", diffAt(got, fill(0xBB)))
+	}
+}

@@ -43,6 +43,7 @@ type FS struct {
 	dead       bool
 	// syncs counts syncs; the one numbered failSync fails with EIO.
 	syncs, failSync int64
+	failMode        CutMode // what of the failed sync's pages reached the disk
 	failedSyncs     []string
 	// writes counts writes and growing truncates; those numbered
 	// [noSpaceFrom, noSpaceTo) fail with ENOSPC.
@@ -121,9 +122,17 @@ func (fs *FS) Ops() int64 {
 // write are then clean: each has reached the disk or not, and no later
 // sync writes them.
 func (fs *FS) FailSyncAfter(n int64) {
+	fs.FailSyncAfterMode(n, Tear)
+}
+
+// FailSyncAfterMode is FailSyncAfter where mode says which of the pages
+// reached the disk: none (Drop), each or not (Tear), all (Keep: the error
+// was elsewhere, and the caller cannot tell).
+func (fs *FS) FailSyncAfterMode(n int64, mode CutMode) {
 	fs.mu.Lock()
 	defer fs.mu.Unlock()
 	fs.failSync = fs.syncs + n
+	fs.failMode = mode
 }
 
 // FailedSyncs returns the paths of the files whose sync failed.

@@ -184,16 +184,24 @@ func (m *file) touched() map[int64]bool {
 	return out
 }
 
-// synced makes the changes durable: all of them, or with rng, a failed
-// writeback, for each page the content after some of its changes, in
-// order; the page cache keeps the last either way.
-func (m *file) synced(rng *rand.Rand) {
+// synced makes every change durable.
+func (m *file) synced() { m.failed(nil, Keep) }
+
+// failed makes the changes durable after a failed writeback, as mode says
+// (with rng nil: all of them, a sync that worked): for each page, its
+// content after some of its changes, in order; the page cache keeps the
+// last either way, and all pages are clean.
+func (m *file) failed(rng *rand.Rand, mode CutMode) {
 	for _, pg := range slices.Sorted(maps.Keys(m.hist)) {
 		h := m.hist[pg]
 		last := h[len(h)-1]
 		delete(m.clean, pg)
-		if rng != nil {
-			if k := rng.Intn(len(h) + 1); k < len(h) {
+		if rng != nil && mode != Keep {
+			k := 0
+			if mode == Tear {
+				k = rng.Intn(len(h) + 1)
+			}
+			if k < len(h) {
 				m.clean[pg] = last
 				if k == 0 {
 					continue // the disk keeps what it had
@@ -297,9 +305,9 @@ func (fs *FS) sync(f *os.File) error {
 		// Writeback failed: each page got to the disk or did not, and all
 		// are clean now.
 		fs.failedSyncs = append(fs.failedSyncs, f.Name())
-		m.synced(fs.rng)
+		m.failed(fs.rng, fs.failMode)
 		return &os.PathError{Op: "fdatasync", Path: f.Name(), Err: syscall.EIO}
 	}
-	m.synced(nil)
+	m.synced()
 	return nil
 }
