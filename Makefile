@@ -120,3 +120,11 @@ SCALE ?= 500
 .PHONY: scale
 scale: deps
 	bash test/fuse-guard.sh run $(TEST_GUARD_MINUTES) env COWCSI_SCALE=$(SCALE) $(GO) test -count=1 -timeout 30m -v -run '^TestScale$$' ./cmd/cowcsi/
+
+# powercut-long ------------------------------------------------------------
+# TestPowerCut at length: 2,000 simulated power cuts (drop, tear, keep), with
+# fdatasync EIO and ENOSPC rounds, on one store (cow/powercut_test.go).
+POWERCUT_CUTS ?= 2000
+.PHONY: powercut-long
+powercut-long:
+	COW_POWERCUT_CUTS=$(POWERCUT_CUTS) $(GO) test -count=1 -timeout 60m -v -run '^TestPowerCut$$' ./cow/

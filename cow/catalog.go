@@ -5,9 +5,9 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"syscall"
 
-	"golang.org/x/sys/unix"
-
+	"github.com/cowcsi/cowcsi/cow/internal/faultfs"
 	"github.com/cowcsi/cowcsi/cow/internal/ondisk"
 )
 
@@ -32,8 +32,13 @@ type catalog struct {
 	layers   map[uint32]*ondisk.LayerRec
 	maxLayer uint32
 
+	ff         *faultfs.FS // file I/O (nil: plain)
 	log        *os.File
 	off, alloc int64
+	// broken is set when the log may hold a commit that was reported as
+	// failed, or may not be the file the directory names: no commit is
+	// taken until the store is reopened.
+	broken     bool
 	checkpoint int64 // size of the last checkpoint frame
 }
 
@@ -44,8 +49,8 @@ func newCatalogMaps(c *catalog) {
 	c.maxLayer = 0
 }
 
-func openCatalog(dir string) (*catalog, error) {
-	c := &catalog{dir: dir}
+func openCatalog(dir string, ff *faultfs.FS) (*catalog, error) {
+	c := &catalog{dir: dir, ff: ff}
 	newCatalogMaps(c)
 	path := filepath.Join(dir, catalogName)
 	img, err := os.ReadFile(path)
@@ -81,17 +86,17 @@ func openCatalog(dir string) (*catalog, error) {
 		c.apply(ops)
 		off += n
 	}
-	if c.log, err = os.OpenFile(path, os.O_RDWR, 0); err != nil {
+	if c.log, err = openFile(ff, path, os.O_RDWR, 0); err != nil {
 		return nil, ioErr(err)
 	}
 	c.off, c.alloc = int64(off), int64(len(img))
 	// Zero whatever a torn frame left, so nothing after the end can ever be
 	// mistaken for a frame.
 	if tail := len(img) - off; tail > 0 && !allZeroBytes(img[off:]) {
-		if _, err := c.log.WriteAt(make([]byte, tail), int64(off)); err != nil {
+		if _, err := ff.WriteAt(c.log, make([]byte, tail), int64(off)); err != nil {
 			return nil, ioErr(err)
 		}
-		if err := unix.Fdatasync(int(c.log.Fd())); err != nil {
+		if err := ff.Fdatasync(c.log); err != nil {
 			return nil, ioErr(err)
 		}
 	}
@@ -145,14 +150,21 @@ func (c *catalog) apply(ops []ondisk.Op) {
 
 // commit makes ops durable, then applies them. On error nothing is applied.
 func (c *catalog) commit(ops []ondisk.Op) error {
+	if c.broken {
+		return fmt.Errorf("%w: catalog: an earlier write failed: no commit until the store is reopened", syscall.EIO)
+	}
 	frame := ondisk.EncodeFrame(ondisk.FrameTxn, ops)
-	if err := appendLog(c.log, frame, c.off, &c.alloc, catalogGrow); err != nil {
+	if err := appendLog(c.ff, c.log, frame, c.off, &c.alloc, catalogGrow); err != nil {
 		return err
 	}
-	if err := unix.Fdatasync(int(c.log.Fd())); err != nil {
-		// The frame may or may not be on disk; overwrite it with zeros so a
-		// later reopen cannot see a commit this call reported as failed.
-		_, _ = c.log.WriteAt(make([]byte, len(frame)), c.off)
+	if err := c.ff.Fdatasync(c.log); err != nil {
+		// The frame may or may not be on disk (Linux marks the pages clean
+		// after a writeback error). Overwrite it with zeros, durably, so a
+		// later reopen cannot see a commit this call reported as failed;
+		// if that fails too, take no more commits.
+		if _, zerr := c.ff.WriteAt(c.log, make([]byte, len(frame)), c.off); zerr != nil || c.ff.Fdatasync(c.log) != nil {
+			c.broken = true
+		}
 		return ioErr(err)
 	}
 	c.off += int64(len(frame))
@@ -185,35 +197,39 @@ func (c *catalog) rewrite() error {
 	frame := ondisk.EncodeFrame(ondisk.FrameCheckpoint, c.snapshotOps())
 	path := filepath.Join(c.dir, catalogName)
 	tmp := path + ".tmp"
-	f, err := os.OpenFile(tmp, os.O_RDWR|os.O_CREATE|os.O_TRUNC, 0o600)
+	f, err := openFile(c.ff, tmp, os.O_RDWR|os.O_CREATE|os.O_TRUNC, 0o600)
 	if err != nil {
 		return ioErr(err)
 	}
 	alloc := (int64(len(frame))/catalogGrow + 1) * catalogGrow
 	img := make([]byte, alloc)
 	copy(img, frame)
-	if _, err := f.WriteAt(img, 0); err != nil {
+	if _, err := c.ff.WriteAt(f, img, 0); err != nil {
 		f.Close()
-		os.Remove(tmp)
+		c.ff.Remove(tmp)
 		return ioErr(err)
 	}
-	if err := f.Sync(); err != nil {
+	if err := c.ff.Fsync(f); err != nil {
 		f.Close()
-		os.Remove(tmp)
+		c.ff.Remove(tmp)
 		return ioErr(err)
 	}
-	if err := os.Rename(tmp, path); err != nil {
+	if err := c.ff.Rename(tmp, path); err != nil {
 		f.Close()
 		return ioErr(err)
 	}
-	if err := syncDir(c.dir); err != nil {
-		f.Close()
-		return err
-	}
+	// The new file is the log now, whether the rename is durable or not:
+	// commits to the old one would go to a file no directory names.
 	if c.log != nil {
 		c.log.Close()
 	}
 	c.log, c.off, c.alloc, c.checkpoint = f, int64(len(frame)), alloc, int64(len(frame))
+	if err := syncDir(c.ff, c.dir); err != nil {
+		// After a power cut the directory may name the old log, which
+		// lacks any later commit.
+		c.broken = true
+		return err
+	}
 	return nil
 }
 

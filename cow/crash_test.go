@@ -79,10 +79,12 @@ func crashSector(b []byte, off int64, gen uint64) {
 	}
 }
 
+var zeroSector [sectorSize]byte
+
 // decodeSector returns the generation of the sector at byte offset off: 0 for
 // zeros, or an error if it is neither zeros nor an intact sector written there.
 func decodeSector(b []byte, off int64) (uint64, error) {
-	if !slices.ContainsFunc(b, func(c byte) bool { return c != 0 }) {
+	if bytes.Equal(b, zeroSector[:]) {
 		return 0, nil
 	}
 	if binary.LittleEndian.Uint64(b[0:]) != crashMagic {
@@ -131,9 +133,19 @@ type crashWorker struct {
 	s     *cow.Store
 	vols  map[string]*cow.Volume
 	snaps []string
+	// In-process use (TestPowerCut): out takes the lines, stop is called
+	// with the first error and must not return; idle runs WaitIdle now
+	// and then (a store without background merges).
+	out  func(line string)
+	stop func(what string, err error)
+	idle bool
 }
 
 func (w *crashWorker) emit(format string, args ...any) {
+	if w.out != nil {
+		w.out(fmt.Sprintf(format, args...))
+		return
+	}
 	// One write(2) per line: a kill can cut off only the last line.
 	if _, err := fmt.Fprintf(os.Stdout, "cw "+format+"\n", args...); err != nil {
 		w.die("stdout: %v", err)
@@ -146,6 +158,9 @@ func (w *crashWorker) die(format string, args ...any) {
 }
 
 func (w *crashWorker) check(what string, err error) {
+	if err != nil && w.stop != nil {
+		w.stop(what, err)
+	}
 	if err != nil {
 		w.die("%s: %v", what, err)
 	}
@@ -171,6 +186,12 @@ func (w *crashWorker) pickVol() (string, *cow.Volume) {
 func (w *crashWorker) run(dir string) {
 	s, err := cow.Open(dir, cow.Options{})
 	w.check("Open", err)
+	w.attach(s)
+	w.loop()
+}
+
+// attach opens every volume of s and reports ready.
+func (w *crashWorker) attach(s *cow.Store) {
 	w.s = s
 	for _, vi := range s.ListVolumes() {
 		w.open(vi.ID)
@@ -179,6 +200,10 @@ func (w *crashWorker) run(dir string) {
 		w.snaps = append(w.snaps, si.ID)
 	}
 	w.emit("ready")
+}
+
+// loop runs the random workload until an operation fails.
+func (w *crashWorker) loop() {
 	for {
 		if len(w.vols) == 0 {
 			w.create()
@@ -207,6 +232,8 @@ func (w *crashWorker) run(dir string) {
 			w.deleteVolume()
 		case r < 95:
 			w.expand()
+		case w.idle && r >= 98:
+			w.check("WaitIdle", w.s.WaitIdle(w.ctx))
 		default:
 			w.create()
 		}

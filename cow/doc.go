@@ -69,6 +69,18 @@
 // by the head as zero blocks (punched out of its data file), so they read as
 // zeros, never as a parent's data.
 //
+// A failed fdatasync is final: Linux reports a writeback error once and
+// marks the pages clean, so a retry would succeed over data that never
+// reached the disk. Once an fdatasync of a layer's files fails, its volume
+// refuses writes and flushes with EIO until the store is reopened from what
+// is on disk. Open zeroes each journal after its last valid record, so that
+// records a power cut left behind a gap never count again.
+//
+// The engine's file I/O goes through package faultfs (Options.Faults):
+// plain system calls in production, and in tests a model of what reached
+// the disk, which simulates power cuts (unsynced pages dropped, torn or
+// reordered), fdatasync failures and a full disk.
+//
 // # Deleting snapshots
 //
 // Layers no volume or snapshot references are removed, or merged into their

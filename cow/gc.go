@@ -211,7 +211,7 @@ func (s *Store) removeLayer(l *layer) error {
 	l.treeMu.Lock()
 	l.tree = tree{}
 	l.treeMu.Unlock()
-	return removeLayerFiles(s.layerFS, l.num)
+	return removeLayerFiles(s.opts.Faults, s.layerFS, l.num)
 }
 
 // mergeBatch is how many blocks one copy step holds the stripe locks for.
@@ -338,7 +338,7 @@ func (s *Store) dropMerged(f *layer) error {
 	f.treeMu.Lock()
 	f.tree = tree{}
 	f.treeMu.Unlock()
-	return removeLayerFiles(s.layerFS, f.num)
+	return removeLayerFiles(s.opts.Faults, s.layerFS, f.num)
 }
 
 // mergeStep copies blocks [start, end) that f owns and c does not into c.

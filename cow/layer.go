@@ -7,9 +7,11 @@ import (
 	"path/filepath"
 	"sync"
 	"sync/atomic"
+	"syscall"
 
 	"golang.org/x/sys/unix"
 
+	"github.com/cowcsi/cowcsi/cow/internal/faultfs"
 	"github.com/cowcsi/cowcsi/cow/internal/ondisk"
 )
 
@@ -19,8 +21,9 @@ import (
 // grouped by what guards it; lockrank.go gives the order of the locks.
 type layer struct {
 	num    uint32
-	parent *layer // nil for a base layer; guarded by Store.topo
-	frozen bool   // guarded by Store.topo
+	ff     *faultfs.FS // the store's file I/O (nil: plain)
+	parent *layer      // nil for a base layer; guarded by Store.topo
+	frozen bool        // guarded by Store.topo
 	size   atomic.Int64
 	// mergedInto is set when this layer's blocks were merged into its child:
 	// tree entries naming this layer now resolve to that child's data file.
@@ -111,6 +114,12 @@ type layerJournal struct {
 // writeState is what writes left for a flush to do, in atomics.
 type writeState struct {
 	dirty atomic.Bool // data written since the last fdatasync
+	// syncErr is the first failed fdatasync of the layer's files (or of
+	// their directory). Linux reports a writeback error once and marks
+	// the pages clean, so a later fdatasync would succeed over data that
+	// never reached the disk: from then on the layer takes no writes and
+	// every flush fails, until the store is reopened from what is on disk.
+	syncErr atomic.Pointer[error]
 	// unsynced counts bytes written through the page cache since
 	// writeback was last started (writeBehind); kicking is set while a
 	// goroutine starts it.
@@ -136,8 +145,8 @@ func layerPaths(dir string, num uint32) (data, journal string) {
 	return base + ".data", base + ".map"
 }
 
-func newLayerStruct(num uint32, size int64, arena *locArena) *layer {
-	l := &layer{num: num}
+func newLayerStruct(num uint32, size int64, arena *locArena, ff *faultfs.FS) *layer {
+	l := &layer{num: num, ff: ff}
 	l.locs.arena = arena
 	l.size.Store(size)
 	return l
@@ -183,10 +192,10 @@ func (l *layer) close() {
 	}
 }
 
-func removeLayerFiles(dir string, num uint32) error {
+func removeLayerFiles(ff *faultfs.FS, dir string, num uint32) error {
 	dp, jp := layerPaths(dir, num)
 	for _, p := range []string{dp, jp} {
-		if err := os.Remove(p); err != nil && !errors.Is(err, os.ErrNotExist) {
+		if err := ff.Remove(p); err != nil && !errors.Is(err, os.ErrNotExist) {
 			return ioErr(err)
 		}
 	}
@@ -204,37 +213,67 @@ func (l *layer) canonical() *layer {
 	}
 }
 
-func syncDir(dir string) error {
-	d, err := os.Open(dir)
+func syncDir(ff *faultfs.FS, dir string) error {
+	return ioErr(ff.SyncDir(dir))
+}
+
+// openFile opens path as os.OpenFile does, through ff.
+func openFile(ff *faultfs.FS, path string, flag int, perm os.FileMode) (*os.File, error) {
+	f, err := os.OpenFile(path, flag, perm)
 	if err != nil {
-		return ioErr(err)
+		return nil, err
 	}
-	defer d.Close()
-	if err := d.Sync(); err != nil {
-		return ioErr(err)
+	if err := ff.Opened(path, f, flag); err != nil {
+		f.Close()
+		return nil, err
 	}
-	return nil
+	return f, nil
 }
 
 // appendLog writes buf at off in the log file f. When buf would pass the
 // zero-filled space kept ahead (*alloc), that space is first extended by a
 // multiple of step.
-func appendLog(f *os.File, buf []byte, off int64, alloc *int64, step int64) error {
+func appendLog(ff *faultfs.FS, f *os.File, buf []byte, off int64, alloc *int64, step int64) error {
 	if end := off + int64(len(buf)); end > *alloc {
 		grow := (end - *alloc + step - 1) / step * step
-		if _, err := f.WriteAt(make([]byte, grow), *alloc); err != nil {
+		if _, err := ff.WriteAt(f, make([]byte, grow), *alloc); err != nil {
 			return ioErr(err)
 		}
 		*alloc += grow
 	}
-	if _, err := f.WriteAt(buf, off); err != nil {
+	if _, err := ff.WriteAt(f, buf, off); err != nil {
 		return ioErr(err)
 	}
 	return nil
 }
 
+// failSync records that an fdatasync of the layer's files failed with err
+// (see syncErr) and returns err as the caller should report it.
+func (l *layer) failSync(err error) error {
+	err = ioErr(err)
+	l.syncErr.CompareAndSwap(nil, &err)
+	return err
+}
+
+// broken returns an error wrapping EIO if an fdatasync of the layer's
+// files failed (syncErr), else nil.
+func (l *layer) broken() error {
+	if p := l.syncErr.Load(); p != nil {
+		return l.brokenErr(*p)
+	}
+	return nil
+}
+
+func (l *layer) brokenErr(first error) error {
+	return fmt.Errorf("%w: layer %d: an earlier fdatasync failed (%v): writes and flushes fail until the store is reopened",
+		syscall.EIO, l.num, first)
+}
+
 // ioErr wraps a system error, mapping ENOSPC and EDQUOT to ErrNoSpace.
 func ioErr(err error) error {
+	if err == nil {
+		return nil
+	}
 	if errors.Is(err, unix.ENOSPC) || errors.Is(err, unix.EDQUOT) {
 		return fmt.Errorf("%w: %v", ErrNoSpace, err)
 	}

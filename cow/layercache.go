@@ -116,6 +116,13 @@ func (l *layer) cachedNow() {
 // flag is cleared before asking, so a write through the cache that the
 // question misses sets it again after (cachedNow follows the write).
 func (l *layer) recheckCache() {
+	// Under ioMu: the data file's descriptor must not be closed (and its
+	// number reused) while cachestat asks about it.
+	l.ioMu.RLock()
+	defer l.ioMu.RUnlock()
+	if l.closed {
+		return
+	}
 	l.mayCache.Store(false)
 	var cs unix.Cachestat_t
 	r := unix.CachestatRange{} // Len 0: to the end of the file

@@ -9,6 +9,7 @@ import (
 
 	"golang.org/x/sys/unix"
 
+	"github.com/cowcsi/cowcsi/cow/internal/faultfs"
 	"github.com/cowcsi/cowcsi/cow/internal/ondisk"
 )
 
@@ -25,20 +26,20 @@ func (l *layer) ensureFiles(dir string) error {
 		return nil
 	}
 	dp, jp := layerPaths(dir, l.num)
-	j, err := os.OpenFile(jp, os.O_RDWR|os.O_CREATE|os.O_TRUNC, 0o600)
+	j, err := openFile(l.ff, jp, os.O_RDWR|os.O_CREATE|os.O_TRUNC, 0o600)
 	if err != nil {
 		return ioErr(err)
 	}
 	img := append(ondisk.EncodeJournalHeader(ondisk.JournalHeader{Layer: l.num}),
 		make([]byte, 4096-ondisk.JournalHeaderSize)...)
-	if _, err := j.WriteAt(img, 0); err != nil {
+	if _, err := l.ff.WriteAt(j, img, 0); err != nil {
 		j.Close()
-		return ioErr(err)
+		return l.dropFiles(dir, err)
 	}
-	data, err := openData(dp, os.O_RDWR|os.O_CREATE|os.O_TRUNC)
+	data, err := openData(l.ff, dp, os.O_RDWR|os.O_CREATE|os.O_TRUNC)
 	if err != nil {
 		j.Close()
-		return ioErr(err)
+		return l.dropFiles(dir, err)
 	}
 	adviseRandom(data)
 	l.dontcache = dontcacheFlag(data)
@@ -48,6 +49,14 @@ func (l *layer) ensureFiles(dir string) error {
 	l.flushMu.Unlock()
 	l.data = data
 	return nil
+}
+
+// dropFiles removes what a failed ensureFiles created (a layer without
+// files is one that never owned a block), and returns err as ensureFiles
+// reports it. What it cannot remove, open removes.
+func (l *layer) dropFiles(dir string, err error) error {
+	_ = removeLayerFiles(l.ff, dir, l.num)
+	return ioErr(err)
 }
 
 // Page-cache folio sizes and the layer data files.
@@ -71,10 +80,10 @@ const writePiece = 64 << 10
 // the first read after each write, an inode write on the read path
 // (docs/DECISIONS.md, "Layer files opened with O_NOATIME"). Nothing reads
 // layer atimes.
-func openData(path string, flag int) (*os.File, error) {
-	f, err := os.OpenFile(path, flag|unix.O_NOATIME, 0o600)
+func openData(ff *faultfs.FS, path string, flag int) (*os.File, error) {
+	f, err := openFile(ff, path, flag|unix.O_NOATIME, 0o600)
 	if errors.Is(err, os.ErrPermission) {
-		f, err = os.OpenFile(path, flag, 0o600)
+		f, err = openFile(ff, path, flag, 0o600)
 	}
 	return f, err
 }
@@ -94,7 +103,7 @@ func (l *layer) writeData(p []byte, off int64) error {
 	start, length := off, int64(len(p))
 	for len(p) > 0 {
 		n := min(len(p), writePiece)
-		if _, err := l.data.WriteAt(p[:n], off); err != nil {
+		if _, err := l.ff.WriteAt(l.data, p[:n], off); err != nil {
 			l.cachedNow()
 			return ioErr(err)
 		}
@@ -110,7 +119,11 @@ func (l *layer) writeData(p []byte, off int64) error {
 		// kernel throttles the writer, and the next flush has little
 		// left to do. Small writes stay in the page cache, where
 		// rewrites of a block cost nothing.
-		_ = unix.SyncFileRange(int(l.data.Fd()), start, length, unix.SYNC_FILE_RANGE_WRITE)
+		l.ioMu.RLock()
+		if !l.closed {
+			_ = unix.SyncFileRange(int(l.data.Fd()), start, length, unix.SYNC_FILE_RANGE_WRITE)
+		}
+		l.ioMu.RUnlock()
 	} else {
 		l.writeBehind(length)
 	}
@@ -176,7 +189,7 @@ func (l *layer) writeDirect(p []byte, off int64) (done bool, err error) {
 	if f == nil || !l.aligned(p, off) {
 		return false, nil
 	}
-	n, err := f.WriteAt(p, off)
+	n, err := l.ff.WriteAt(f, p, off)
 	if errors.Is(err, unix.EINVAL) && n == 0 {
 		// Refused after all (a filesystem whose rules statx does not
 		// tell): buffered from now on.
@@ -215,7 +228,7 @@ func (l *layer) directFile() *os.File {
 		st.Mask&unix.STATX_DIOALIGN == 0 || st.Dio_mem_align == 0 || st.Dio_offset_align == 0 {
 		return nil
 	}
-	f, err := openData(fmt.Sprintf("/proc/self/fd/%d", l.data.Fd()), os.O_RDWR|unix.O_DIRECT)
+	f, err := openData(l.ff, fmt.Sprintf("/proc/self/fd/%d", l.data.Fd()), os.O_RDWR|unix.O_DIRECT)
 	if err != nil {
 		return nil
 	}
@@ -253,7 +266,7 @@ func (l *layer) reclaim() error {
 		}
 		at = max(at, u[1])
 	}
-	if err := l.data.Truncate(int64(at) << blockShift); err != nil {
+	if err := l.ff.Truncate(l.data, int64(at)<<blockShift); err != nil {
 		return ioErr(err)
 	}
 	l.next.Store(at)
@@ -263,9 +276,19 @@ func (l *layer) reclaim() error {
 
 // punch frees n file blocks from file block fb of a layer's data file.
 func (l *layer) punch(fb, n uint64) error {
-	err := unix.Fallocate(int(l.data.Fd()), unix.FALLOC_FL_PUNCH_HOLE|unix.FALLOC_FL_KEEP_SIZE,
-		int64(fb)<<blockShift, int64(n)<<blockShift)
-	return ioErr(err)
+	return l.punchBytes(int64(fb)<<blockShift, int64(n)<<blockShift)
+}
+
+// punchBytes frees n bytes from off of a layer's data file, while the file
+// is open: under ioMu, so that close cannot give its descriptor number to
+// another file in between. The caller holds no ranked lock.
+func (l *layer) punchBytes(off, n int64) error {
+	l.ioMu.RLock()
+	defer l.ioMu.RUnlock()
+	if l.closed {
+		return errf(ErrClosed, "layer %d", l.num)
+	}
+	return ioErr(l.ff.Punch(l.data, off, n))
 }
 
 // growStep is how far ahead of its appends a data file grows.
@@ -291,7 +314,10 @@ func (l *layer) alloc(n uint64) (uint64, error) {
 		// Sparse: the file's size, no space. Writes inside the size do
 		// not extend the file, which ext4 would make take its inode lock
 		// exclusively.
-		if err := l.data.Truncate(int64(size) << blockShift); err != nil {
+		if err := l.ff.Truncate(l.data, int64(size)<<blockShift); err != nil {
+			// Give the blocks back unless a later reservation took
+			// blocks after them (reclaim frees those at the next open).
+			l.next.CompareAndSwap(end, first)
 			return 0, ioErr(err)
 		}
 		l.fileEnd.Store(size)

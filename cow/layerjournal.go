@@ -5,8 +5,6 @@ import (
 	"io"
 	"sort"
 
-	"golang.org/x/sys/unix"
-
 	"github.com/cowcsi/cowcsi/cow/internal/ondisk"
 )
 
@@ -81,18 +79,18 @@ func (l *layer) appendRecords(dir string, ranges []ondisk.Range) error {
 	for _, r := range joinRecords(ranges) {
 		buf = ondisk.EncodeRecord(buf, r)
 	}
-	if err := appendLog(l.journal, buf, l.jOff, &l.jAlloc, journalGrow); err != nil {
+	if err := appendLog(l.ff, l.journal, buf, l.jOff, &l.jAlloc, journalGrow); err != nil {
 		return err
 	}
 	if !l.dirSynced {
 		// The files' directory entries must be durable before a record in
 		// them can be relied on.
-		if err := syncDir(dir); err != nil {
-			return err
+		if err := syncDir(l.ff, dir); err != nil {
+			return l.failSync(err)
 		}
 	}
-	if err := unix.Fdatasync(int(l.journal.Fd())); err != nil {
-		return ioErr(err)
+	if err := l.ff.Fdatasync(l.journal); err != nil {
+		return l.failSync(err)
 	}
 	l.dirSynced = true
 	l.jOff += int64(len(buf))
@@ -102,6 +100,13 @@ func (l *layer) appendRecords(dir string, ranges []ondisk.Range) error {
 // flush makes every write to the layer that completed before the call durable:
 // first the data, then the journal records that point at it.
 func (l *layer) flush(dir string) error {
+	// The files stay open until the syncs are done: a descriptor number
+	// used after close could name another file by then.
+	l.ioMu.RLock()
+	defer l.ioMu.RUnlock()
+	if l.closed {
+		return errf(ErrClosed, "layer %d", l.num)
+	}
 	// No files: nothing was ever written (owning needs the files). Checked
 	// before flushMu, which ranks after filesMu (lockrank.go).
 	if !l.hasFiles() {
@@ -109,6 +114,9 @@ func (l *layer) flush(dir string) error {
 	}
 	l.flushMu.Lock()
 	defer l.flushMu.Unlock()
+	if err := l.broken(); err != nil {
+		return err
+	}
 	// Take the records before syncing the data: every record taken describes a
 	// write that finished before this point, so the sync below covers it.
 	l.treeMu.Lock()
@@ -121,10 +129,10 @@ func (l *layer) flush(dir string) error {
 		l.treeMu.Unlock()
 	}
 	if l.dirty.Swap(false) || len(recs) > 0 {
-		if err := unix.Fdatasync(int(l.data.Fd())); err != nil {
+		if err := l.ff.Fdatasync(l.data); err != nil {
 			l.dirty.Store(true)
 			putBack()
-			return ioErr(err)
+			return l.failSync(err)
 		}
 	}
 	if err := l.appendRecords(dir, recs); err != nil {

@@ -122,7 +122,7 @@ func (s *Store) settleRetired() error {
 	var keep, done []uint32
 	var errs []error
 	for _, n := range nums {
-		if err := removeLayerFiles(s.layerFS, n); err != nil {
+		if err := removeLayerFiles(s.opts.Faults, s.layerFS, n); err != nil {
 			keep = append(keep, n)
 			errs = append(errs, fmt.Errorf("removing the files of layer %d: %w", n, err))
 		} else {
@@ -130,7 +130,7 @@ func (s *Store) settleRetired() error {
 		}
 	}
 	if len(done) > 0 {
-		if err := syncDir(s.layerFS); err != nil {
+		if err := syncDir(s.opts.Faults, s.layerFS); err != nil {
 			keep = append(keep, done...)
 			done = nil
 			errs = append(errs, err)

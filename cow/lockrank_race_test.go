@@ -12,7 +12,7 @@ import (
 // TestLockRankOrder: in race builds, the ranked locks take the order of
 // lockrank.go and panic on a breach of it, before they block.
 func TestLockRankOrder(t *testing.T) {
-	a, b := newLayerStruct(1, 0, nil), newLayerStruct(2, 0, nil)
+	a, b := newLayerStruct(1, 0, nil, nil), newLayerStruct(2, 0, nil, nil)
 	var arena locArena
 
 	// The whole order, shared and exclusive.

@@ -106,13 +106,22 @@ func (h *Volume) PlanWrite(p []byte, off int64) (*blockio.Plan, error) {
 	if off < 0 || off+int64(len(p)) > v.size.Load() {
 		return nil, errf(ErrInvalid, "write of %d bytes at %d outside volume of %d bytes", len(p), off, v.size.Load())
 	}
-	if len(p) < directWrite {
+	if len(p) < directWrite || v.s.opts.Faults != nil {
+		// Under a fault injector every write goes through it (WriteAt).
 		return nil, nil
 	}
 	if !v.barrier.TryRLock() {
 		return nil, unix.EAGAIN
 	}
+	if err := h.check(); err != nil { // see WriteAt
+		v.barrier.RUnlock()
+		return nil, err
+	}
 	head := v.head.Load()
+	if err := head.broken(); err != nil {
+		v.barrier.RUnlock()
+		return nil, err
+	}
 	first, last := uint64(off>>blockShift), uint64((off+int64(len(p))-1)>>blockShift)
 	var segs []blockio.Seg
 	if head.placedAll(first, last) {

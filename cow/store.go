@@ -13,6 +13,7 @@ import (
 
 	"golang.org/x/sys/unix"
 
+	"github.com/cowcsi/cowcsi/cow/internal/faultfs"
 	"github.com/cowcsi/cowcsi/cow/internal/ondisk"
 )
 
@@ -32,6 +33,9 @@ type Options struct {
 	// NoBackgroundMerge disables the background merger (tests): merges and
 	// removals of unreferenced layers then happen only in WaitIdle.
 	NoBackgroundMerge bool
+	// Faults, for tests only, puts the store's file I/O through a fault
+	// injector (package faultfs); nil does plain I/O.
+	Faults *faultfs.FS
 }
 
 // Store is a directory of layers plus the catalog that ties them into
@@ -116,7 +120,7 @@ func Open(dir string, opts Options) (*Store, error) {
 
 // load reads the catalog, opens every layer and rebuilds the trees.
 func (s *Store) load() error {
-	cat, err := openCatalog(s.dir)
+	cat, err := openCatalog(s.dir, s.opts.Faults)
 	if err != nil {
 		return err
 	}
@@ -156,7 +160,7 @@ func (s *Store) load() error {
 		}
 	}
 	for _, rec := range order {
-		l, ranges, err := openLayerFiles(s.layerFS, rec.Num, rec.Size, s.arena)
+		l, ranges, err := openLayerFiles(s.layerFS, rec.Num, rec.Size, s.arena, s.opts.Faults)
 		if err != nil {
 			return err
 		}
@@ -204,7 +208,7 @@ func (s *Store) loadVolumes() error {
 	}
 	// The orphans' removal must be durable before their numbers are
 	// reused (layernums.go).
-	if err := syncDir(s.layerFS); err != nil {
+	if err := syncDir(s.opts.Faults, s.layerFS); err != nil {
 		return err
 	}
 	s.nums.initFree(s.byNum, cat.maxLayer)
@@ -227,7 +231,7 @@ func (s *Store) removeOrphanFiles() error {
 			continue // not ours; leave it
 		}
 		if _, ok := s.byNum[uint32(n)]; !ok {
-			if err := os.Remove(filepath.Join(s.layerFS, name)); err != nil {
+			if err := s.opts.Faults.Remove(filepath.Join(s.layerFS, name)); err != nil {
 				return ioErr(err)
 			}
 		}
@@ -298,9 +302,14 @@ func (s *Store) Close() error {
 	var errs []error
 	for _, v := range s.vols {
 		if v.handle != nil {
+			// Under the barrier: writes in flight finish first, and later
+			// ones see the handle closed before they touch the layers,
+			// which are closed next.
+			v.barrier.Lock()
 			errs = append(errs, v.head.Load().flush(s.layerFS))
 			v.handle.closed.Store(true)
 			v.handle = nil
+			v.barrier.Unlock()
 		}
 	}
 	s.closeLayers()
@@ -324,7 +333,7 @@ func (s *Store) newLayer(parent *layer, size int64) (*layer, error) {
 	if err != nil {
 		return nil, err
 	}
-	l := newLayerStruct(num, size, s.arena)
+	l := newLayerStruct(num, size, s.arena, s.opts.Faults)
 	l.parent = parent
 	if parent != nil {
 		l.tree = parent.tree.fork()
@@ -338,7 +347,7 @@ func (s *Store) newLayer(parent *layer, size int64) (*layer, error) {
 // reused before the next open (layernums.go).
 func (s *Store) discardLayer(l *layer) {
 	l.close()
-	_ = removeLayerFiles(s.layerFS, l.num)
+	_ = removeLayerFiles(s.opts.Faults, s.layerFS, l.num)
 }
 
 func layerRec(l *layer) *ondisk.LayerRec {

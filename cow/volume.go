@@ -304,7 +304,15 @@ func (h *Volume) WriteAt(p []byte, off int64) (int, error) {
 	v := h.v
 	v.barrier.RLock()
 	defer v.barrier.RUnlock()
+	// Again under the barrier: the store's Close closes the handle under
+	// it before it closes the layers.
+	if err := h.check(); err != nil {
+		return 0, err
+	}
 	head := v.head.Load()
+	if err := head.broken(); err != nil {
+		return 0, err
+	}
 	first, last := uint64(off>>blockShift), uint64((off+int64(len(p))-1)>>blockShift)
 	if head.placedAll(first, last) {
 		if err := head.writePlaced(p, off); err != nil {
@@ -452,6 +460,9 @@ func (h *Volume) Flush() error {
 	}
 	h.v.barrier.RLock()
 	defer h.v.barrier.RUnlock()
+	if err := h.check(); err != nil { // see WriteAt
+		return err
+	}
 	return h.v.head.Load().flush(h.v.s.layerFS)
 }
 
@@ -488,7 +499,13 @@ func (h *Volume) Discard(off, length int64) error {
 	v := h.v
 	v.barrier.RLock()
 	defer v.barrier.RUnlock()
+	if err := h.check(); err != nil { // see WriteAt
+		return err
+	}
 	head := v.head.Load()
+	if err := head.broken(); err != nil {
+		return err
+	}
 	first, last := uint64(alignedStart>>blockShift), uint64((alignedEnd-1)>>blockShift)
 	if err := head.ensureFiles(v.s.layerFS); err != nil {
 		return err
@@ -514,9 +531,8 @@ func (l *layer) discardDense(first, last uint64) error {
 			return err
 		}
 		for _, pc := range ps {
-			if err := unix.Fallocate(int(l.data.Fd()), unix.FALLOC_FL_PUNCH_HOLE|unix.FALLOC_FL_KEEP_SIZE,
-				pc.off, int64(pc.n)); err != nil {
-				return ioErr(err)
+			if err := l.punchBytes(pc.off, int64(pc.n)); err != nil {
+				return err
 			}
 		}
 	}
