@@ -1,0 +1,118 @@
+package main
+
+import (
+	"errors"
+	"fmt"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"golang.org/x/sys/unix"
+)
+
+// kmsgWatch counts the kernel log lines of a FUSE io_uring teardown that
+// does not complete: while a ring entry keeps a request, the kernel logs
+// "ent-req-queue ..." every 50 ms, from 5 s after the connection's
+// teardown began, for ever. The lines do not name the connection, so a
+// count is for the whole machine since the watch began.
+type kmsgWatch struct {
+	mu    sync.Mutex
+	fd    int
+	lines int    // matching lines read so far
+	last  string // the last of them
+}
+
+const teardownLogMarker = "ent-req-queue"
+
+// openKmsg starts reading the kernel log at its current end; nil if
+// /dev/kmsg cannot be read.
+func openKmsg() *kmsgWatch {
+	fd, err := unix.Open("/dev/kmsg", unix.O_RDONLY|unix.O_NONBLOCK|unix.O_CLOEXEC, 0)
+	if err != nil {
+		return nil
+	}
+	if _, err := unix.Seek(fd, 0, unix.SEEK_END); err != nil {
+		unix.Close(fd)
+		return nil
+	}
+	return &kmsgWatch{fd: fd}
+}
+
+// count reads what the kernel logged since the last call and returns the
+// number of matching lines since the watch began.
+func (k *kmsgWatch) count() (int, string) {
+	k.mu.Lock()
+	defer k.mu.Unlock()
+	buf := make([]byte, 8192)
+	for {
+		n, err := unix.Read(k.fd, buf)
+		if errors.Is(err, unix.EPIPE) {
+			continue // records overwritten before we read them
+		}
+		if err != nil || n <= 0 {
+			break
+		}
+		if rec := string(buf[:n]); strings.Contains(rec, teardownLogMarker) {
+			k.lines++
+			k.last = strings.TrimSpace(rec)
+		}
+	}
+	return k.lines, k.last
+}
+
+func (k *kmsgWatch) close() { unix.Close(k.fd) }
+
+// killStats sums up TestKillRandom's trials for its last log line.
+type killStats struct {
+	trials            int
+	byTransport       map[string]int
+	byMode            map[killMode]int
+	byInFlight        map[string]int
+	snapsOK, restored int
+	durations         []time.Duration
+	lastRingKill      time.Time
+}
+
+func (s *killStats) add(transport string, k killRecord) {
+	if s.byTransport == nil {
+		s.byTransport, s.byMode, s.byInFlight = map[string]int{}, map[killMode]int{}, map[string]int{}
+	}
+	s.trials++
+	s.byTransport[transport]++
+	s.byMode[k.mode]++
+	s.byInFlight[k.inFlight]++
+	if transport == "on" {
+		s.lastRingKill = k.at
+	}
+}
+
+func (s *killStats) summary() string {
+	var longest time.Duration
+	for _, d := range s.durations {
+		longest = max(longest, d)
+	}
+	return fmt.Sprintf("%d trials killed (transport %v, mode %v), kill landed during %v; %d snapshots returned OK, %d restored and checked; longest trial %v",
+		s.trials, s.byTransport, s.byMode, s.byInFlight, s.snapsOK, s.restored, longest.Round(time.Millisecond))
+}
+
+// finalKmsgCheck: the teardown lines of a ring whose teardown never
+// completes start 5 s after it began and come every 50 ms. Once that
+// much time has passed since the last kill of a driver on the ring, the
+// count must not grow over a second.
+func (s *killStats) finalKmsgCheck(t *testing.T, kw *kmsgWatch) {
+	if kw == nil || s.lastRingKill.IsZero() {
+		return
+	}
+	if wait := time.Until(s.lastRingKill.Add(6 * time.Second)); wait > 0 {
+		time.Sleep(wait) // until the kernel would have started logging
+	}
+	n0, _ := kw.count()
+	time.Sleep(time.Second) // the observation window
+	if n1, last := kw.count(); n1 > n0 {
+		t.Errorf("the kernel keeps logging %q (%d lines in 1 s, %d since the test began): a FUSE io_uring teardown does not complete; last: %s",
+			teardownLogMarker, n1-n0, n1, last)
+	} else {
+		t.Logf("kernel log: %d %q lines since the test began, none in the last second", n1, teardownLogMarker)
+	}
+}

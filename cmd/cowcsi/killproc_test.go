@@ -1,0 +1,233 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"slices"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/moby/sys/mountinfo"
+	"golang.org/x/sys/unix"
+)
+
+// What the kill test reads from /proc and /sys, and the short-lived child
+// that probes a filesystem for a freeze: all of it scoped to the
+// processes and mounts the test made (other tests run on the machine).
+
+// procTree returns roots and all their living descendants.
+func procTree(roots ...int) []int {
+	parent := map[int]int{}
+	ents, _ := os.ReadDir("/proc")
+	for _, e := range ents {
+		pid, err := strconv.Atoi(e.Name())
+		if err != nil {
+			continue
+		}
+		if st, err := readStat(fmt.Sprintf("/proc/%d/stat", pid)); err == nil {
+			parent[pid] = st.ppid
+		}
+	}
+	var out []int
+	for _, r := range roots {
+		if _, alive := parent[r]; alive {
+			out = append(out, r)
+		}
+	}
+	for i := 0; i < len(out); i++ {
+		for pid, pp := range parent {
+			if pp == out[i] && !slices.Contains(out, pid) {
+				out = append(out, pid)
+			}
+		}
+	}
+	return out
+}
+
+type procStat struct {
+	comm  string
+	state byte
+	ppid  int
+}
+
+// readStat parses a /proc/.../stat line; the command name may hold
+// spaces and parentheses, so the fields are taken after its last ')'.
+func readStat(path string) (procStat, error) {
+	b, err := os.ReadFile(path)
+	if err != nil {
+		return procStat{}, err
+	}
+	s := string(b)
+	open, end := strings.IndexByte(s, '('), strings.LastIndexByte(s, ')')
+	if open < 0 || end < open {
+		return procStat{}, fmt.Errorf("%s: unexpected %q", path, s)
+	}
+	f := strings.Fields(s[end+1:])
+	if len(f) < 2 {
+		return procStat{}, fmt.Errorf("%s: unexpected %q", path, s)
+	}
+	ppid, _ := strconv.Atoi(f[1])
+	return procStat{comm: s[open+1 : end], state: f[0][0], ppid: ppid}, nil
+}
+
+// threadsInD lists "pid/tid" of the threads of pids in state D.
+func threadsInD(pids []int) []string {
+	var out []string
+	for _, pid := range pids {
+		tasks, _ := filepath.Glob(fmt.Sprintf("/proc/%d/task/*/stat", pid))
+		for _, p := range tasks {
+			if st, err := readStat(p); err == nil && st.state == 'D' {
+				out = append(out, fmt.Sprintf("%d/%s", pid, filepath.Base(filepath.Dir(p))))
+			}
+		}
+	}
+	return out
+}
+
+// stuckInD samples the threads of roots and their descendants for about
+// a second and returns those in state D in every sample, with their
+// kernel stacks. A thread in D for a moment is normal I/O; in D all along
+// while nothing is asked of it, it waits for something that never comes.
+func stuckInD(roots ...int) string {
+	stuck := threadsInD(procTree(roots...))
+	for i := 0; i < 5 && len(stuck) > 0; i++ {
+		time.Sleep(200 * time.Millisecond) // sampling interval
+		now := threadsInD(procTree(roots...))
+		stuck = slices.DeleteFunc(stuck, func(s string) bool { return !slices.Contains(now, s) })
+	}
+	var b strings.Builder
+	for _, pt := range stuck {
+		pid, tid, _ := strings.Cut(pt, "/")
+		b.WriteString(describeTask(fmt.Sprintf("/proc/%s/task/%s", pid, tid)))
+	}
+	return b.String()
+}
+
+// describeTask is a thread's command, state, wchan and kernel stack.
+func describeTask(dir string) string {
+	st, _ := readStat(filepath.Join(dir, "stat"))
+	wchan, _ := os.ReadFile(filepath.Join(dir, "wchan"))
+	stack, _ := os.ReadFile(filepath.Join(dir, "stack"))
+	return fmt.Sprintf("%s (%s) state %c wchan %s\n%s", dir, st.comm, st.state, wchan, indent(string(stack)))
+}
+
+// dumpProc describes every thread of pid.
+func dumpProc(pid int) string {
+	tasks, _ := filepath.Glob(fmt.Sprintf("/proc/%d/task/*", pid))
+	if len(tasks) == 0 {
+		return fmt.Sprintf("pid %d: no threads left in /proc\n", pid)
+	}
+	var b strings.Builder
+	for _, d := range tasks {
+		b.WriteString(describeTask(d))
+	}
+	return b.String()
+}
+
+func indent(s string) string {
+	s = strings.TrimRight(s, "\n")
+	if s == "" {
+		return ""
+	}
+	return "    " + strings.ReplaceAll(s, "\n", "\n    ") + "\n"
+}
+
+// fuseConnsUnder returns the FUSE connection numbers (device minors) of
+// the cowcsi FUSE mounts at or below root.
+func fuseConnsUnder(root string) []int {
+	ms, err := mountinfo.GetMounts(mountinfo.PrefixFilter(root))
+	if err != nil {
+		return nil
+	}
+	var out []int
+	for _, m := range ms {
+		if m.FSType == "fuse.cowcsi" && !slices.Contains(out, m.Minor) {
+			out = append(out, m.Minor)
+		}
+	}
+	return out
+}
+
+// abortFuseUnder aborts the FUSE connections of the mounts below root
+// (only those: other tests' connections live elsewhere) and returns them.
+func abortFuseUnder(root string) []int {
+	conns := fuseConnsUnder(root)
+	for _, c := range conns {
+		os.WriteFile(fmt.Sprintf("/sys/fs/fuse/connections/%d/abort", c), []byte("1"), 0o200)
+	}
+	return conns
+}
+
+// Freeze probing runs in a child process: FIFREEZE syncs the filesystem,
+// which goes through the driver's FUSE file, and a test thread stuck there
+// could not be stopped. The child's answer is one word on stdout.
+const (
+	envProbe      = "COWCSI_KILL_PROBE"
+	ioctlFIFREEZE = 0xC0045877
+	ioctlFITHAW   = 0xC0045878
+)
+
+// probeMain: args mode ("freeze" or "thaw") and the path of a mount root.
+// freeze answers "frozen" if the filesystem was frozen already (EBUSY),
+// else "ok" after freezing and thawing it; thaw answers "thawed" or
+// "notfrozen".
+func probeMain(args []string) int {
+	if len(args) != 2 {
+		return 2
+	}
+	fd, err := unix.Open(args[1], unix.O_RDONLY|unix.O_DIRECTORY|unix.O_CLOEXEC, 0)
+	if err != nil {
+		fmt.Printf("error open: %v\n", err)
+		return 0
+	}
+	switch args[0] {
+	case "freeze":
+		err := unix.IoctlSetInt(fd, ioctlFIFREEZE, 0)
+		switch {
+		case errors.Is(err, unix.EBUSY):
+			fmt.Println("frozen")
+		case err != nil:
+			fmt.Printf("error freeze: %v\n", err)
+		case unix.IoctlSetInt(fd, ioctlFITHAW, 0) != nil:
+			fmt.Println("error thaw after probe")
+		default:
+			fmt.Println("ok")
+		}
+	case "thaw":
+		if err := unix.IoctlSetInt(fd, ioctlFITHAW, 0); err != nil {
+			fmt.Println("notfrozen")
+		} else {
+			fmt.Println("thawed")
+		}
+	}
+	return 0
+}
+
+// runProbe runs the probe child on path, bounded: a child that does not
+// answer in time is reported with its kernel stacks, then killed.
+func runProbe(mode, path string) (string, error) {
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	cmd := exec.CommandContext(ctx, os.Args[0], mode, path)
+	cmd.Env = append(os.Environ(), envProbe+"=1")
+	var out strings.Builder
+	cmd.Stdout = &out
+	if err := cmd.Start(); err != nil {
+		return "", err
+	}
+	done := make(chan error, 1)
+	go func() { done <- cmd.Wait() }()
+	select {
+	case err := <-done:
+		return strings.TrimSpace(out.String()), err
+	case <-time.After(exitBound):
+		dump := dumpProc(cmd.Process.Pid)
+		cancel()
+		return "", fmt.Errorf("%s probe of %s did not return within %v:\n%s", mode, path, exitBound, dump)
+	}
+}
