@@ -110,3 +110,13 @@ bench-io-ab:
 .PHONY: bench-io-check
 bench-io-check: deps
 	bash test/fuse-guard.sh run $(TEST_GUARD_MINUTES) env COWCSI_BENCH_IO=1 $(GO) test $(TESTFLAGS) -v -run '^(TestSmoke|TestAB)$$' ./test/bench-io/
+
+# kill-long ---------------------------------------------------------------
+# cmd/cowcsi's TestKillRandom (kill -9 of the real binary at random moments)
+# at length: KILL_TRIALS trials instead of the 30 `make test` runs; set
+# COWCSI_KILL_SEED to repeat a run, COWCSI_KILL_TRANSPORT=on|off to force a
+# FUSE transport, COWCSI_KILL_KEEPGOING=1 to go on after a failed trial.
+KILL_TRIALS ?= 300
+.PHONY: kill-long
+kill-long: deps
+	bash test/fuse-guard.sh run 150 env COWCSI_KILL_TRIALS=$(KILL_TRIALS) $(GO) test -race -count=1 -timeout 140m -v -run '^TestKillRandom$$' ./cmd/cowcsi/

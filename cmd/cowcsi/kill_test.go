@@ -10,6 +10,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"syscall"
 	"testing"
 	"time"
 
@@ -118,6 +119,7 @@ type killTrial struct {
 	snaps   []snapRecord
 	nextID  int
 	running map[string]int // calls in flight, by name
+	orphans []proc         // children of killed drivers
 }
 
 func newKillTrial(t *testing.T, seed int64, kw *kmsgWatch) *killTrial {
@@ -238,6 +240,14 @@ func (tr *killTrial) cleanup() {
 			t.Errorf("cleanup: writer (pid %d) did not exit after SIGKILL:\n%s", w.pid(), dumpProc(w.pid()))
 		}
 	}
+	tr.mu.Lock()
+	for _, c := range tr.orphans {
+		if c.alive() {
+			t.Logf("cleanup: killing pid %d, a child of a killed driver", c.pid)
+			syscall.Kill(c.pid, syscall.SIGKILL)
+		}
+	}
+	tr.mu.Unlock()
 	for _, p := range tr.plugins {
 		p.conn.Close()
 		p.cmd.Process.Kill()

@@ -51,8 +51,14 @@ func runKillTrial(t *testing.T, seed int64, kw *kmsgWatch, st *killStats) {
 		t.Fatalf("restart on the same store after the kill: %v", err)
 	}
 	tr.checkNotFrozen()
-	if stuck := stuckInD(tr.writer.pid(), p.pid(), p2.pid()); stuck != "" {
-		t.Errorf("threads of the writer or the drivers stay in D state with the new driver (transport %s) up:\n%s", transport2, stuck)
+	roots := []int{tr.writer.pid(), p.pid(), p2.pid()}
+	for _, c := range kill.children {
+		if c.alive() {
+			roots = append(roots, c.pid)
+		}
+	}
+	if stuck := stuckInD(roots...); stuck != "" {
+		t.Errorf("threads of the writer, the drivers or their children stay in D state with the new driver (transport %s) up:\n%s", transport2, stuck)
 	}
 	tr.stopWriter()
 	tr.checkData()

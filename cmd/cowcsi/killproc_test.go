@@ -49,10 +49,34 @@ func procTree(roots ...int) []int {
 	return out
 }
 
+// proc names a process across time: a pid and its start time.
+type proc struct {
+	pid   int
+	start uint64
+}
+
+// descendants returns the processes below pid (not pid itself).
+func descendants(pid int) []proc {
+	var out []proc
+	for _, d := range procTree(pid) {
+		if st, err := readStat(fmt.Sprintf("/proc/%d/stat", d)); err == nil && d != pid {
+			out = append(out, proc{d, st.start})
+		}
+	}
+	return out
+}
+
+// alive reports whether p is still the process it was.
+func (p proc) alive() bool {
+	st, err := readStat(fmt.Sprintf("/proc/%d/stat", p.pid))
+	return err == nil && st.start == p.start && st.state != 'Z'
+}
+
 type procStat struct {
 	comm  string
 	state byte
 	ppid  int
+	start uint64 // start time in clock ticks since boot: tells a reused pid
 }
 
 // readStat parses a /proc/.../stat line; the command name may hold
@@ -68,11 +92,12 @@ func readStat(path string) (procStat, error) {
 		return procStat{}, fmt.Errorf("%s: unexpected %q", path, s)
 	}
 	f := strings.Fields(s[end+1:])
-	if len(f) < 2 {
+	if len(f) < 20 {
 		return procStat{}, fmt.Errorf("%s: unexpected %q", path, s)
 	}
 	ppid, _ := strconv.Atoi(f[1])
-	return procStat{comm: s[open+1 : end], state: f[0][0], ppid: ppid}, nil
+	start, _ := strconv.ParseUint(f[19], 10, 64)
+	return procStat{comm: s[open+1 : end], state: f[0][0], ppid: ppid, start: start}, nil
 }
 
 // threadsInD lists "pid/tid" of the threads of pids in state D.
