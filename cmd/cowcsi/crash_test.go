@@ -14,6 +14,7 @@ import (
 
 	"github.com/container-storage-interface/spec/lib/go/csi"
 	"google.golang.org/grpc"
+	"google.golang.org/grpc/backoff"
 	"google.golang.org/grpc/credentials/insecure"
 
 	"github.com/cowcsi/cowcsi/cow/loopdev"
@@ -34,30 +35,37 @@ type plugin struct {
 
 func startPlugin(t *testing.T, sock, store string) *plugin {
 	t.Helper()
-	p, err := launchPlugin(sock, store, os.Stderr)
+	p, err := launchPlugin(os.Args[0], sock, store, os.Stderr)
 	if err != nil {
 		t.Fatal(err)
 	}
 	return p
 }
 
-// launchPlugin starts the plugin with extra flags, its log to stderr, and
-// waits until Probe says ready. It fails at once if the process exits
-// first, else after a minute; the process is killed then.
-func launchPlugin(sock, store string, stderr io.Writer, extra ...string) (*plugin, error) {
+// launchPlugin starts the plugin binary bin (this test binary or a built
+// cowcsi) with extra flags, its log to stderr, and waits until Probe says
+// ready. It fails at once if the process exits first, else after a
+// minute; the process is killed then.
+func launchPlugin(bin, sock, store string, stderr io.Writer, extra ...string) (*plugin, error) {
 	args := append([]string{"--nodeid=n1", "--endpoint=unix://" + sock, "--store-dir=" + store}, extra...)
-	cmd := exec.Command(os.Args[0], args...)
+	cmd := exec.Command(bin, args...)
 	cmd.Env = append(os.Environ(), "COWCSI_TEST_MAIN=1")
 	cmd.Stderr = stderr
 	if err := cmd.Start(); err != nil {
 		return nil, err
 	}
 	p := &plugin{cmd: cmd, exited: make(chan struct{})}
+	manage(cmd.Process.Pid)
 	go func() {
 		p.waitErr = cmd.Wait()
+		unmanage(cmd.Process.Pid)
 		close(p.exited)
 	}()
-	conn, err := grpc.NewClient("unix://"+sock, grpc.WithTransportCredentials(insecure.NewCredentials()))
+	// Until the socket exists connecting fails; the default reconnect
+	// backoff would then hold the first Probe for a second.
+	fast := grpc.ConnectParams{Backoff: backoff.Config{BaseDelay: 20 * time.Millisecond, Multiplier: 1.5, MaxDelay: 500 * time.Millisecond},
+		MinConnectTimeout: 5 * time.Second}
+	conn, err := grpc.NewClient("unix://"+sock, grpc.WithTransportCredentials(insecure.NewCredentials()), grpc.WithConnectParams(fast))
 	if err != nil {
 		p.kill()
 		return nil, err

@@ -5,16 +5,17 @@ import (
 	"fmt"
 	"math/rand/v2"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"slices"
 	"strconv"
 	"strings"
 	"sync"
-	"syscall"
 	"testing"
 	"time"
 
 	"github.com/container-storage-interface/spec/lib/go/csi"
+	"golang.org/x/sys/unix"
 
 	"github.com/cowcsi/cowcsi/cow/loopdev"
 	"github.com/cowcsi/cowcsi/test/testutil"
@@ -43,17 +44,24 @@ func TestKillRandom(t *testing.T) {
 	trials := envInt(t, "COWCSI_KILL_TRIALS", 30)
 	seed := int64(envInt(t, "COWCSI_KILL_SEED", int(time.Now().UnixNano()%1e9)))
 	t.Logf("seed %d, %d trials (repeat: COWCSI_KILL_SEED=%d)", seed, trials, seed)
+	bin := buildCowcsi(t)
 	kw := openKmsg()
 	if kw == nil {
 		t.Log("cannot read /dev/kmsg: the ent-req-queue check is off")
 	} else {
 		defer kw.close()
 	}
+	// Orphans (children of a killed driver) come to this process, so
+	// that the checks see every process the test started.
+	if err := unix.Prctl(unix.PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0); err != nil {
+		t.Fatalf("PR_SET_CHILD_SUBREAPER: %v", err)
+	}
+	defer unix.Prctl(unix.PR_SET_CHILD_SUBREAPER, 0, 0, 0, 0)
 	var st killStats
 	start := time.Now()
 	for i := range trials {
 		s := seed + int64(i)
-		ok := t.Run(fmt.Sprintf("trial%03d_seed%d", i, s), func(t *testing.T) { runKillTrial(t, s, kw, &st) })
+		ok := t.Run(fmt.Sprintf("trial%03d_seed%d", i, s), func(t *testing.T) { runKillTrial(t, bin, s, kw, &st) })
 		if !ok && os.Getenv("COWCSI_KILL_KEEPGOING") == "" {
 			t.Logf("stopping after the first failed trial (seed %d); COWCSI_KILL_KEEPGOING=1 runs the rest", s)
 			break
@@ -62,6 +70,28 @@ func TestKillRandom(t *testing.T) {
 	st.finalKmsgCheck(t, kw)
 	t.Logf("%s; %v in all, %v per trial", st.summary(), time.Since(start).Round(time.Millisecond),
 		(time.Since(start) / time.Duration(max(st.trials, 1))).Round(time.Millisecond))
+}
+
+// buildCowcsi builds the command into the test's directory, without the
+// race detector whatever this test binary was built with: the trials run
+// the driver at its own speed. COWCSI_KILL_BINARY names a binary to use
+// instead.
+func buildCowcsi(t *testing.T) string {
+	if p := os.Getenv("COWCSI_KILL_BINARY"); p != "" {
+		return p
+	}
+	// go test puts its own go command first in PATH.
+	gobin, err := exec.LookPath("go")
+	if err != nil {
+		t.Fatalf("building cowcsi: %v (or set COWCSI_KILL_BINARY)", err)
+	}
+	bin := filepath.Join(t.TempDir(), "cowcsi")
+	start := time.Now()
+	if out, err := exec.Command(gobin, "build", "-o", bin, ".").CombinedOutput(); err != nil {
+		t.Fatalf("go build: %v\n%s", err, out)
+	}
+	t.Logf("built %s in %v", bin, time.Since(start).Round(time.Millisecond))
+	return bin
 }
 
 func envInt(t *testing.T, name string, def int) int {
@@ -103,6 +133,7 @@ type snapRecord struct {
 
 type killTrial struct {
 	t                 *testing.T
+	bin               string
 	seed              int64
 	rng               *rand.Rand
 	prefix            string
@@ -119,12 +150,11 @@ type killTrial struct {
 	snaps   []snapRecord
 	nextID  int
 	running map[string]int // calls in flight, by name
-	orphans []proc         // children of killed drivers
 }
 
-func newKillTrial(t *testing.T, seed int64, kw *kmsgWatch) *killTrial {
+func newKillTrial(t *testing.T, bin string, seed int64, kw *kmsgWatch) *killTrial {
 	root := t.TempDir()
-	tr := &killTrial{t: t, seed: seed, rng: rand.New(rand.NewPCG(uint64(seed), 0x6b696c6c)),
+	tr := &killTrial{t: t, bin: bin, seed: seed, rng: rand.New(rand.NewPCG(uint64(seed), 0x6b696c6c)),
 		prefix: fmt.Sprintf("kill-%d-%x", seed, time.Now().UnixNano()&0xffffff),
 		root:   root, sock: filepath.Join(testutil.SocketDir(t), "csi.sock"), store: filepath.Join(root, "store"),
 		logPath: filepath.Join(root, "driver.log"), kmsg: kw, running: map[string]int{}}
@@ -144,7 +174,7 @@ func (tr *killTrial) launch() (*plugin, string, error) {
 	if transport == "" {
 		transport = []string{"on", "off"}[tr.rng.IntN(2)]
 	}
-	p, err := launchPlugin(tr.sock, tr.store, tr.log, "--fuse-io-uring="+transport)
+	p, err := launchPlugin(tr.bin, tr.sock, tr.store, tr.log, "--fuse-io-uring="+transport)
 	if err == nil {
 		tr.plugins = append(tr.plugins, p)
 	}
@@ -240,14 +270,7 @@ func (tr *killTrial) cleanup() {
 			t.Errorf("cleanup: writer (pid %d) did not exit after SIGKILL:\n%s", w.pid(), dumpProc(w.pid()))
 		}
 	}
-	tr.mu.Lock()
-	for _, c := range tr.orphans {
-		if c.alive() {
-			t.Logf("cleanup: killing pid %d, a child of a killed driver", c.pid)
-			syscall.Kill(c.pid, syscall.SIGKILL)
-		}
-	}
-	tr.mu.Unlock()
+	killOrphans(t)
 	for _, p := range tr.plugins {
 		p.conn.Close()
 		p.cmd.Process.Kill()

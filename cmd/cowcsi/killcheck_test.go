@@ -15,9 +15,9 @@ import (
 
 // runKillTrial is one trial of TestKillRandom: setup, operations and a
 // kill, then the checks.
-func runKillTrial(t *testing.T, seed int64, kw *kmsgWatch, st *killStats) {
-	start := time.Now()
-	tr := newKillTrial(t, seed, kw)
+func runKillTrial(t *testing.T, bin string, seed int64, kw *kmsgWatch, st *killStats) {
+	ph := phases{last: time.Now()}
+	tr := newKillTrial(t, bin, seed, kw)
 	p, transport, err := tr.launch()
 	if err != nil {
 		t.Fatalf("start: %v", err)
@@ -39,34 +39,61 @@ func runKillTrial(t *testing.T, seed int64, kw *kmsgWatch, st *killStats) {
 	if kw != nil {
 		kmsgBefore, _ = kw.count()
 	}
+	ph.mark("setup")
 	mode := tr.pickMode()
 	kill := tr.runUntilKill(p, mode)
+	ph.mark("operations")
 	t.Logf("transport %s, mode %s, killed during %s, %d snapshots OK, acked %d blocks and %d records",
 		transport, mode, kill.inFlight, len(tr.snaps), tr.writer.blkAcked.Load(), tr.writer.fsAcked.Load())
 	st.add(transport, kill)
 
 	tr.checkKilledExit(p, transport, kill)
-	p2, transport2, err := tr.launch()
+	ph.mark("exit")
+	p2, _, err := tr.launch()
 	if err != nil {
 		t.Fatalf("restart on the same store after the kill: %v", err)
 	}
-	tr.checkNotFrozen()
-	roots := []int{tr.writer.pid(), p.pid(), p2.pid()}
-	for _, c := range kill.children {
-		if c.alive() {
-			roots = append(roots, c.pid)
-		}
-	}
-	if stuck := stuckInD(roots...); stuck != "" {
-		t.Errorf("threads of the writer, the drivers or their children stay in D state with the new driver (transport %s) up:\n%s", transport2, stuck)
-	}
-	tr.stopWriter()
-	tr.checkData()
-	st.snapsOK += len(tr.snaps)
-	st.restored += tr.checkSnapshots(p2)
+	ph.mark("restart")
+	tr.checkAfterRestart(p2, &ph, st)
 	tr.checkKmsg(kmsgBefore)
 	p2.term(t)
-	st.durations = append(st.durations, time.Since(start))
+	ph.mark("stop")
+	t.Logf("phases: %s", ph.String())
+	st.durations = append(st.durations, ph.total)
+}
+
+// checkAfterRestart runs the checks that need the new driver p2 up.
+func (tr *killTrial) checkAfterRestart(p2 *plugin, ph *phases, st *killStats) {
+	tr.checkNotFrozen()
+	ph.mark("frozen")
+	if stuck := stuckInD(); stuck != "" {
+		tr.t.Errorf("threads of processes this test started (the writer, the drivers, their children) stay in D state with the new driver up:\n%s", stuck)
+	}
+	ph.mark("D")
+	tr.stopWriter()
+	ph.mark("writer")
+	tr.checkData()
+	ph.mark("data")
+	st.snapsOK += len(tr.snaps)
+	st.restored += tr.checkSnapshots(p2)
+	ph.mark("snapshots")
+}
+
+// phases times the steps of a trial.
+type phases struct {
+	last  time.Time
+	total time.Duration
+	b     strings.Builder
+}
+
+func (ph *phases) mark(name string) {
+	d := time.Since(ph.last)
+	ph.last, ph.total = time.Now(), ph.total+d
+	fmt.Fprintf(&ph.b, "%s %v, ", name, d.Round(time.Millisecond))
+}
+
+func (ph *phases) String() string {
+	return fmt.Sprintf("%stotal %v", ph.b.String(), ph.total.Round(time.Millisecond))
 }
 
 // checkKilledExit: the killed driver must exit within exitBound. If it

@@ -4,7 +4,6 @@ import (
 	"context"
 	"fmt"
 	"math/rand/v2"
-	"slices"
 	"sort"
 	"strings"
 	"sync"
@@ -179,9 +178,6 @@ type killRecord struct {
 	mode     killMode
 	inFlight string
 	at       time.Time
-	// children are the killed driver's child processes (the kernel
-	// hands them to init once it is gone).
-	children []proc
 }
 
 // runUntilKill runs mode's operations on p and kills p with SIGKILL at a
@@ -220,16 +216,8 @@ func (tr *killTrial) runUntilKill(p *plugin, mode killMode) killRecord {
 		p.cmd.Process.Signal(syscall.SIGTERM)
 		time.Sleep(time.Duration(tr.rng.IntN(300)) * time.Millisecond)
 	}
-	rec := killRecord{mode: mode, inFlight: tr.inFlight(), at: time.Now(), children: descendants(p.pid())}
+	rec := killRecord{mode: mode, inFlight: tr.inFlight(), at: time.Now()}
 	p.cmd.Process.Signal(syscall.SIGKILL)
-	for _, c := range descendants(p.pid()) {
-		if !slices.Contains(rec.children, c) {
-			rec.children = append(rec.children, c)
-		}
-	}
-	tr.mu.Lock()
-	tr.orphans = append(tr.orphans, rec.children...)
-	tr.mu.Unlock()
 	cancel()
 	wg.Wait()
 	p.conn.Close()

@@ -10,6 +10,8 @@ import (
 	"slices"
 	"strconv"
 	"strings"
+	"sync"
+	"testing"
 	"time"
 
 	"github.com/moby/sys/mountinfo"
@@ -47,29 +49,6 @@ func procTree(roots ...int) []int {
 		}
 	}
 	return out
-}
-
-// proc names a process across time: a pid and its start time.
-type proc struct {
-	pid   int
-	start uint64
-}
-
-// descendants returns the processes below pid (not pid itself).
-func descendants(pid int) []proc {
-	var out []proc
-	for _, d := range procTree(pid) {
-		if st, err := readStat(fmt.Sprintf("/proc/%d/stat", d)); err == nil && d != pid {
-			out = append(out, proc{d, st.start})
-		}
-	}
-	return out
-}
-
-// alive reports whether p is still the process it was.
-func (p proc) alive() bool {
-	st, err := readStat(fmt.Sprintf("/proc/%d/stat", p.pid))
-	return err == nil && st.start == p.start && st.state != 'Z'
 }
 
 type procStat struct {
@@ -114,15 +93,20 @@ func threadsInD(pids []int) []string {
 	return out
 }
 
-// stuckInD samples the threads of roots and their descendants for about
-// a second and returns those in state D in every sample, with their
-// kernel stacks. A thread in D for a moment is normal I/O; in D all along
-// while nothing is asked of it, it waits for something that never comes.
-func stuckInD(roots ...int) string {
-	stuck := threadsInD(procTree(roots...))
+// started lists the processes below this one: everything the test
+// started, and (this process being a subreaper) the orphans of the
+// drivers it killed.
+func started() []int { return procTree(os.Getpid())[1:] }
+
+// stuckInD samples the threads of started() for about a second and
+// returns those in state D in every sample, with their kernel stacks. A
+// thread in D for a moment is normal I/O; in D all along while nothing is
+// asked of it, it waits for something that never comes.
+func stuckInD() string {
+	stuck := threadsInD(started())
 	for i := 0; i < 5 && len(stuck) > 0; i++ {
 		time.Sleep(200 * time.Millisecond) // sampling interval
-		now := threadsInD(procTree(roots...))
+		now := threadsInD(started())
 		stuck = slices.DeleteFunc(stuck, func(s string) bool { return !slices.Contains(now, s) })
 	}
 	var b strings.Builder
@@ -131,6 +115,31 @@ func stuckInD(roots ...int) string {
 		b.WriteString(describeTask(fmt.Sprintf("/proc/%s/task/%s", pid, tid)))
 	}
 	return b.String()
+}
+
+// managed are the children an exec.Cmd waits for: killOrphans must not
+// reap them.
+var managed sync.Map // pid -> struct{}
+
+func manage(pid int)   { managed.Store(pid, struct{}{}) }
+func unmanage(pid int) { managed.Delete(pid) }
+
+// killOrphans kills and reaps the orphans of killed drivers that came to
+// this process.
+func killOrphans(t *testing.T) {
+	self := os.Getpid()
+	for _, pid := range started() {
+		st, err := readStat(fmt.Sprintf("/proc/%d/stat", pid))
+		if _, ok := managed.Load(pid); ok || err != nil || st.ppid != self {
+			continue
+		}
+		if st.state != 'Z' {
+			t.Logf("cleanup: killing pid %d (%s), orphaned by a killed driver", pid, st.comm)
+			unix.Kill(pid, unix.SIGKILL)
+		}
+		var ws unix.WaitStatus
+		unix.Wait4(pid, &ws, unix.WNOHANG, nil)
+	}
 }
 
 // describeTask is a thread's command, state, wchan and kernel stack.
@@ -233,20 +242,28 @@ func probeMain(args []string) int {
 	return 0
 }
 
+// noRaceExitSleep keeps a child built with the race detector (this test
+// binary under go test -race) from sleeping a second before it exits.
+const noRaceExitSleep = "GORACE=atexit_sleep_ms=0"
+
 // runProbe runs the probe child on path, bounded: a child that does not
 // answer in time is reported with its kernel stacks, then killed.
 func runProbe(mode, path string) (string, error) {
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
 	cmd := exec.CommandContext(ctx, os.Args[0], mode, path)
-	cmd.Env = append(os.Environ(), envProbe+"=1")
+	cmd.Env = append(os.Environ(), envProbe+"=1", noRaceExitSleep)
 	var out strings.Builder
 	cmd.Stdout = &out
 	if err := cmd.Start(); err != nil {
 		return "", err
 	}
+	manage(cmd.Process.Pid)
 	done := make(chan error, 1)
-	go func() { done <- cmd.Wait() }()
+	go func() {
+		done <- cmd.Wait()
+		unmanage(cmd.Process.Pid)
+	}()
 	select {
 	case err := <-done:
 		return strings.TrimSpace(out.String()), err

@@ -174,7 +174,7 @@ func startWriter(blockTarget, logFile string, nblocks int64, tag uint64, stderr 
 		return nil, err
 	}
 	cmd := exec.Command(os.Args[0], blockTarget, logFile, strconv.FormatInt(nblocks, 10), strconv.FormatUint(tag, 10))
-	cmd.Env = append(os.Environ(), envWriter+"=1")
+	cmd.Env = append(os.Environ(), envWriter+"=1", noRaceExitSleep)
 	cmd.ExtraFiles = []*os.File{w}
 	cmd.Stderr = stderr
 	cmd.SysProcAttr = &syscall.SysProcAttr{Unshareflags: syscall.CLONE_NEWNS, Pdeathsig: syscall.SIGKILL}
@@ -187,8 +187,10 @@ func startWriter(blockTarget, logFile string, nblocks int64, tag uint64, stderr 
 	wp := &writerProc{cmd: cmd, exited: make(chan struct{}), drained: make(chan struct{}), started: make(chan struct{})}
 	wp.blkAcked.Store(-1)
 	wp.fsAcked.Store(-1)
+	manage(cmd.Process.Pid)
 	go func() {
 		cmd.Wait()
+		unmanage(cmd.Process.Pid)
 		close(wp.exited)
 	}()
 	go wp.readAcks(r)
