@@ -150,6 +150,8 @@ type killTrial struct {
 	snaps   []snapRecord
 	nextID  int
 	running map[string]int // calls in flight, by name
+	conns   []int          // the FUSE connections of this trial's drivers
+	connOf  map[int]int    // driver pid -> its FUSE connection
 }
 
 func newKillTrial(t *testing.T, bin string, seed int64, kw *kmsgWatch) *killTrial {
@@ -157,7 +159,7 @@ func newKillTrial(t *testing.T, bin string, seed int64, kw *kmsgWatch) *killTria
 	tr := &killTrial{t: t, bin: bin, seed: seed, rng: rand.New(rand.NewPCG(uint64(seed), 0x6b696c6c)),
 		prefix: fmt.Sprintf("kill-%d-%x", seed, time.Now().UnixNano()&0xffffff),
 		root:   root, sock: filepath.Join(testutil.SocketDir(t), "csi.sock"), store: filepath.Join(root, "store"),
-		logPath: filepath.Join(root, "driver.log"), kmsg: kw, running: map[string]int{}}
+		logPath: filepath.Join(root, "driver.log"), kmsg: kw, running: map[string]int{}, connOf: map[int]int{}}
 	f, err := os.Create(tr.logPath)
 	if err != nil {
 		t.Fatal(err)
@@ -177,6 +179,12 @@ func (tr *killTrial) launch() (*plugin, string, error) {
 	p, err := launchPlugin(tr.bin, tr.sock, tr.store, tr.log, "--fuse-io-uring="+transport)
 	if err == nil {
 		tr.plugins = append(tr.plugins, p)
+		for _, c := range fuseConnsUnder(tr.root) {
+			if !slices.Contains(tr.conns, c) {
+				tr.conns = append(tr.conns, c)
+				tr.connOf[p.pid()] = c
+			}
+		}
 	}
 	return p, transport, err
 }
@@ -281,6 +289,12 @@ func (tr *killTrial) cleanup() {
 		}
 	}
 	abortFuseUnder(tr.root)
+	for _, c := range tr.conns {
+		if _, stuck := stuckConn(c, tr.root); stuck {
+			t.Logf("cleanup: aborting FUSE connection %d of a killed driver", c)
+			os.WriteFile(fmt.Sprintf("/sys/fs/fuse/connections/%d/abort", c), []byte("1"), 0o200)
+		}
+	}
 	tr.clearLoops()
 	testutil.UnmountAll(t, tr.root)
 	tr.log.Close()

@@ -187,6 +187,40 @@ func fuseConnsUnder(root string) []int {
 	return out
 }
 
+// connWaiting returns the number of requests waiting on FUSE connection
+// n, and false if the connection is gone.
+func connWaiting(n int) (int, bool) {
+	b, err := os.ReadFile(fmt.Sprintf("/sys/fs/fuse/connections/%d/waiting", n))
+	if err != nil {
+		return 0, false
+	}
+	w, err := strconv.Atoi(strings.TrimSpace(string(b)))
+	return w, err == nil
+}
+
+// foreignConn reports whether connection number n is now the one of a
+// mount outside root: ours went away and the number was reused.
+func foreignConn(n int, root string) bool {
+	ms, _ := mountinfo.GetMounts(func(m *mountinfo.Info) (bool, bool) {
+		return !strings.HasPrefix(m.FSType, "fuse") || m.Minor != n, false
+	})
+	for _, m := range ms {
+		if m.Mountpoint != root && !strings.HasPrefix(m.Mountpoint, root+"/") {
+			return true
+		}
+	}
+	return false
+}
+
+// stuckConn: connection n (once a mount below root) of a killed driver
+// still exists and holds requests. Once its server is gone the kernel
+// ends every request; one that stays is held by a teardown that does not
+// complete (a FUSE io_uring entry that keeps its request).
+func stuckConn(n int, root string) (int, bool) {
+	w, ok := connWaiting(n)
+	return w, ok && w > 0 && !foreignConn(n, root)
+}
+
 // abortFuseUnder aborts the FUSE connections of the mounts below root
 // (only those: other tests' connections live elsewhere) and returns them.
 func abortFuseUnder(root string) []int {
