@@ -152,6 +152,7 @@ type killTrial struct {
 	running map[string]int // calls in flight, by name
 	conns   []int          // the FUSE connections of this trial's drivers
 	connOf  map[int]int    // driver pid -> its FUSE connection
+	old     []int          // processes left by earlier trials
 }
 
 func newKillTrial(t *testing.T, bin string, seed int64, kw *kmsgWatch) *killTrial {
@@ -159,7 +160,7 @@ func newKillTrial(t *testing.T, bin string, seed int64, kw *kmsgWatch) *killTria
 	tr := &killTrial{t: t, bin: bin, seed: seed, rng: rand.New(rand.NewPCG(uint64(seed), 0x6b696c6c)),
 		prefix: fmt.Sprintf("kill-%d-%x", seed, time.Now().UnixNano()&0xffffff),
 		root:   root, sock: filepath.Join(testutil.SocketDir(t), "csi.sock"), store: filepath.Join(root, "store"),
-		logPath: filepath.Join(root, "driver.log"), kmsg: kw, running: map[string]int{}, connOf: map[int]int{}}
+		logPath: filepath.Join(root, "driver.log"), kmsg: kw, running: map[string]int{}, connOf: map[int]int{}, old: started()}
 	f, err := os.Create(tr.logPath)
 	if err != nil {
 		t.Fatal(err)

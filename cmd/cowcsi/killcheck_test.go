@@ -66,7 +66,7 @@ func runKillTrial(t *testing.T, bin string, seed int64, kw *kmsgWatch, st *killS
 func (tr *killTrial) checkAfterRestart(p2 *plugin, ph *phases, st *killStats) {
 	tr.checkNotFrozen()
 	ph.mark("frozen")
-	if stuck := stuckInD(); stuck != "" {
+	if stuck := stuckInD(tr.old); stuck != "" {
 		tr.t.Errorf("threads of processes this test started (the writer, the drivers, their children) stay in D state with the new driver up:\n%s", stuck)
 	}
 	ph.mark("D")

@@ -98,15 +98,19 @@ func threadsInD(pids []int) []string {
 // drivers it killed.
 func started() []int { return procTree(os.Getpid())[1:] }
 
-// stuckInD samples the threads of started() for about a second and
+// stuckInD samples the threads of started(), but for the processes in
+// old (an earlier trial's, reported there), for about a second and
 // returns those in state D in every sample, with their kernel stacks. A
 // thread in D for a moment is normal I/O; in D all along while nothing is
 // asked of it, it waits for something that never comes.
-func stuckInD() string {
-	stuck := threadsInD(started())
+func stuckInD(old []int) string {
+	ours := func() []int {
+		return slices.DeleteFunc(started(), func(pid int) bool { return slices.Contains(old, pid) })
+	}
+	stuck := threadsInD(ours())
 	for i := 0; i < 5 && len(stuck) > 0; i++ {
 		time.Sleep(200 * time.Millisecond) // sampling interval
-		now := threadsInD(started())
+		now := threadsInD(ours())
 		stuck = slices.DeleteFunc(stuck, func(s string) bool { return !slices.Contains(now, s) })
 	}
 	var b strings.Builder
