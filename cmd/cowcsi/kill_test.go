@@ -38,7 +38,9 @@ import (
 // uses seed+i), COWCSI_KILL_TRANSPORT forces "on" (io_uring) or "off"
 // (/dev/fuse), and COWCSI_KILL_KEEPGOING=1 runs every trial even after
 // one failed (by default the test stops there: a wedged kernel object may
-// spoil the next trials).
+// spoil the next trials). A seed fixes the trial's choices (transport,
+// operations, kill delay), not the kernel's timing: a repeated seed
+// reproduces a failure often, not always.
 func TestKillRandom(t *testing.T) {
 	testutil.RequireRoot(t, testutil.DevFUSE, testutil.DevLoopControl, "mkfs.ext4", "mount", "blkid")
 	trials := envInt(t, "COWCSI_KILL_TRIALS", 30)
@@ -63,7 +65,7 @@ func TestKillRandom(t *testing.T) {
 		s := seed + int64(i)
 		ok := t.Run(fmt.Sprintf("trial%03d_seed%d", i, s), func(t *testing.T) { runKillTrial(t, bin, s, kw, &st) })
 		if !ok && os.Getenv("COWCSI_KILL_KEEPGOING") == "" {
-			t.Logf("stopping after the first failed trial (seed %d); COWCSI_KILL_KEEPGOING=1 runs the rest", s)
+			t.Logf("stopping after the first failed trial; COWCSI_KILL_KEEPGOING=1 runs the rest, COWCSI_KILL_SEED=%d COWCSI_KILL_TRIALS=1 repeats it", s)
 			break
 		}
 	}
