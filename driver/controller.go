@@ -12,6 +12,7 @@ import (
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/types/known/timestamppb"
+	"k8s.io/klog/v2"
 
 	"github.com/cowcsi/cowcsi/cow"
 )
@@ -165,18 +166,26 @@ func (c *controllerService) CreateVolume(ctx context.Context, req *csi.CreateVol
 		return nil, err
 	}
 	labels[labelRequestedSize] = formatSize(size)
+	q := notQuiesced
 	if srcVol != "" {
 		// A clone of a volume mounted here must see what its users
 		// wrote, as a snapshot would.
-		release, err := c.d.node.quiesce(ctx, srcVol, true)
-		if err != nil {
+		if q, err = c.d.node.quiesce(ctx, srcVol, true); err != nil {
 			return nil, toStatus(rpcCreateVolume, err)
 		}
-		defer release()
+		defer q.Release() // on every path, a panic included
 	}
-	info, err := e.CreateVolume(ctx, cow.VolumeSpec{
+	cctx, cancel := q.bound(ctx)
+	defer cancel()
+	info, err := e.CreateVolume(cctx, cow.VolumeSpec{
 		ID: id, Size: size, SourceSnapshot: srcSnap, SourceVolume: srcVol, Labels: labels,
 	})
+	if rerr := q.Release(); rerr != nil {
+		if err == nil {
+			c.undo("volume", id, e.DeleteVolume)
+		}
+		return nil, toStatus(rpcCreateVolume, fmt.Errorf("clone of %s: %w", srcVol, rerr))
+	}
 	if errors.Is(err, cow.ErrExists) {
 		// Created concurrently by an earlier attempt: compare.
 		if info, gerr := e.GetVolume(id); gerr == nil {
@@ -437,12 +446,22 @@ func (c *controllerService) CreateSnapshot(ctx context.Context, req *csi.CreateS
 		return nil, toStatus(rpcCreateSnapshot, err)
 	}
 
-	release, err := c.d.node.quiesce(ctx, src, freeze)
+	q, err := c.d.node.quiesce(ctx, src, freeze)
 	if err != nil {
 		return nil, toStatus(rpcCreateSnapshot, err)
 	}
-	info, err := e.CreateSnapshot(ctx, cow.SnapshotSpec{ID: id, VolumeID: src, Labels: labels})
-	release()
+	defer q.Release() // on every path, a panic included
+	sctx, cancel := q.bound(ctx)
+	defer cancel()
+	info, err := e.CreateSnapshot(sctx, cow.SnapshotSpec{ID: id, VolumeID: src, Labels: labels})
+	if rerr := q.Release(); rerr != nil {
+		// The cut may have come after the thaw had begun: not the
+		// consistent snapshot this call promises.
+		if err == nil {
+			c.undo("snapshot", id, e.DeleteSnapshot)
+		}
+		return nil, toStatus(rpcCreateSnapshot, fmt.Errorf("snapshot of %s: %w", src, rerr))
+	}
 	if errors.Is(err, cow.ErrExists) {
 		if info, gerr := e.GetSnapshot(id); gerr == nil {
 			return c.existingSnapshot(req, info, labels)
@@ -452,6 +471,13 @@ func (c *controllerService) CreateSnapshot(ctx context.Context, req *csi.CreateS
 		return nil, toStatus(rpcCreateSnapshot, err)
 	}
 	return &csi.CreateSnapshotResponse{Snapshot: c.csiSnapshot(info)}, nil
+}
+
+// undo deletes what a call created but must not hand out.
+func (c *controllerService) undo(what, id string, del func(context.Context, string) error) {
+	if err := del(context.Background(), id); err != nil {
+		klog.ErrorS(err, "Deleting a "+what+" made outside its frozen window", "id", id)
+	}
 }
 
 func (c *controllerService) existingSnapshot(req *csi.CreateSnapshotRequest, info cow.SnapshotInfo, want map[string]string) (*csi.CreateSnapshotResponse, error) {

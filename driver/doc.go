@@ -39,12 +39,54 @@
 // # Snapshot consistency
 //
 // CreateSnapshot of a volume that is mounted on this node freezes the staging
-// filesystem (FIFREEZE, bounded by a timeout), flushes the loop device down to
-// the engine, switches layers in the engine and always thaws (FITHAW). The
-// snapshot parameter "cowcsi.io/freeze": "false" skips the freeze (the loop
-// device is still flushed; data only in the page cache is then not in the
-// snapshot). Block volumes get a flush: crash-consistent. Cloning a volume
-// that is staged here goes through the same quiesce step.
+// filesystem (FIFREEZE), flushes the loop device down to the engine, switches
+// layers in the engine and always thaws (FITHAW). The snapshot parameter
+// "cowcsi.io/freeze": "false" skips the freeze (the loop device is still
+// flushed; data only in the page cache is then not in the snapshot). Block
+// volumes get a flush: crash-consistent. Cloning a volume that is staged here
+// goes through the same quiesce step.
+//
+// The freeze is held by a child process (see below), which first checks that
+// the staging path is on the volume's loop device: with the staging mount
+// missing, the path is a directory of the node's own filesystem, which is
+// never frozen (FailedPrecondition). The whole frozen window (freeze, loop
+// flush, the engine's cut) is bounded by --freeze-timeout: the child thaws by
+// itself when it ends, however late its FIFREEZE completes, and a snapshot
+// whose cut may have come after that thaw is deleted and fails
+// (DeadlineExceeded). The driver knows its own freezes: a volume's next
+// freeze waits until the previous child has exited (else Aborted), so EBUSY
+// always means "frozen by someone else" (snapshotted as is, their thaw).
+// Each freeze is recorded under <store-dir>/node/freezing/<volume> before the
+// child starts and removed once it has exited having thawed; a killed child
+// is thawed again from its record at once, and a restart thaws every record
+// first thing, since unmounting does not thaw a frozen filesystem.
+//
+// # Calls that wait on the driver's own FUSE connection
+//
+// The driver serves the FUSE files under its loop devices, so a syscall that
+// ends in a request to that filesystem (FIFREEZE and FITHAW on a staging
+// mount, syncfs, fsync of a loop device, reading or stat-ing a volume file,
+// opening it and LOOP_CONFIGURE in attach, the loop status that stats it,
+// LOOP_CLR_FD waiting for in-flight I/O) is served by the same process. Once
+// the server has read such a request, the calling thread waits
+// uninterruptibly. If the process is SIGKILLed then, that thread keeps it
+// from exiting: /dev/fuse is never closed, the kernel never aborts the
+// connection, the request is never answered, and the node wedges (with FUSE
+// over io_uring not even a fusectl abort freed it).
+//
+// So all of them run in a short-lived child process (package
+// driver/internal/fsop): the running binary itself, started through
+// /proc/self/exe with the request in an environment variable, which fsop's
+// init recognises before main runs, so every binary that links the driver is
+// its own helper. The child inherits nothing but its standard descriptors
+// (everything else, /dev/fuse and the rings included, is close-on-exec;
+// TestFrozenWindowBounded checks) and stops when its standard input ends: the
+// driver closed it, or died. A killed driver then always exits, the kernel
+// aborts its connection, and the child's call fails and lets it exit too. The
+// cost is one exec per call (see docs/DECISIONS.md), paid by snapshots,
+// stage, unstage, expansion, health checks and shutdown, none of which are on
+// the I/O path. Mounting, formatting and growing filesystems already run as
+// separate programs (mount, mkfs, resize2fs).
 //
 // # Expansion: node only
 //

@@ -103,6 +103,10 @@ func (d *Driver) Run(ctx context.Context) error {
 
 // start opens the engine and brings the node side back.
 func (d *Driver) start(ctx context.Context) error {
+	// Before anything else: a freeze the previous instance left (its
+	// child died with it) blocks every writer of that filesystem, and
+	// recovery unmounts, which does not thaw.
+	d.node.thawRecorded(ctx)
 	engine, err := d.deps.OpenEngine(d.opts.engineDir())
 	if err != nil {
 		return fmt.Errorf("open store %s: %w", d.opts.engineDir(), err)

@@ -50,6 +50,14 @@ func toStatus(call rpc, err error) error {
 	}
 	var code codes.Code
 	switch {
+	case errors.Is(err, errFreezePending):
+		// The spec's "operation pending for the volume".
+		code = codes.Aborted
+	case errors.Is(err, errStagingNotMounted):
+		// The volume is staged here but its filesystem is not where it
+		// was mounted: a snapshot cannot be consistent until it is
+		// staged again.
+		code = codes.FailedPrecondition
 	case errors.Is(err, context.DeadlineExceeded):
 		code = codes.DeadlineExceeded
 	case errors.Is(err, context.Canceled):

@@ -16,6 +16,7 @@ import (
 
 	"github.com/cowcsi/cowcsi/cow"
 	"github.com/cowcsi/cowcsi/cow/fusefs"
+	"github.com/cowcsi/cowcsi/driver/internal/fsop"
 )
 
 // fuseExport implements FileExport with cow/fusefs.
@@ -40,7 +41,10 @@ var (
 // ioURing is Options.FuseIOURing: FUSE over io_uring is the default where
 // the kernel has it (docs/DECISIONS.md, "FUSE over io_uring instead of /dev/fuse").
 func MountFuseExport(ctx context.Context, dir, ioURing string) (FileExport, error) {
-	opts := fusefs.Options{FsName: "cowcsi", Errno: engineErrno, IOURing: ioURing != FuseIOURingOff}
+	opts := fusefs.Options{FsName: "cowcsi", Errno: engineErrno, IOURing: ioURing != FuseIOURingOff,
+		// Resized's stat comes back to this server: a child makes it.
+		StatSize: func(path string) (int64, error) { return fsop.StatSize(context.Background(), path) },
+	}
 	if opts.IOURing {
 		// Only connections that ask for the ring (this one) are
 		// affected by the parameter.

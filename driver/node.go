@@ -32,6 +32,8 @@ type nodeService struct {
 	// loaded: vols holds the recovered node state, which start has
 	// saved; until then the state file is not this instance's to write.
 	loaded bool
+	// freezes are the volumes with a freeze under way (freeze.go).
+	freezes freezeTracker
 }
 
 var _ csi.NodeServer = (*nodeService)(nil)

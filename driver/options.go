@@ -42,7 +42,9 @@ type Options struct {
 	MaxVolumesPerNode int64
 	// DefaultVolumeSize is used when CreateVolume has no capacity range.
 	DefaultVolumeSize int64
-	// FreezeTimeout bounds FIFREEZE during CreateSnapshot.
+	// FreezeTimeout bounds the whole frozen window of a snapshot or clone
+	// (FIFREEZE, the loop flush, the engine's cut); past it the filesystem
+	// is thawed and the call fails.
 	FreezeTimeout time.Duration
 	// StopTimeout bounds the graceful gRPC stop; in-flight calls are
 	// cancelled after it.
@@ -89,7 +91,7 @@ func (o *Options) AddFlags(fs *flag.FlagSet) {
 	fs.BoolVar(&o.SocketGroupAccess, "socket-group-access", o.SocketGroupAccess, "create the socket with mode 0660 instead of 0600")
 	fs.Int64Var(&o.MaxVolumesPerNode, "max-volumes-per-node", o.MaxVolumesPerNode, "volume limit reported to the CO; 0 means no limit")
 	fs.Int64Var(&o.DefaultVolumeSize, "default-volume-size", o.DefaultVolumeSize, "size in bytes of a volume created without a capacity range")
-	fs.DurationVar(&o.FreezeTimeout, "freeze-timeout", o.FreezeTimeout, "bound on freezing a filesystem for a snapshot")
+	fs.DurationVar(&o.FreezeTimeout, "freeze-timeout", o.FreezeTimeout, "bound on the frozen window of a snapshot: freeze, loop flush and cut")
 	fs.DurationVar(&o.StopTimeout, "stop-timeout", o.StopTimeout, "bound on the graceful stop of the gRPC server")
 	fs.StringVar(&o.FuseIOURing, "fuse-io-uring", o.FuseIOURing, "serve the volumes' FUSE file through FUSE over io_uring: auto (if the kernel has it; turns on the fuse module's enable_uring), on (required), off (/dev/fuse)")
 }

@@ -10,6 +10,8 @@ import (
 
 	"golang.org/x/sys/unix"
 	"k8s.io/klog/v2"
+
+	"github.com/cowcsi/cowcsi/driver/internal/fsop"
 )
 
 // start brings the node side up: it reads what was staged before, tears
@@ -21,6 +23,8 @@ import (
 // previous instance ended (graceful stop, crash, node reboot): the old
 // loop devices point at files of a dead FUSE connection and cannot be
 // revived, and users of the old mounts get I/O errors either way.
+//
+// Driver.start has thawed what the previous instance left frozen first.
 func (n *nodeService) start(ctx context.Context) error {
 	vols, err := n.state.load()
 	if err != nil {
@@ -142,7 +146,9 @@ func (n *nodeService) shutdown() error {
 	var errs []error
 	for id, sv := range n.vols {
 		if sv.AccessType == accessMount {
-			if err := syncFS(sv.StagingPath); err != nil {
+			// In a child, like every call that waits on this process's
+			// own FUSE connection (package fsop).
+			if err := fsop.SyncFS(context.Background(), sv.StagingPath); err != nil {
 				errs = append(errs, fmt.Errorf("volume %s: %w", id, err))
 			}
 		}

@@ -181,7 +181,7 @@ func TestSnapshotOfUnsyncedFile(t *testing.T) {
 	t.Run("already frozen", func(t *testing.T) {
 		want3 := importantContent("frozen by someone else")
 		writeNoSync(t, filepath.Join(pv.target, "important3.txt"), want3)
-		thaw, err := freezeFS(context.Background(), pv.staging)
+		thaw, err := freezeHere(pv.staging)
 		if err != nil {
 			t.Fatalf("freezing ourselves: %v", err)
 		}

@@ -28,6 +28,9 @@ func TestMain(m *testing.M) {
 	if dir := os.Getenv("COWCSI_REPRO_FUSE_DIR"); dir != "" {
 		os.Exit(reproFuseHelper(dir))
 	}
+	if spec := os.Getenv(envHelperDriver); spec != "" {
+		os.Exit(helperDriverMain(spec))
+	}
 	os.Exit(m.Run())
 }
 

@@ -139,3 +139,83 @@ func writeFileAtomic(path string, data []byte) (err error) {
 	defer d.Close()
 	return d.Sync()
 }
+
+// freezeRecord is a filesystem freeze this driver may hold. It is written
+// (durably) before the freeze child starts and removed once the child has
+// exited having thawed; one left behind by a crash is thawed at the next
+// start (nodeService.thawRecorded).
+type freezeRecord struct {
+	VolumeID string `json:"volumeID"`
+	// Dev is the loop device's number; only a filesystem on it is thawed.
+	Dev uint64 `json:"dev"`
+	// Paths reach the filesystem: the staging path, then the targets
+	// (bind mounts of it).
+	Paths []string `json:"paths"`
+}
+
+func (s stateFile) freezeDir() string { return filepath.Join(s.dir, "freezing") }
+
+func (s stateFile) putFreeze(r freezeRecord) error {
+	b, err := json.Marshal(r)
+	if err != nil {
+		return err
+	}
+	if _, err := os.Stat(s.freezeDir()); errors.Is(err, fs.ErrNotExist) {
+		// A new directory is durable once its parent is synced.
+		if err := os.MkdirAll(s.freezeDir(), 0o700); err != nil {
+			return err
+		}
+		if err := syncDir(s.dir); err != nil {
+			return err
+		}
+	}
+	return writeFileAtomic(filepath.Join(s.freezeDir(), r.VolumeID), b)
+}
+
+// clearFreeze removes a freeze record. Not synced: a record that comes
+// back after a power cut only causes a needless thaw at start.
+func (s stateFile) clearFreeze(volumeID string) error {
+	err := os.Remove(filepath.Join(s.freezeDir(), volumeID))
+	if errors.Is(err, fs.ErrNotExist) {
+		return nil
+	}
+	return err
+}
+
+func (s stateFile) loadFreezes() ([]freezeRecord, error) {
+	entries, err := os.ReadDir(s.freezeDir())
+	if errors.Is(err, fs.ErrNotExist) {
+		return nil, nil
+	}
+	if err != nil {
+		return nil, err
+	}
+	var out []freezeRecord
+	var errs []error
+	for _, e := range entries {
+		if checkID("volume ID", e.Name()) != nil {
+			continue // a temporary file of writeFileAtomic
+		}
+		b, err := os.ReadFile(filepath.Join(s.freezeDir(), e.Name()))
+		if err != nil {
+			errs = append(errs, err)
+			continue
+		}
+		var r freezeRecord
+		if err := json.Unmarshal(b, &r); err != nil {
+			errs = append(errs, fmt.Errorf("freeze record %s: %w", e.Name(), err))
+			continue
+		}
+		out = append(out, r)
+	}
+	return out, errors.Join(errs...)
+}
+
+func syncDir(dir string) error {
+	d, err := os.Open(dir)
+	if err != nil {
+		return err
+	}
+	defer d.Close()
+	return d.Sync()
+}

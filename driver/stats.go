@@ -2,9 +2,7 @@ package driver
 
 import (
 	"context"
-	"errors"
 	"fmt"
-	"io"
 	"os"
 
 	"github.com/container-storage-interface/spec/lib/go/csi"
@@ -12,7 +10,7 @@ import (
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 
-	"github.com/cowcsi/cowcsi/cow"
+	"github.com/cowcsi/cowcsi/driver/internal/fsop"
 )
 
 func (n *nodeService) NodeGetVolumeStats(ctx context.Context, req *csi.NodeGetVolumeStatsRequest) (*csi.NodeGetVolumeStatsResponse, error) {
@@ -78,7 +76,7 @@ func (n *nodeService) NodeGetVolumeHealth(ctx context.Context, req *csi.NodeGetV
 	} else if backing != file {
 		bad("LoopDeviceRebound", fmt.Sprintf("%s is bound to %s, not %s", sv.LoopDevice, backing, file))
 	}
-	if err := readProbe(file); err != nil {
+	if err := fsop.Probe(ctx, file); err != nil {
 		bad("BackingFileUnreadable", err.Error())
 	}
 	if sv.AccessType == accessMount {
@@ -89,18 +87,4 @@ func (n *nodeService) NodeGetVolumeHealth(ctx context.Context, req *csi.NodeGetV
 		}
 	}
 	return &csi.NodeGetVolumeHealthResponse{VolumeHealth: health}, nil
-}
-
-// readProbe reads the first block of the volume's FUSE file.
-func readProbe(path string) error {
-	f, err := os.Open(path)
-	if err != nil {
-		return err
-	}
-	defer f.Close()
-	buf := make([]byte, cow.BlockSize)
-	if _, err := f.ReadAt(buf, 0); err != nil && !errors.Is(err, io.EOF) {
-		return err
-	}
-	return nil
 }
