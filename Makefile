@@ -128,3 +128,13 @@ POWERCUT_CUTS ?= 2000
 .PHONY: powercut-long
 powercut-long:
 	COW_POWERCUT_CUTS=$(POWERCUT_CUTS) $(GO) test -count=1 -timeout 60m -v -run '^TestPowerCut$$' ./cow/
+
+# kill-long ---------------------------------------------------------------
+# cmd/cowcsi's TestKillRandom (kill -9 of the real binary at random moments)
+# at length: KILL_TRIALS trials instead of the 30 `make test` runs; set
+# COWCSI_KILL_SEED to repeat a run, COWCSI_KILL_TRANSPORT=on|off to force a
+# FUSE transport, COWCSI_KILL_KEEPGOING=1 to go on after a failed trial.
+KILL_TRIALS ?= 300
+.PHONY: kill-long
+kill-long: deps
+	bash test/fuse-guard.sh run 150 env COWCSI_KILL_TRIALS=$(KILL_TRIALS) $(GO) test -race -count=1 -timeout 140m -v -run '^TestKillRandom$$' ./cmd/cowcsi/

@@ -3,6 +3,8 @@ package main
 import (
 	"bytes"
 	"context"
+	"fmt"
+	"io"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -12,6 +14,7 @@ import (
 
 	"github.com/container-storage-interface/spec/lib/go/csi"
 	"google.golang.org/grpc"
+	"google.golang.org/grpc/backoff"
 	"google.golang.org/grpc/credentials/insecure"
 
 	"github.com/cowcsi/cowcsi/cow/loopdev"
@@ -24,21 +27,50 @@ type plugin struct {
 	conn *grpc.ClientConn
 	ctrl csi.ControllerClient
 	node csi.NodeClient
+	// exited is closed once the process has been waited for; waitErr is
+	// then its exit status.
+	exited  chan struct{}
+	waitErr error
 }
 
 func startPlugin(t *testing.T, sock, store string) *plugin {
 	t.Helper()
-	cmd := exec.Command(os.Args[0], "--nodeid=n1", "--endpoint=unix://"+sock, "--store-dir="+store)
-	cmd.Env = append(os.Environ(), "COWCSI_TEST_MAIN=1")
-	cmd.Stderr = os.Stderr
-	if err := cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	conn, err := grpc.NewClient("unix://"+sock, grpc.WithTransportCredentials(insecure.NewCredentials()))
+	p, err := launchPlugin(os.Args[0], sock, store, os.Stderr)
 	if err != nil {
 		t.Fatal(err)
 	}
-	p := &plugin{cmd: cmd, conn: conn, ctrl: csi.NewControllerClient(conn), node: csi.NewNodeClient(conn)}
+	return p
+}
+
+// launchPlugin starts the plugin binary bin (this test binary or a built
+// cowcsi) with extra flags, its log to stderr, and waits until Probe says
+// ready. It fails at once if the process exits first, else after a
+// minute; the process is killed then.
+func launchPlugin(bin, sock, store string, stderr io.Writer, extra ...string) (*plugin, error) {
+	args := append([]string{"--nodeid=n1", "--endpoint=unix://" + sock, "--store-dir=" + store}, extra...)
+	cmd := exec.Command(bin, args...)
+	cmd.Env = append(os.Environ(), "COWCSI_TEST_MAIN=1")
+	cmd.Stderr = stderr
+	if err := cmd.Start(); err != nil {
+		return nil, err
+	}
+	p := &plugin{cmd: cmd, exited: make(chan struct{})}
+	manage(cmd.Process.Pid)
+	go func() {
+		p.waitErr = cmd.Wait()
+		unmanage(cmd.Process.Pid)
+		close(p.exited)
+	}()
+	// Until the socket exists connecting fails; the default reconnect
+	// backoff would then hold the first Probe for a second.
+	fast := grpc.ConnectParams{Backoff: backoff.Config{BaseDelay: 20 * time.Millisecond, Multiplier: 1.5, MaxDelay: 500 * time.Millisecond},
+		MinConnectTimeout: 5 * time.Second}
+	conn, err := grpc.NewClient("unix://"+sock, grpc.WithTransportCredentials(insecure.NewCredentials()), grpc.WithConnectParams(fast))
+	if err != nil {
+		p.kill()
+		return nil, err
+	}
+	p.conn, p.ctrl, p.node = conn, csi.NewControllerClient(conn), csi.NewNodeClient(conn)
 	ident := csi.NewIdentityClient(conn)
 	deadline := time.Now().Add(60 * time.Second)
 	for {
@@ -46,28 +78,46 @@ func startPlugin(t *testing.T, sock, store string) *plugin {
 		resp, err := ident.Probe(ctx, &csi.ProbeRequest{})
 		cancel()
 		if err == nil && resp.GetReady().GetValue() {
-			return p
+			return p, nil
+		}
+		select {
+		case <-p.exited:
+			p.conn.Close()
+			return nil, fmt.Errorf("plugin exited before it was ready: %v (last Probe: %v)", p.waitErr, err)
+		default:
 		}
 		if time.Now().After(deadline) {
-			cmd.Process.Kill()
-			cmd.Wait()
-			t.Fatalf("plugin not ready: %v", err)
+			p.kill()
+			return nil, fmt.Errorf("plugin not ready: %v", err)
 		}
 		time.Sleep(20 * time.Millisecond) // polling readiness
 	}
 }
 
+func (p *plugin) pid() int { return p.cmd.Process.Pid }
+
 func (p *plugin) kill() {
 	p.conn.Close()
 	p.cmd.Process.Signal(syscall.SIGKILL)
-	p.cmd.Wait()
+	<-p.exited
 }
 
 func (p *plugin) term(t *testing.T) {
 	p.conn.Close()
 	p.cmd.Process.Signal(syscall.SIGTERM)
-	if err := p.cmd.Wait(); err != nil {
-		t.Errorf("plugin exit after SIGTERM: %v", err)
+	<-p.exited
+	if p.waitErr != nil {
+		t.Errorf("plugin exit after SIGTERM: %v", p.waitErr)
+	}
+}
+
+// waitExit waits up to bound for the process to end.
+func (p *plugin) waitExit(bound time.Duration) bool {
+	select {
+	case <-p.exited:
+		return true
+	case <-time.After(bound):
+		return false
 	}
 }
 

@@ -35,10 +35,16 @@ func TestFlags(t *testing.T) {
 	}
 }
 
-// TestMain lets TestSignal run this test binary as the cowcsi command.
+// TestMain lets TestSignal run this test binary as the cowcsi command,
+// and TestKillRandom as its writer and its freeze probe.
 func TestMain(m *testing.M) {
-	if os.Getenv("COWCSI_TEST_MAIN") == "1" {
+	switch {
+	case os.Getenv("COWCSI_TEST_MAIN") == "1":
 		os.Exit(run(os.Args[1:]))
+	case os.Getenv(envWriter) == "1":
+		os.Exit(writerMain(os.Args[1:]))
+	case os.Getenv(envProbe) == "1":
+		os.Exit(probeMain(os.Args[1:]))
 	}
 	os.Exit(m.Run())
 }
