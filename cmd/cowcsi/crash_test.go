@@ -47,6 +47,11 @@ func startPlugin(t *testing.T, sock, store string) *plugin {
 // ready. It fails at once if the process exits first, else after a
 // minute; the process is killed then.
 func launchPlugin(bin, sock, store string, stderr io.Writer, extra ...string) (*plugin, error) {
+	return launchPluginWithin(time.Minute, bin, sock, store, stderr, extra...)
+}
+
+// launchPluginWithin is launchPlugin with its own bound on readiness.
+func launchPluginWithin(ready time.Duration, bin, sock, store string, stderr io.Writer, extra ...string) (*plugin, error) {
 	args := append([]string{"--nodeid=n1", "--endpoint=unix://" + sock, "--store-dir=" + store}, extra...)
 	cmd := exec.Command(bin, args...)
 	cmd.Env = append(os.Environ(), "COWCSI_TEST_MAIN=1")
@@ -72,7 +77,7 @@ func launchPlugin(bin, sock, store string, stderr io.Writer, extra ...string) (*
 	}
 	p.conn, p.ctrl, p.node = conn, csi.NewControllerClient(conn), csi.NewNodeClient(conn)
 	ident := csi.NewIdentityClient(conn)
-	deadline := time.Now().Add(60 * time.Second)
+	deadline := time.Now().Add(ready)
 	for {
 		ctx, cancel := context.WithTimeout(context.Background(), time.Second)
 		resp, err := ident.Probe(ctx, &csi.ProbeRequest{})

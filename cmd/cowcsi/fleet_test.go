@@ -7,7 +7,6 @@ import (
 	"fmt"
 	"io"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"strings"
 	"sync"
@@ -15,48 +14,25 @@ import (
 	"time"
 
 	"github.com/container-storage-interface/spec/lib/go/csi"
-	"google.golang.org/grpc"
-	"google.golang.org/grpc/credentials/insecure"
 )
 
 // startPluginArgs is startPlugin with extra flags, its stderr copied to
 // the test's and to watch (if not nil) line by line.
 func startPluginArgs(t *testing.T, sock, store string, watch *logWatch, extra ...string) *plugin {
 	t.Helper()
-	args := append([]string{"--nodeid=n1", "--endpoint=unix://" + sock, "--store-dir=" + store}, extra...)
-	cmd := exec.Command(os.Args[0], args...)
-	cmd.Env = append(os.Environ(), "COWCSI_TEST_MAIN=1")
-	cmd.Stderr = os.Stderr
+	var stderr io.Writer = os.Stderr
 	if watch != nil {
 		pr, pw := io.Pipe()
-		cmd.Stderr = pw
+		stderr = pw
 		go watch.scan(pr)
 		t.Cleanup(func() { pw.Close() })
 	}
-	if err := cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	conn, err := grpc.NewClient("unix://"+sock, grpc.WithTransportCredentials(insecure.NewCredentials()))
+	// Recovering hundreds of volumes takes minutes.
+	p, err := launchPluginWithin(5*time.Minute, os.Args[0], sock, store, stderr, extra...)
 	if err != nil {
 		t.Fatal(err)
 	}
-	p := &plugin{cmd: cmd, conn: conn, ctrl: csi.NewControllerClient(conn), node: csi.NewNodeClient(conn)}
-	ident := csi.NewIdentityClient(conn)
-	deadline := time.Now().Add(5 * time.Minute) // recovering hundreds of volumes
-	for {
-		ctx, cancel := context.WithTimeout(context.Background(), time.Second)
-		resp, err := ident.Probe(ctx, &csi.ProbeRequest{})
-		cancel()
-		if err == nil && resp.GetReady().GetValue() {
-			return p
-		}
-		if time.Now().After(deadline) {
-			cmd.Process.Kill()
-			cmd.Wait()
-			t.Fatalf("plugin not ready: %v", err)
-		}
-		time.Sleep(20 * time.Millisecond) // polling readiness
-	}
+	return p
 }
 
 // logWatch copies a plugin's log to os.Stderr and closes a channel the
