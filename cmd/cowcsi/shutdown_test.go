@@ -59,11 +59,10 @@ func TestShutdownWithinStopTimeout(t *testing.T) {
 	if err := p1.cmd.Process.Signal(syscall.SIGTERM); err != nil {
 		t.Fatal(err)
 	}
-	exited := make(chan error, 1)
-	go func() { exited <- p1.cmd.Wait() }()
 	bound := stopTimeout + 2*time.Second // process exit and scheduling slack
 	select {
-	case err := <-exited:
+	case <-p1.exited:
+		err := p1.waitErr
 		took := time.Since(start)
 		t.Logf("exit %v after SIGTERM, with %d volumes staged and a snapshot in flight (--stop-timeout %v)", took.Round(time.Millisecond), len(vols), stopTimeout)
 		if err != nil {
@@ -171,11 +170,10 @@ func TestShutdownOverrun(t *testing.T) {
 	if err := p1.cmd.Process.Signal(syscall.SIGTERM); err != nil {
 		t.Fatal(err)
 	}
-	exited := make(chan error, 1)
-	go func() { exited <- p1.cmd.Wait() }()
 	bound := stopTimeout + 5*time.Second // process exit and scheduling slack
 	select {
-	case err := <-exited:
+	case <-p1.exited:
+		err := p1.waitErr
 		t.Logf("exit (%v) %v after SIGTERM, --stop-timeout %v", err, time.Since(start).Round(time.Millisecond), stopTimeout)
 	case <-time.After(bound):
 		// Not killed: a process that cannot exit cannot be killed either.
