@@ -255,6 +255,9 @@ func TestNoSpaceAtEveryWrite(t *testing.T) {
 			s.Close()
 		}
 		if err == nil {
+			if k == 1 {
+				t.Fatal("the workload succeeded with the disk full from its first write: ENOSPC was never injected")
+			}
 			t.Logf("the workload makes %d writes; ENOSPC tried at each", k-1)
 			return
 		}

@@ -30,7 +30,11 @@ import (
 func TestPowerCut(t *testing.T) {
 	seed := testSeed(t)
 	cuts := scaled(100)
-	if n, err := strconv.Atoi(os.Getenv("COW_POWERCUT_CUTS")); err == nil && n > 0 {
+	if v := os.Getenv("COW_POWERCUT_CUTS"); v != "" {
+		n, err := strconv.Atoi(v)
+		if err != nil || n <= 0 {
+			t.Fatalf("COW_POWERCUT_CUTS=%q: want a positive number of cuts", v)
+		}
 		cuts = n
 	}
 	rng := rand.New(rand.NewSource(seed))

@@ -59,7 +59,7 @@ func (n *nodeService) quiesce(ctx context.Context, id string, freeze bool) (*qui
 		return notQuiesced, nil
 	}
 	if !freeze || sv.AccessType != accessMount || sv.ReadOnly {
-		if err := fsop.Flush(ctx, sv.LoopDevice); err != nil {
+		if err := n.loop().Sync(ctx, sv.LoopDevice); err != nil {
 			return nil, fmt.Errorf("flush loop device %s: %w", sv.LoopDevice, err)
 		}
 		return notQuiesced, nil

@@ -7,7 +7,6 @@ import (
 	"net"
 	"os"
 	"path/filepath"
-	"strings"
 	"syscall"
 	"time"
 
@@ -44,8 +43,8 @@ func lockInstance(storeDir string) (*os.File, error) {
 			return nil, fmt.Errorf("instance lock %s: %w", path, err)
 		}
 		holder := "another process"
-		if b, rerr := os.ReadFile(path); rerr == nil && len(strings.TrimSpace(string(b))) > 0 {
-			holder = "pid " + strings.TrimSpace(string(b))
+		if pid := lockHolder(storeDir); pid > 0 {
+			holder = fmt.Sprintf("pid %d", pid)
 		}
 		return nil, fmt.Errorf("%w on store %s: %s holds %s", errAnotherInstance, storeDir, holder, path)
 	}

@@ -172,15 +172,10 @@ func stopDuringRecovery(t *testing.T, loop *stallingLoop, stopTimeout time.Durat
 		}
 	})
 	// Signal once the recovery reached the volume (the FUSE mount is up).
-	for deadline := time.Now().Add(30 * time.Second); ; {
-		if m, _ := testutil.MountsUnder(opts.fuseDir()); len(m) > 0 {
-			break
-		}
-		if time.Now().After(deadline) {
-			t.Fatal("the second instance did not mount its FUSE filesystem")
-		}
-		time.Sleep(10 * time.Millisecond) // polling the mount table
-	}
+	waitFor(t, "the second instance's FUSE mount", 30*time.Second, func() bool {
+		m, _ := testutil.MountsUnder(opts.fuseDir())
+		return len(m) > 0
+	})
 	start := time.Now()
 	cancel()
 	close(signalled)

@@ -117,14 +117,7 @@ func (p *plugin) term(t *testing.T) {
 }
 
 // waitExit waits up to bound for the process to end.
-func (p *plugin) waitExit(bound time.Duration) bool {
-	select {
-	case <-p.exited:
-		return true
-	case <-time.After(bound):
-		return false
-	}
-}
+func (p *plugin) waitExit(bound time.Duration) bool { return waitClosed(p.exited, bound) }
 
 // mountedVolume is a plugin started on a fresh store with one 64 MiB ext4
 // volume created, staged and published: the start of the restart tests.

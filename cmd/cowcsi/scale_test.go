@@ -20,13 +20,9 @@ import (
 // scaleVolumes is how many volumes TestScale stages: COWCSI_SCALE (make
 // scale sets 500), or a small default for go test.
 func scaleVolumes(t *testing.T) int {
-	v := os.Getenv("COWCSI_SCALE")
-	if v == "" {
-		return 24
-	}
-	n, err := strconv.Atoi(v)
-	if err != nil || n < 2 {
-		t.Fatalf("COWCSI_SCALE=%q: want a number of volumes, at least 2", v)
+	n := envInt(t, "COWCSI_SCALE", 24)
+	if n < 2 {
+		t.Fatalf("COWCSI_SCALE=%d: want at least 2 volumes", n)
 	}
 	return n
 }

@@ -201,7 +201,7 @@ func thawRecorded(req request) (string, error) {
 		if err != nil {
 			continue
 		}
-		err = unix.IoctlSetInt(fd, ioctlFITHAW, 0)
+		err = thaw(fd)
 		unix.Close(fd)
 		switch {
 		case err == nil:
