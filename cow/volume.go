@@ -292,9 +292,6 @@ func (s *Store) lockOwner(owner uint32, off int64) (*layer, error) {
 // a partial write to a block it does not own first copies the rest of that
 // block up from the layer below.
 func (h *Volume) WriteAt(p []byte, off int64) (int, error) {
-	if err := h.check(); err != nil {
-		return 0, err
-	}
 	if off < 0 || off+int64(len(p)) > h.v.size.Load() {
 		return 0, errf(ErrInvalid, "write of %d bytes at %d outside volume of %d bytes", len(p), off, h.v.size.Load())
 	}
@@ -304,8 +301,8 @@ func (h *Volume) WriteAt(p []byte, off int64) (int, error) {
 	v := h.v
 	v.barrier.RLock()
 	defer v.barrier.RUnlock()
-	// Again under the barrier: the store's Close closes the handle under
-	// it before it closes the layers.
+	// Under the barrier: the store's Close closes the handle under it
+	// before it closes the layers.
 	if err := h.check(); err != nil {
 		return 0, err
 	}

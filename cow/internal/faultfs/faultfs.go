@@ -96,13 +96,6 @@ func (fs *FS) CutAfter(n int64) {
 	fs.cutAt = fs.ops + n
 }
 
-// CutNow makes the power go now: every later change fails.
-func (fs *FS) CutNow() {
-	fs.mu.Lock()
-	defer fs.mu.Unlock()
-	fs.dead = true
-}
-
 // Dead reports whether the power went.
 func (fs *FS) Dead() bool {
 	fs.mu.Lock()
