@@ -92,13 +92,8 @@ func openCatalog(dir string, ff *faultfs.FS) (*catalog, error) {
 	c.off, c.alloc = int64(off), int64(len(img))
 	// Zero whatever a torn frame left, so nothing after the end can ever be
 	// mistaken for a frame.
-	if tail := len(img) - off; tail > 0 && !allZeroBytes(img[off:]) {
-		if _, err := ff.WriteAt(c.log, make([]byte, tail), int64(off)); err != nil {
-			return nil, ioErr(err)
-		}
-		if err := ff.Fdatasync(c.log); err != nil {
-			return nil, ioErr(err)
-		}
+	if err := zeroLogTail(ff, c.log, img, int64(off)); err != nil {
+		return nil, err
 	}
 	return c, nil
 }

@@ -247,6 +247,20 @@ func appendLog(ff *faultfs.FS, f *os.File, buf []byte, off int64, alloc *int64, 
 	return nil
 }
 
+// zeroLogTail overwrites with zeros whatever follows off in the log file f,
+// whose whole content is img, and syncs it, unless it is all zeros already:
+// nothing after a log's last valid record may ever read as one, even once
+// later appends fill a gap in front of it.
+func zeroLogTail(ff *faultfs.FS, f *os.File, img []byte, off int64) error {
+	if off >= int64(len(img)) || allZeroBytes(img[off:]) {
+		return nil
+	}
+	if _, err := ff.WriteAt(f, make([]byte, int64(len(img))-off), off); err != nil {
+		return ioErr(err)
+	}
+	return ioErr(ff.Fdatasync(f))
+}
+
 // failSync records that an fdatasync of the layer's files failed with err
 // (see syncErr) and returns err as the caller should report it.
 func (l *layer) failSync(err error) error {

@@ -91,11 +91,5 @@ func openLayerFiles(dir string, num uint32, size int64, arena *locArena, ff *fau
 // the records behind it would count again once later appends fill the
 // gap, naming file space that reclaim gave back and later writes reused.
 func (l *layer) zeroJournalTail(img []byte, next int64) error {
-	if next >= int64(len(img)) || allZeroBytes(img[next:]) {
-		return nil
-	}
-	if _, err := l.ff.WriteAt(l.journal, make([]byte, int64(len(img))-next), next); err != nil {
-		return ioErr(err)
-	}
-	return ioErr(l.ff.Fdatasync(l.journal))
+	return zeroLogTail(l.ff, l.journal, img, next)
 }
