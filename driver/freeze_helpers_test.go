@@ -58,7 +58,14 @@ func frozenFD(t testing.TB, fd int) bool {
 	case errors.Is(err, unix.EBUSY):
 		return true
 	}
-	// A probe that cannot run would pass every "not frozen" check.
+	// A frozen filesystem answers EBUSY before anything else; EIO or
+	// EROFS means the freeze was tried and failed on a dead device, so
+	// it is not frozen. Any other error means the probe could not run,
+	// which would pass every "not frozen" check.
+	if errors.Is(err, unix.EIO) || errors.Is(err, unix.EROFS) {
+		t.Logf("FIFREEZE probe: %v (not frozen)", err)
+		return false
+	}
 	t.Errorf("FIFREEZE probe: %v", err)
 	return false
 }
